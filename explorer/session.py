@@ -1,0 +1,315 @@
+"""The model session: one attached causal LM, its tokenizer, its adapter, and one lock.
+
+Every analysis takes a ``ModelSession``. The model runs one job at a time, whoever asks
+(app sessions, notebook, CLI): analyses hold ``session.lock`` while they use the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import numpy as np
+import torch
+
+from .adapters import Adapter, adapter_for, check_modules
+from .errors import (
+    EmptyPromptError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    TokenError,
+    UnsupportedModelError,
+)
+from .results import Result
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo(Result):
+    """What the sidebar and ``info`` show about the attached model."""
+
+    name: str
+    path: str
+    architecture: str
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    context_length: int
+    n_params: int
+    device: str
+    dtype: str
+    config_hash: str
+
+
+def pick_device(device: str = "auto") -> str:
+    """Resolve ``auto`` to cuda, then mps, then cpu; check an explicit choice is available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedModelError("--device cuda was asked for but no CUDA GPU is available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UnsupportedModelError("--device mps was asked for but MPS is not available")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UnsupportedModelError(f"unknown device '{device}' (use auto, cpu, cuda or mps)")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (exact) and bfloat16 on accelerators (fast, half the memory)."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise UnsupportedModelError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)") from None
+
+
+def _resolve_path(model: str | None) -> tuple[str, str]:
+    """Return (name, local directory) for a model argument: None (default), a directory, or a cached hub id."""
+    if model is None or model == "default":
+        from .defaults import DEFAULT_MODEL_NAME, ensure_default_model
+
+        return DEFAULT_MODEL_NAME, str(ensure_default_model())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"'{model}' is a directory but has no config.json: not a Hugging Face model")
+        return path.resolve().name, str(path.resolve())
+    if path.exists():
+        raise ModelNotFoundError(f"'{model}' is a file; pass the model's directory (with config.json)")
+    if "/" in model and not model.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(model, local_files_only=True)
+            return model, local
+        except Exception:
+            pass
+    raise ModelNotFoundError(
+        f"model '{model}' not found: pass a local model directory or a hub id already in the local cache"
+    )
+
+
+def _config_hash(config) -> str:
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ModelSession:
+    """A causal LM attached through nnsight, with the adapter, tokenizer, lock and result cache."""
+
+    def __init__(self, model, tokenizer, *, name: str, path: str = "", cache_size: int = 64) -> None:
+        from nnsight.modeling.transformers import TransformersModel
+
+        model_type = getattr(model.config, "model_type", "?")
+        self.adapter: Adapter = adapter_for(model_type)
+        check_modules(self.adapter, model)
+        model.eval()
+        model.config.use_cache = False  # analysis never needs the KV cache; it costs memory
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.hf = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.path = path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nnsight's own chatter on wrap is not the user's concern
+            self.lm = TransformersModel(model, tokenizer=tokenizer)
+        self.lock = threading.RLock()
+        self._cache: OrderedDict[Hashable, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
+        self._vocab_strings: np.ndarray | None = None
+        self._unembed_cache: dict[torch.dtype, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> "ModelSession":
+        """Attach a model: None (the embedded default), a local directory, or a cached hub id."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        name, path = _resolve_path(model)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as e:  # malformed config, remote code refused, ...
+            raise UnsupportedModelError(f"cannot read the config of '{name}': {str(e).splitlines()[0]}") from None
+        adapter_for(getattr(config, "model_type", "?"))  # fail before loading weights
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dtype, dev)
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+        except ValueError as e:
+            raise UnsupportedModelError(
+                f"'{name}' is not a causal language model ({str(e).splitlines()[0]})"
+            ) from None
+        except OSError as e:
+            raise ModelNotFoundError(f"cannot load weights of '{name}': {str(e).splitlines()[0]}") from None
+        hf.to(dev)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelNotFoundError(f"'{name}' has no usable tokenizer: {str(e).splitlines()[0]}") from None
+        return cls(hf, tok, name=name, path=path)
+
+    # --------------------------------------------------------------------- info
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.hf.get_submodule(self.adapter.blocks))
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.hf.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def info(self) -> ModelInfo:
+        cfg = self.hf.config
+        n_heads = cfg.num_attention_heads
+        d_model = cfg.hidden_size
+        d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
+        d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
+        return ModelInfo(
+            name=self.name,
+            path=self.path,
+            architecture=(cfg.architectures or [type(self.hf).__name__])[0],
+            family=self.adapter.family,
+            n_layers=self.n_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+            d_model=d_model,
+            d_head=d_head,
+            d_mlp=d_mlp,
+            vocab_size=self.unembed_weight().shape[0],
+            context_length=self.context_length,
+            n_params=sum(p.numel() for p in self.hf.parameters()),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            config_hash=_config_hash(cfg),
+        )
+
+    # ------------------------------------------------------------------ modules
+    def module(self, path: str):
+        """The nnsight envoy at a dotted path (for use inside a trace)."""
+        envoy = self.lm
+        for part in path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
+    def blocks(self):
+        return self.module(self.adapter.blocks)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the model's final norm (outside a trace) to residual-stream vectors."""
+        return self.hf.get_submodule(self.adapter.final_norm)(hidden)
+
+    def unembed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The unembedding matrix [vocab, d_model], optionally cast once and kept (e.g. bfloat16)."""
+        weight = self.hf.get_submodule(self.adapter.unembed).weight
+        if dtype is None or dtype == weight.dtype:
+            return weight
+        if dtype not in self._unembed_cache:
+            self._unembed_cache[dtype] = weight.detach().to(dtype)
+        return self._unembed_cache[dtype]
+
+    def unembed_bias(self) -> torch.Tensor | None:
+        return getattr(self.hf.get_submodule(self.adapter.unembed), "bias", None)
+
+    # ---------------------------------------------------------------- tokenising
+    def encode(self, prompt: str) -> torch.Tensor:
+        """Token ids [T] of a prompt, checked: not empty, within the model's context."""
+        if prompt is None or not prompt.strip():
+            raise EmptyPromptError()
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        if ids.numel() == 0:
+            raise EmptyPromptError()
+        if ids.numel() > self.context_length:
+            raise PromptTooLongError(ids.numel(), self.context_length)
+        return ids
+
+    def vocab_strings(self) -> np.ndarray:
+        """Every token id decoded on its own, as a numpy string array (built once)."""
+        if self._vocab_strings is None:
+            n = self.unembed_weight().shape[0]
+            size = min(n, len(self.tokenizer))
+            texts = self.tokenizer.batch_decode([[i] for i in range(size)])
+            texts += [f"<id {i}>" for i in range(size, n)]  # padded vocab rows no token maps to
+            self._vocab_strings = np.array(texts, dtype=str)
+        return self._vocab_strings
+
+    def decode_each(self, ids) -> np.ndarray:
+        """Decode token ids one by one (same shape as ``ids``)."""
+        return self.vocab_strings()[np.asarray(ids)]
+
+    def token_id(self, token: str) -> int:
+        """Resolve a target token given as text (e.g. ' Paris') or as '#1234' to its id."""
+        if token is None or token == "":
+            raise TokenError("the target token is empty: type a token such as ' Paris'")
+        if token.startswith("#") and token[1:].isdigit():
+            tid = int(token[1:])
+            if tid >= len(self.vocab_strings()):
+                raise TokenError(f"token id {tid} is outside the vocabulary")
+            return tid
+        ids = self.tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            return ids[0]
+        hits = np.flatnonzero(self.vocab_strings() == token)
+        if len(hits):
+            return int(hits[0])
+        pieces = " + ".join(repr(t) for t in self.decode_each(ids))
+        raise TokenError(
+            f"target {token!r} is {len(ids)} tokens ({pieces}); pick a single token, e.g. {pieces.split(' + ')[0]}"
+        )
+
+    # -------------------------------------------------------------------- cache
+    def cached(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """Return a cached result for ``key`` or compute and keep it (LRU)."""
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = compute()
+        with self._cache_lock:
+            self._cache[key] = value
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return value
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
