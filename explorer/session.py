@@ -291,7 +291,7 @@ class ModelSession:
         hits = np.flatnonzero(self.vocab_strings() == token)
         if len(hits):
             return int(hits[0])
-        pieces = " + ".join(repr(t) for t in self.decode_each(ids))
+        pieces = " + ".join(repr(str(t)) for t in self.decode_each(ids))
         raise TokenError(
             f"target {token!r} is {len(ids)} tokens ({pieces}); pick a single token, e.g. {pieces.split(' + ')[0]}"
         )

@@ -1,0 +1,175 @@
+"""Command line: ``python -m explorer <command>``. Bad input gives one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from .errors import ExplorerError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local model directory or a hub id already in the local cache "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = float32 on CPU, bfloat16 on a GPU")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code to run (off by default)")
+
+
+def _session(args):
+    from .session import ModelSession
+
+    return ModelSession.load(args.model, device=args.device, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code)
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+# ------------------------------------------------------------------- commands
+def cmd_setup(args) -> int:
+    from .defaults import ensure_default_corpus, ensure_default_model
+
+    model = ensure_default_model(progress=_log)
+    corpus = ensure_default_corpus(progress=_log)
+    _log(f"default model: {model}\ndefault corpus: {corpus}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    info = _session(args).info()
+    if args.json:
+        _print_json({"model": info.to_dict()})
+        return 0
+    width = max(len(k) for k in info.to_dict())
+    for key, value in info.to_dict().items():
+        if key != "type":
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cell(text: str, width: int) -> str:
+    text = repr(str(text))[1:-1]  # show spaces and newlines explicitly
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_lens_table(result) -> None:
+    tokens = [_cell(t, 10) for t in result.tokens]
+    print(f"prompt tokens: {' | '.join(tokens)}")
+    print(f"target: {result.target!r} (id {result.target_id}), at the last position\n")
+    show = list(range(max(0, result.n_positions - 6), result.n_positions))  # the last few positions
+    header = f"{'row':>6}  " + "".join(f"{_cell(result.tokens[p], 10):>12}" for p in show)
+    print("top-1 token per row and position" + (" (last 6 positions)" if len(show) < result.n_positions else ""))
+    print(header + f"  {'p(top1)':>8} {'p(target)':>10} {'rank':>6} {'KL':>7}")
+    for r in range(result.n_rows):
+        cells = "".join(f"{_cell(result.top_tokens[r, p, 0], 10):>12}" for p in show)
+        print(f"{result.layer_labels[r]:>6}  {cells}  {result.top_probs[r, -1, 0]:8.3f} "
+              f"{result.target_probs[r, -1]:10.3g} {result.target_ranks[r, -1]:6d} {result.kl_to_final[r, -1]:7.3f}")
+
+
+def cmd_lens(args) -> int:
+    from .lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+
+    session = _session(args)
+    if args.compare is not None:
+        comp = compare_prompts(session, CompareRequest(args.prompt, args.compare, args.target, args.top_k,
+                                                       args.unembed_dtype))
+        if args.json:
+            data = comp.to_dict()
+            data["divergence_row"] = comp.divergence_row(args.threshold)
+            _print_json(data)
+            return 0
+        pa, pb = comp.curves()
+        row = comp.divergence_row(args.threshold)
+        print(f"target {comp.a.target!r}: probability at the last position, A vs B")
+        for i, label in enumerate(comp.layer_labels):
+            mark = "  <- diverges" if i == row else ""
+            print(f"{label:>6}  {pa[i]:10.4g} {pb[i]:10.4g}  Δ={pb[i] - pa[i]:+.4f}{mark}")
+        print("no divergence above the threshold" if row is None
+              else f"first divergence: {comp.layer_labels[row]} (|Δp| > {args.threshold})")
+        return 0
+    result = logit_lens(session, LensRequest(args.prompt, args.target, args.top_k, args.unembed_dtype))
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        _print_lens_table(result)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    session = _session(args)
+    info = session.info()
+    _log(f"{info.name}: {info.architecture}, {info.n_layers} layers, on {info.device} ({info.dtype})")
+    from widgets.app import serve_app  # the CLI is the one place the engine starts the UI
+
+    origins = args.allow_websocket_origin or None
+    serve_app(session, port=args.port, address=args.address, allow_websocket_origin=origins,
+              show=args.show)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m explorer",
+                                     description="Interp Explorer: interpretability of transformer LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("setup", help="fetch and cache the embedded default model and corpus")
+    p.set_defaults(fn=cmd_setup)
+
+    p = sub.add_parser("info", help="describe the attached model")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("lens", help="logit lens of a prompt (or two, with --compare)")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--target", default=None, help="target token, e.g. ' Paris' or '#1234' (default: final top-1)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--unembed-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--compare", default=None, metavar="PROMPT_B", help="a second prompt to compare with")
+    p.add_argument("--threshold", type=float, default=0.1, help="divergence threshold on |Δp| (compare)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_lens)
+
+    p = sub.add_parser("serve", help="serve the app in the browser")
+    _add_model_args(p)
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-websocket-origin", action="append", default=[],
+                   help="extra host:port allowed to open the app (needed with a non-local --address)")
+    p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.set_defaults(fn=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        return args.fn(args)
+    except ExplorerError as e:
+        _log(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 0
