@@ -1,9 +1,27 @@
-"""Interp Explorer engine: model attachment, analyses, results. Never imports panel or bokeh."""
-from .errors import ExplorerError
-from .lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
-from .session import ModelInfo, ModelSession
+"""Interp Explorer engine: model attachment, analyses, results. Never imports panel or bokeh.
 
-__all__ = [
-    "CompareRequest", "ExplorerError", "LensComparison", "LensRequest", "LensResult",
-    "ModelInfo", "ModelSession", "compare_prompts", "logit_lens",
-]
+Names are imported lazily so that light commands (``python -m explorer setup``) start fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ExplorerError": "errors",
+    "ModelInfo": "session",
+    "ModelSession": "session",
+    "CompareRequest": "lens",
+    "LensComparison": "lens",
+    "LensRequest": "lens",
+    "LensResult": "lens",
+    "compare_prompts": "lens",
+    "logit_lens": "lens",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'explorer' has no attribute {name!r}")
