@@ -14,7 +14,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local model directory or a hub id already in the local cache "
                         "(default: the embedded SmolLM2-135M-Instruct)")
@@ -25,14 +25,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow the model's own Python code to run (off by default)")
 
 
-def _session(args):
+def load_session(args):
     from .session import ModelSession
 
     return ModelSession.load(args.model, device=args.device, dtype=args.dtype,
                              trust_remote_code=args.trust_remote_code)
 
 
-def _print_json(data) -> None:
+def print_json(data) -> None:
     json.dump(data, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
 
@@ -48,9 +48,9 @@ def cmd_setup(args) -> int:
 
 
 def cmd_info(args) -> int:
-    info = _session(args).info()
+    info = load_session(args).info()
     if args.json:
-        _print_json({"model": info.to_dict()})
+        print_json({"model": info.to_dict()})
         return 0
     width = max(len(k) for k in info.to_dict())
     for key, value in info.to_dict().items():
@@ -81,14 +81,14 @@ def _print_lens_table(result) -> None:
 def cmd_lens(args) -> int:
     from .lens import CompareRequest, LensRequest, compare_prompts, logit_lens
 
-    session = _session(args)
+    session = load_session(args)
     if args.compare is not None:
         comp = compare_prompts(session, CompareRequest(args.prompt, args.compare, args.target, args.top_k,
                                                        args.unembed_dtype))
         if args.json:
             data = comp.to_dict()
             data["divergence_row"] = comp.divergence_row(args.threshold)
-            _print_json(data)
+            print_json(data)
             return 0
         pa, pb = comp.curves()
         row = comp.divergence_row(args.threshold)
@@ -101,14 +101,14 @@ def cmd_lens(args) -> int:
         return 0
     result = logit_lens(session, LensRequest(args.prompt, args.target, args.top_k, args.unembed_dtype))
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     else:
         _print_lens_table(result)
     return 0
 
 
 def cmd_serve(args) -> int:
-    session = _session(args)
+    session = load_session(args)
     info = session.info()
     _log(f"{info.name}: {info.architecture}, {info.n_layers} layers, on {info.device} ({info.dtype})")
     from widgets.app import serve_app  # the CLI is the one place the engine starts the UI
@@ -128,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_setup)
 
     p = sub.add_parser("info", help="describe the attached model")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("lens", help="logit lens of a prompt (or two, with --compare)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--target", default=None, help="target token, e.g. ' Paris' or '#1234' (default: final top-1)")
     p.add_argument("--top-k", type=int, default=10)
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_lens)
 
     p = sub.add_parser("serve", help="serve the app in the browser")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--port", type=int, default=5006)
     p.add_argument("--address", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra host:port allowed to open the app (needed with a non-local --address)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.set_defaults(fn=cmd_serve)
+
+    # Feature modules add their own commands: each has add_commands(subparsers).
+    # (one line per module, below)
     return parser
 
 
