@@ -107,6 +107,14 @@ def cmd_lens(args) -> int:
     return 0
 
 
+def cmd_swap(args) -> int:
+    from .swap import swap_text
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    sys.stdout.write(swap_text(text, "f2m" if args.reverse else "m2f") + ("" if text.endswith("\n") else "\n"))
+    return 0
+
+
 def cmd_serve(args) -> int:
     session = load_session(args)
     info = session.info()
@@ -142,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.1, help="divergence threshold on |Δp| (compare)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_lens)
+
+    p = sub.add_parser("swap", help="swap masculine words for feminine ones (or back) in a text")
+    p.add_argument("--text", required=True, help="the text, or - to read standard input")
+    p.add_argument("--reverse", action="store_true", help="feminine → masculine")
+    p.set_defaults(fn=cmd_swap)
 
     p = sub.add_parser("serve", help="serve the app in the browser")
     add_model_args(p)
