@@ -61,6 +61,18 @@ class LensResult(Result):
     def n_rows(self) -> int:
         return len(self.layer_labels)
 
+    def validate(self) -> str | None:
+        """Name the first inconsistency between the arrays' shapes, or None."""
+        rows, pos = self.n_rows, len(self.tokens)
+        k = self.top_ids.shape[-1] if self.top_ids.ndim == 3 else -1
+        expected = {"token_ids": (pos,), "top_ids": (rows, pos, k), "top_tokens": (rows, pos, k),
+                    "top_probs": (rows, pos, k), "entropy": (rows, pos), "kl_to_final": (rows, pos),
+                    "target_probs": (rows, pos), "target_ranks": (rows, pos)}
+        for name, shape in expected.items():
+            if getattr(self, name).shape != shape:
+                return f"{name} has shape {getattr(self, name).shape}, expected {shape}"
+        return None
+
     @property
     def n_positions(self) -> int:
         return len(self.tokens)
@@ -97,6 +109,11 @@ class LensComparison(Result):
     @property
     def layer_labels(self) -> tuple[str, ...]:
         return self.a.layer_labels
+
+    def validate(self) -> str | None:
+        if self.a.n_rows != self.b.n_rows:
+            return "the two prompts' lenses have different numbers of rows"
+        return self.a.validate() or self.b.validate()
 
     def curves(self) -> tuple[np.ndarray, np.ndarray]:
         """Target probability per row at each prompt's last position."""

@@ -43,14 +43,22 @@ def _from_plain(tp: Any, value: Any, dtypes: dict[str, str], name: str) -> Any:
     return value
 
 
+RESULT_TYPES: dict[str, type["Result"]] = {}
+
+
 class Result:
     """Mixin for result dataclasses: ``to_dict()`` gives JSON-ready values, ``from_dict`` reverses it.
 
     Subclasses list the numpy dtype of each array field in ``_dtypes`` so a round trip
-    restores exactly the same arrays.
+    restores exactly the same arrays. Every subclass is registered by name in ``RESULT_TYPES``
+    so snapshots can rebuild it.
     """
 
     _dtypes: typing.ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        RESULT_TYPES[cls.__name__] = cls
 
     def to_dict(self) -> dict[str, Any]:
         out = {"type": type(self).__name__}
