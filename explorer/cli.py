@@ -32,6 +32,20 @@ def load_session(args):
                              trust_remote_code=args.trust_remote_code)
 
 
+def add_snapshot_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", metavar="FILE", default=None,
+                   help="also append the result to this snapshot file (created if missing)")
+
+
+def maybe_snapshot(args, session, result, label: str) -> None:
+    """Append a result to ``--snapshot FILE`` when the command was given one."""
+    if getattr(args, "snapshot", None):
+        from .snapshot import append_to_snapshot, model_identity
+
+        append_to_snapshot(args.snapshot, result, label, model_identity(session))
+        _log(f"appended to {args.snapshot}")
+
+
 def print_json(data) -> None:
     json.dump(data, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
@@ -85,6 +99,7 @@ def cmd_lens(args) -> int:
     if args.compare is not None:
         comp = compare_prompts(session, CompareRequest(args.prompt, args.compare, args.target, args.top_k,
                                                        args.unembed_dtype))
+        maybe_snapshot(args, session, comp, f"compare: {args.prompt[:40]} | {args.compare[:40]}")
         if args.json:
             data = comp.to_dict()
             data["divergence_row"] = comp.divergence_row(args.threshold)
@@ -100,6 +115,7 @@ def cmd_lens(args) -> int:
               else f"first divergence: {comp.layer_labels[row]} (|Δp| > {args.threshold})")
         return 0
     result = logit_lens(session, LensRequest(args.prompt, args.target, args.top_k, args.unembed_dtype))
+    maybe_snapshot(args, session, result, f"lens: {args.prompt[:60]}")
     if args.json:
         print_json(result.to_dict())
     else:
@@ -112,6 +128,29 @@ def cmd_swap(args) -> int:
 
     text = sys.stdin.read() if args.text == "-" else args.text
     sys.stdout.write(swap_text(text, "f2m" if args.reverse else "m2f") + ("" if text.endswith("\n") else "\n"))
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from .snapshot import load_snapshot
+
+    snap = load_snapshot(args.file)
+    if args.action == "show":
+        if args.json:
+            print_json({"manifest": snap.manifest, "results": [r.to_dict() for r in snap.results]})
+        else:
+            model = snap.model
+            print(f"{args.file}: {len(snap.entries)} results, made {snap.manifest.get('created')} "
+                  f"with {model.get('name', '?')} ({model.get('architecture', '?')})")
+            for i, entry in enumerate(snap.entries):
+                print(f"{i:3d}  {type(entry.result).__name__:<16} {entry.label}")
+        return 0
+    if not args.out:
+        raise ExplorerError("snapshot html needs --out PAGE.html")
+    from widgets.export import export_html  # bokeh lives in widgets/
+
+    export_html(snap, args.out)
+    _log(f"wrote {args.out}")
     return 0
 
 
@@ -149,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, metavar="PROMPT_B", help="a second prompt to compare with")
     p.add_argument("--threshold", type=float, default=0.1, help="divergence threshold on |Δp| (compare)")
     p.add_argument("--json", action="store_true")
+    add_snapshot_arg(p)
     p.set_defaults(fn=cmd_lens)
+
+    p = sub.add_parser("snapshot", help="show a snapshot, or export it as a standalone HTML page")
+    p.add_argument("action", choices=["show", "html"])
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="the HTML file to write (html)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_snapshot)
 
     p = sub.add_parser("swap", help="swap masculine words for feminine ones (or back) in a text")
     p.add_argument("--text", required=True, help="the text, or - to read standard input")

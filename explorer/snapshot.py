@@ -27,6 +27,8 @@ from .results import RESULT_TYPES, Result
 
 SCHEMA_VERSION = 1
 MAX_UNCOMPRESSED = 4 << 30  # refuse zip bombs: 4 GiB of content at most
+# Modules defining result types: imported before loading so every type is registered.
+RESULT_MODULES = ("session", "lens", "swap")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 
 
@@ -217,6 +219,13 @@ def _check_shapes(result: Result, name: str) -> None:
             raise SnapshotError(f"{name}: {problem}")
 
 
+def _register_result_types() -> None:
+    import importlib
+
+    for module in RESULT_MODULES:
+        importlib.import_module(f"explorer.{module}")
+
+
 def _build(body: Any, name: str) -> Result:
     if not isinstance(body, dict) or not isinstance(body.get("type"), str):
         raise SnapshotError(f"{name} does not describe a result")
@@ -241,6 +250,7 @@ def load_snapshot(path: str | os.PathLike) -> Snapshot:
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"no snapshot file at {path}")
+    _register_result_types()
     try:
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()
