@@ -10,9 +10,7 @@ from widgets.export import export_html
 pytestmark = pytest.mark.ui
 
 
-def test_html_renders_offline(tmp_path, tiny_sessions):
-    from playwright.sync_api import sync_playwright
-
+def test_html_renders_offline(tmp_path, tiny_sessions, browser):
     s = tiny_sessions["gpt2"]
     lens = logit_lens(s, LensRequest("The capital of France is", top_k=3))
     comp = compare_prompts(s, CompareRequest("one two three", "four five six", top_k=3))
@@ -21,20 +19,17 @@ def test_html_renders_offline(tmp_path, tiny_sessions):
     text = page_path.read_text()
     assert "cdn.bokeh.org" not in text and "http://" not in text.split("<body")[0].replace("http://www.w3.org", "")
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        context = browser.new_context(offline=True)
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(page_path.as_uri())
-        page.wait_for_selector("text=Test snapshot")
-        # lens heatmap + 2 target-curve panels + 2 comparison panels, each a bokeh canvas
-        # (inside bokeh's shadow roots, which playwright's locators pierce)
-        page.locator("canvas").nth(4).wait_for(state="attached", timeout=30_000)
-        box = page.locator("canvas").first.bounding_box()
-        assert box is not None and box["width"] > 100 and box["height"] > 100
-        assert page.get_by_text("1. lens").count() == 1 and page.get_by_text("3. ModelInfo").count() == 1
-        browser.close()
+    context = browser.new_context(offline=True)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_path.as_uri())
+    page.wait_for_selector("text=Test snapshot")
+    # lens heatmap + 2 target-curve panels + 2 comparison panels, each a bokeh canvas
+    # (inside bokeh's shadow roots, which playwright's locators pierce)
+    page.locator("canvas").nth(4).wait_for(state="attached", timeout=30_000)
+    box = page.locator("canvas").first.bounding_box()
+    assert box is not None and box["width"] > 100 and box["height"] > 100
+    assert page.get_by_text("1. lens").count() == 1 and page.get_by_text("3. ModelInfo").count() == 1
+    context.close()
     assert not errors
