@@ -1,0 +1,50 @@
+"""A session's history: every result computed, in order, with a label. Snapshots store it.
+
+One history per user session (a browser tab, a notebook); the model session is shared, the
+history is not, so results never leak between users.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from .results import Result
+from .snapshot import Entry
+
+
+class History:
+    """An append-only, thread-safe list of labelled results with change listeners."""
+
+    def __init__(self, entries: list[Entry] | tuple[Entry, ...] = (), limit: int = 500) -> None:
+        self._entries: list[Entry] = list(entries)
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[Entry], None]] = []
+        self.limit = limit  # oldest results drop off first: memory stays bounded in long sessions
+
+    def add(self, result: Result, label: str | None = None) -> Entry:
+        entry = Entry(label or type(result).__name__, result)
+        with self._lock:
+            if self._entries and self._entries[-1].result is result:
+                return self._entries[-1]  # a cached result shown again is not a new entry
+            self._entries.append(entry)
+            del self._entries[: max(0, len(self._entries) - self.limit)]
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(entry)
+        return entry
+
+    def on_add(self, listener: Callable[[Entry], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        with self._lock:
+            return tuple(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
