@@ -310,6 +310,15 @@ class ModelSession:
                 self._cache.popitem(last=False)
         return value
 
+    def peek(self, key: Hashable) -> Any:
+        """The cached value for ``key``, or None, without computing anything."""
+        with self._cache_lock:
+            return self._cache.get(key)
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        """Cache a value computed elsewhere (e.g. a by-product of another analysis)."""
+        return self.cached(key, lambda: value)
+
     def clear_cache(self) -> None:
         with self._cache_lock:
             self._cache.clear()
