@@ -77,17 +77,23 @@ def test_every_row_matches_a_plain_copy(default_session, plain, prompt):
     assert np.abs(result.top_probs[-1] - own_top_p.numpy()).max() <= TOL
     assert np.abs(result.target_probs[-1] - own_p[:, result.target_id].numpy()).max() <= TOL
 
-    # Every row against float64 reductions of the plain copy's float32 lens logits. Float32
-    # softmax itself is only good to ~1.2e-5 relative over a 49k vocabulary (measured: torch's
-    # float32 softmax vs float64 on these logits), and intermediate rows reach |logit| ~160 with
-    # KL up to ~180 nats, so the bounds are 2e-5 absolute on probabilities and 2e-5 relative on KL.
+    # Every row against reductions of the plain copy's float32 lens logits (identical logits:
+    # same stacked matmul). The same float32 reductions done plainly must agree tightly; against
+    # float64 the bound is what float32 itself allows over a 49k vocabulary: log-softmax is good
+    # to ~3e-5 absolute where intermediate rows reach |logit| ~160, which puts plain float32 KL
+    # (up to ~180 nats) 4.5e-5 relative from float64 (measured on these prompts).
+    lp32 = torch.log_softmax(lens, -1)
+    p32 = lp32.exp()
+    np.testing.assert_allclose(result.entropy, (-(p32 * lp32).sum(-1)).numpy(), rtol=1e-5, atol=TOL)
+    np.testing.assert_allclose(result.kl_to_final, (p32[-1] * (lp32[-1] - lp32)).sum(-1).numpy(),
+                               rtol=1e-5, atol=TOL)
     lp = torch.log_softmax(lens.double(), -1)
     p = lp.exp()
     top_p, top_ids = torch.topk(p, 10, dim=-1)
     assert (result.top_ids == top_ids.numpy()).mean() > 0.999  # ids may only swap on exact ties
     assert np.abs(result.top_probs - top_p.numpy()).max() <= 2 * TOL
-    np.testing.assert_allclose(result.entropy, (-(p * lp).sum(-1)).numpy(), rtol=1e-5, atol=TOL)
-    np.testing.assert_allclose(result.kl_to_final, (p[-1] * (lp[-1] - lp)).sum(-1).numpy(), rtol=2e-5, atol=TOL)
+    np.testing.assert_allclose(result.entropy, (-(p * lp).sum(-1)).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(result.kl_to_final, (p[-1] * (lp[-1] - lp)).sum(-1).numpy(), rtol=1e-4, atol=1e-4)
     t_lp = lp[..., result.target_id]
     assert np.abs(result.target_probs - t_lp.exp().numpy()).max() <= 2 * TOL
     lo = (lp > t_lp[..., None] + 1e-5).sum(-1) + 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, make_tiny_model, tiny_config
+from tiny_models import FAMILIES, make_tiny_model, tiny_config
 from explorer.adapters import ADAPTERS, Adapter, adapter_for, check_modules
 from explorer.errors import ExplorerError, UnsupportedModelError
 from explorer.session import ModelSession

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, make_tiny_model
+from tiny_models import FAMILIES, make_tiny_model
 from explorer import heads as heads_mod
 from explorer.cli import main
 from explorer.errors import EmptyPromptError, ExplorerError, TokenError

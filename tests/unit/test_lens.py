@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, make_tiny_model
+from tiny_models import FAMILIES, make_tiny_model
 from explorer.errors import EmptyPromptError, ExplorerError, PromptTooLongError, TokenError
 from explorer.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
 from explorer.session import ModelInfo, ModelSession
