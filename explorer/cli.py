@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Feature modules add their own commands: each has add_commands(subparsers).
     # (one line per module, below)
+    from .cli_ablate import add_commands as _ablate; _ablate(sub)  # noqa: E702
+    from .cli_heads import add_commands as _heads; _heads(sub)  # noqa: E702
     return parser
 
 

@@ -1,0 +1,200 @@
+"""Activation patching (causal tracing): which (layer, position) carries the clean answer?
+
+For every layer and position, the clean prompt's activation at one site is written into the
+corrupted prompt's run at the same place, and the metric at the last position is read:
+
+    metric   = logit(target) − logit(compare_token)    (or logit(target) alone without one)
+    restored = (metric_patched − metric_corrupt) / (metric_clean − metric_corrupt)
+
+so 0 means the patch changed nothing and 1 means it fully restored the clean metric.
+
+Sites: ``resid`` = the residual stream after block L (the block's output), ``attn`` / ``mlp``
+= the output of block L's attention / MLP module. Both prompts must have the same number of
+tokens (position i is patched from position i).
+
+The corrupted run is computed once; each layer's patches (one batch row per position) replay
+only blocks L.. from its cached input, as the ablation sweep does (see ``explorer.ablation``).
+``patched_metric`` is the plain nnsight path (one trace, one forward per patch set) used to
+check it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .ablation import (
+    AblationError,
+    CleanRun,
+    Edit,
+    _Cancelled,
+    _metric,
+    _resolve_tokens,
+    chunks,
+    nnsight_runs,
+    replay,
+    run_clean,
+)
+from .lens import layer_labels
+from .results import Result
+from .session import ModelSession
+
+SITES = ("resid", "attn", "mlp")
+
+
+@dataclass(frozen=True)
+class PatchRequest:
+    clean: str
+    corrupt: str
+    target: str
+    site: str = "resid"
+    compare_token: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PatchResult(Result):
+    """``restored`` [L, T]: fraction of the clean-vs-corrupt metric gap restored by patching
+    (layer, position); ``patched`` [L, T] the raw metric. NaN = not (yet) computed."""
+
+    request: PatchRequest
+    model: str
+    clean_tokens: np.ndarray     # [T] str
+    corrupt_tokens: np.ndarray   # [T] str
+    target: str
+    target_id: int
+    compare: str | None
+    compare_id: int | None
+    site: str
+    layer_labels: tuple[str, ...]  # [L] "L0", ...
+    clean_metric: float
+    corrupt_metric: float
+    patched: np.ndarray          # [L, T] float32
+    restored: np.ndarray         # [L, T] float32
+    done: int = 0
+    total: int = 0
+
+    _dtypes: ClassVar[dict[str, str]] = {"clean_tokens": "str", "corrupt_tokens": "str",
+                                         "patched": "float32", "restored": "float32"}
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.total
+
+    def validate(self) -> str | None:
+        """Name the first inconsistency between the fields' shapes, or None."""
+        shape = (len(self.layer_labels), len(self.corrupt_tokens))
+        if len(self.clean_tokens) != shape[1]:
+            return "the clean and corrupted prompts differ in length"
+        for name in ("patched", "restored"):
+            if getattr(self, name).shape != shape:
+                return f"{name} has shape {getattr(self, name).shape}, expected {shape}"
+        return None
+
+
+class _Setup:
+    """Validated inputs: ids, token ids, clean activations and the corrupted run."""
+
+    def __init__(self, session: ModelSession, request: PatchRequest) -> None:
+        if request.site not in SITES:
+            raise AblationError(f"unknown patching site {request.site!r}: use one of {', '.join(SITES)}")
+        self.clean_ids = session.encode(request.clean)
+        self.corrupt_ids = session.encode(request.corrupt)
+        if self.clean_ids.numel() != self.corrupt_ids.numel():
+            raise AblationError(
+                f"patching needs clean and corrupted prompts of equal token length: the clean prompt is "
+                f"{self.clean_ids.numel()} tokens, the corrupted one {self.corrupt_ids.numel()}; "
+                "change words so both tokenise to the same length")
+        self.tid, self.cid = _resolve_tokens(session, request.target, request.compare_token)
+        self.site = request.site
+        clean = run_clean(session, self.clean_ids, {request.site})
+        self.clean_acts = clean.stacked(request.site)          # [L, T, d]
+        self.clean_metric = float(_metric(clean.logits, self.tid, self.cid))
+        self.corrupt: CleanRun = run_clean(session, self.corrupt_ids)
+        self.corrupt_metric = float(_metric(self.corrupt.logits, self.tid, self.cid))
+        gap = self.clean_metric - self.corrupt_metric
+        if abs(gap) < 1e-6 * max(1.0, abs(self.clean_metric)):
+            raise AblationError(
+                f"the clean and corrupted prompts give the same metric ({self.clean_metric:.4g}): there is "
+                "nothing to restore; pick prompts whose predictions differ")
+
+    def edits(self, layer: int, positions: Iterable[int]) -> list[Edit]:
+        return [Edit(self.site, layer, (p,), self.clean_acts[layer, p]) for p in positions]
+
+    def restored(self, metric: float | np.ndarray) -> float | np.ndarray:
+        return (metric - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
+
+
+def patch(session: ModelSession, request: PatchRequest, ctx=None) -> PatchResult:
+    """Patch each (layer, position) of the clean run into the corrupted one; ``restored`` [L, T].
+
+    ``ctx`` gets ``report(done, total, partial=PatchResult)`` after each batch and is checked
+    for ``cancelled`` between batches. Complete results are cached per request.
+    """
+    try:
+        result = session.cached(("patch", request), lambda: _patch(session, request, ctx))
+    except _Cancelled as c:
+        return c.result
+    if ctx is not None:
+        ctx.report(result.done, result.total, partial=result, message="done")
+    return result
+
+
+def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
+    setup = _Setup(session, request)
+    L, T = session.n_layers, setup.clean_ids.numel()
+    patched = np.full((L, T), np.nan, dtype=np.float32)
+    total, done = L * T, 0
+
+    def make(done_now: int) -> PatchResult:
+        return PatchResult(
+            request=request, model=session.name,
+            clean_tokens=session.decode_each(setup.clean_ids.numpy()),
+            corrupt_tokens=session.decode_each(setup.corrupt_ids.numpy()),
+            target=str(session.decode_each([setup.tid])[0]), target_id=setup.tid,
+            compare=None if setup.cid is None else str(session.decode_each([setup.cid])[0]),
+            compare_id=setup.cid, site=setup.site, layer_labels=layer_labels(L)[1:],
+            clean_metric=setup.clean_metric, corrupt_metric=setup.corrupt_metric,
+            patched=patched.copy(), restored=setup.restored(patched).astype(np.float32),
+            done=done_now, total=total)
+
+    cells = [(l, (l, p)) for l in range(L) for p in range(T)]
+    for batch in chunks(cells, T):
+        if ctx is not None and ctx.cancelled:
+            break
+        rows = [setup.edits(l, [p]) for _, (l, p) in batch]
+        with torch.no_grad(), session.lock:
+            logits = replay(session, setup.corrupt, rows)
+        values = _metric(logits, setup.tid, setup.cid).cpu().numpy()
+        for (_, (l, p)), v in zip(batch, values):
+            patched[l, p] = v
+        done += len(batch)
+        if ctx is not None:
+            ctx.report(done, total, partial=make(done), message=f"layer {batch[-1][1][0]}")
+    result = make(done)
+    if done < total:
+        raise _Cancelled(result)
+    return result
+
+
+def patched_metric(session: ModelSession, request: PatchRequest,
+                   patch_sets: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> tuple[float, float, list[float]]:
+    """The plain nnsight path: (clean metric, corrupt metric, [metric of each patch set]).
+
+    A patch set is a list of (layer, positions) whose clean activations are all written into
+    one corrupted forward; each set is one invoke of one nnsight trace. An empty set gives the
+    corrupted metric itself.
+    """
+    setup = _Setup(session, request)
+    edit_sets = [[e for layer, positions in ps for e in setup.edits(layer, positions)] for ps in patch_sets]
+    runs = nnsight_runs(session, setup.corrupt_ids, edit_sets)
+    values = [float(_metric(r["logits"], setup.tid, setup.cid)) for r in runs]
+    return setup.clean_metric, setup.corrupt_metric, values
+
+
+def restored_fraction(session: ModelSession, request: PatchRequest,
+                      patches: Sequence[tuple[int, Sequence[int]]]) -> float:
+    """Fraction restored by one patch set, through the plain nnsight path."""
+    clean, corrupt, (value,) = patched_metric(session, request, [patches])
+    return (value - corrupt) / (clean - corrupt)
