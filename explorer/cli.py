@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     # (one line per module, below)
     from .cli_ablate import add_commands as _ablate; _ablate(sub)  # noqa: E702
     from .cli_heads import add_commands as _heads; _heads(sub)  # noqa: E702
+    from .cli_neurons import add_commands as _neurons; _neurons(sub)  # noqa: E702
     return parser
 
 

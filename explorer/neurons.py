@@ -1,0 +1,784 @@
+"""Neuron index: top-activating and random examples and activation statistics of every MLP neuron.
+
+A neuron is one input feature of a block's MLP down/out projection (``adapter.mlp_out``): the
+activations that the projection reads. ``build_index`` streams a corpus in windows of ``window``
+tokens (``explorer.corpus.token_windows``), runs the model on ``batch_windows`` windows per nnsight
+trace, saves every layer's neuron activations inside the trace and updates, on the model's device:
+
+- **Top examples** (exact, running): an *example* is a window; its activation is the neuron's
+  maximum over the window's tokens, at ``position`` (the first such token). Per neuron the
+  ``top_k`` windows with the highest maxima are kept: each batch's per-window maxima are
+  reduced with ``torch.topk`` and merged with the running top-k by a second ``topk``.
+- **Random examples**: ``n_random`` windows chosen uniformly without replacement by bottom-k
+  priority sampling: window ``i`` gets the seeded hash priority ``splitmix64(seed, i)`` and the
+  windows with the smallest priorities are kept. The choice depends only on the seed and the
+  windows, not on batching or on a restart. These windows are shared by all neurons; each neuron
+  gets its own seeded random position in each of them (and the activation there).
+- **Statistics**: firing frequency (share of tokens with activation > 0), mean, standard
+  deviation and minimum over every token; maximum from the top example. **Quantiles** are
+  approximate: a per-neuron histogram over a systematic 1-in-``hist_stride`` subsample of the
+  tokens (positions ``0, s, 2s, …`` of each window) with fixed bins shared by every model:
+  16 log-spaced bins per decade for |a| in [1e-3, 1e3] on each side of zero, one bin for
+  |a| < 1e-3, and an underflow and an overflow bin; a quantile is linearly interpolated in its
+  bin (bounded by the exact minimum and maximum), so its relative error is about ±8%.
+
+State is O(layers × neurons × (top_k + n_random + bins)), whatever the corpus size; the token
+ids of the windows seen are appended to a work file on disk (4 bytes per token) so the kept
+windows can be gathered at the end. Every ``checkpoint_every`` batches the state is written
+atomically (temporary file + ``os.replace``); a build that is cancelled, killed or fails resumes
+from its last checkpoint and ends with exactly the index an uninterrupted build gives.
+
+Files in the index directory (no pickle anywhere):
+
+- ``manifest.json``: format, version, model (name, config hash, tokenizer path, layers, neurons,
+  MLP site), corpus (path, size, hash of the first MiB, format, text field), settings, tokens
+  and windows done, whether the build is complete.
+- ``index.safetensors``: the arrays (see ``NeuronIndex``); the kept windows' token ids.
+- ``vocab.json``: the decoded string of every token id in the kept windows, so the index is
+  readable (tokens shown as text) without the model or its tokenizer.
+- ``.work/``: the checkpoint and the token stream while a build is incomplete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .corpus import CorpusError, batched, corpus_fingerprint, detect_format, iter_documents, token_windows
+from .errors import ExplorerError
+from .jobs import JobContext
+from .results import Result
+
+FORMAT = "interp-explorer-neuron-index"
+VERSION = 1
+QUANTILE_LEVELS = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999)
+_BINS_PER_DECADE = 16
+_DECADES = (-3, 3)
+_MASK = (1 << 64) - 1
+
+
+class IndexError_(ExplorerError):
+    """A neuron index that is missing, malformed or does not match the model/corpus."""
+
+
+NeuronIndexError = IndexError_
+
+
+def hist_edges() -> np.ndarray:
+    """The fixed histogram bin edges (float64, ascending): ±log-spaced, with a bin around zero."""
+    lo, hi = _DECADES
+    pos = np.logspace(lo, hi, (hi - lo) * _BINS_PER_DECADE + 1)
+    return np.concatenate([-pos[::-1], pos])
+
+
+def hist_bins(x: torch.Tensor) -> torch.Tensor:
+    """Bin numbers (int64, 0 .. len(hist_edges())) of values; bin b holds (edges[b-1], edges[b]].
+
+    Computed arithmetically from log10 (a few elementwise passes, several times faster than a
+    binary search over the edges); values within float rounding of an edge may land in the
+    neighbouring bin.
+    """
+    lo, hi = _DECADES
+    per_side = (hi - lo) * _BINS_PER_DECADE        # log bins on each side of zero
+    centre = per_side + 1                          # the bin (-10**lo, 10**lo]
+    ax = x.abs()
+    j = ax.clamp(10.0 ** lo, 10.0 ** hi).log10_().sub_(lo).mul_(_BINS_PER_DECADE).floor_()
+    j = j.clamp_(max=per_side - 1)
+    j = torch.where(ax > 10.0 ** hi, per_side, j)
+    bins = torch.where(x > 0, j + (centre + 1), (centre - 1) - j)
+    return torch.where(ax <= 10.0 ** lo, centre, bins).long()
+
+
+@dataclass(frozen=True)
+class IndexRequest:
+    """What to index. ``corpus_path`` None is the default corpus; ``max_tokens`` None is all of it."""
+
+    corpus_path: str | None = None
+    max_tokens: int | None = 100_000
+    window: int = 64
+    top_k: int = 20
+    n_random: int = 20
+    batch_windows: int = 16
+    corpus_format: str = "auto"
+    text_field: str = "text"
+    text_mode: str = "lines"
+    split: str | None = None
+    seed: int = 0
+    hist_stride: int = 8
+    checkpoint_every: int = 8  # batches between checkpoints (does not change the result)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _splitmix(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def window_priority(seed: int, window: int) -> int:
+    """The seeded pseudo-random priority of a window (smallest ``n_random`` are sampled)."""
+    return _splitmix(_splitmix(seed & _MASK) ^ window)
+
+
+def random_positions(seed: int, window_index: int, n_layers: int, n_neurons: int, window: int) -> torch.Tensor:
+    """The per-neuron random position in a sampled window: [L, N] int64, reproducible."""
+    g = torch.Generator().manual_seed((window_priority(seed, window_index) >> 1) & ((1 << 62) - 1))
+    return torch.randint(window, (n_layers, n_neurons), generator=g)
+
+
+def neuron_activations(session, layers: list[int], ids: torch.Tensor) -> list[torch.Tensor]:
+    """Neuron activations (the MLP out-projection's input) of some layers: [B, T, N] float32 each.
+
+    ``ids`` is [B, T]; one nnsight trace, layers read in execution order.
+    """
+    blocks = session.blocks()
+    order = sorted(set(layers))
+    saved: dict[int, Any] = {}
+    with torch.no_grad(), session.lock:
+        with session.lm.trace(ids.to(session.device), logits_to_keep=1):
+            for layer in order:
+                saved[layer] = _site(blocks[layer], session.adapter.mlp_out).input.save()
+    return [saved[layer].detach().float() for layer in layers]
+
+
+def _site(envoy, path: str):
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def _d_mlp(session) -> int:
+    block = session.hf.get_submodule(session.adapter.blocks)[0]
+    mod = block.get_submodule(session.adapter.mlp_out)
+    n = getattr(mod, "in_features", None)
+    if n is None:  # GPT-2's Conv1D keeps weight [in, out]
+        n = mod.weight.shape[0]
+    return int(n)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:
+        raise IndexError_(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------ state
+class _State:
+    """The running index, as tensors on the model's device (plus the random sample's slots)."""
+
+    ARRAYS = ("top_act", "top_win", "top_pos", "rand_pos", "rand_act", "n_pos", "act_sum", "act_sumsq",
+              "act_min", "hist")
+
+    def __init__(self, L: int, N: int, req: IndexRequest, device: torch.device) -> None:
+        self.L, self.N, self.req, self.device = L, N, req, device
+        k, R = req.top_k, req.n_random
+        self.edges = torch.tensor(hist_edges(), dtype=torch.float32, device=device)
+        self.nb = len(self.edges) + 1
+        self.top_act = torch.full((L, N, k), -math.inf, device=device)
+        self.top_win = torch.full((L, N, k), -1, dtype=torch.int64, device=device)
+        self.top_pos = torch.zeros((L, N, k), dtype=torch.int64, device=device)
+        self.rand_pos = torch.zeros((L, N, R), dtype=torch.int64, device=device)
+        self.rand_act = torch.zeros((L, N, R), device=device)
+        self.n_pos = torch.zeros((L, N), dtype=torch.int64, device=device)
+        self.act_sum = torch.zeros((L, N), dtype=torch.float64, device=device)
+        self.act_sumsq = torch.zeros((L, N), dtype=torch.float64, device=device)
+        self.act_min = torch.full((L, N), math.inf, device=device)
+        self.hist = torch.zeros((L, N, self.nb), dtype=torch.int32, device=device)
+        self.rand_win = np.full(R, -1, dtype=np.int64)
+        self.rand_prio = np.zeros(R, dtype=np.uint64)
+        self.windows_done = 0
+        self.cursor = (0, 0)
+        self._offsets = (torch.arange(N, device=device) * self.nb)[None, :]
+
+    # -------------------------------------------------------------------- update
+    def _sample(self, win_ids: list[int]) -> tuple[torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
+        """Update the random sample's slots; return (old-slot index per new slot, new fills)."""
+        R = self.req.n_random
+        if R == 0:
+            return None, []
+        cands = [(int(self.rand_prio[s]), int(self.rand_win[s]), s, -1) for s in range(R) if self.rand_win[s] >= 0]
+        cands += [(window_priority(self.req.seed, w), w, -1, b) for b, w in enumerate(win_ids)]
+        cands.sort()
+        keep = cands[:R]
+        if all(c[3] < 0 for c in keep) and len(keep) == int((self.rand_win >= 0).sum()):
+            return None, []  # no change (the usual case once the sample has settled)
+        old = torch.full((R,), -1, dtype=torch.int64)
+        fills = []
+        for slot, (prio, w, s, b) in enumerate(keep):
+            self.rand_prio[slot], self.rand_win[slot] = prio, w
+            if s >= 0:
+                old[slot] = s
+            else:
+                pos = random_positions(self.req.seed, w, self.L, self.N, self.req.window).to(self.device)
+                fills.append((slot, b, pos))
+        for slot in range(len(keep), R):
+            self.rand_win[slot] = -1
+        return old, fills
+
+    def update(self, acts: list[torch.Tensor], win_ids: list[int]) -> None:
+        """Merge one batch: ``acts`` is a list over layers of [B, W, N] activations."""
+        k = self.req.top_k
+        B = len(win_ids)
+        wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
+        old, fills = self._sample(win_ids)
+        if old is not None:
+            idx = old.clamp_min(0).to(self.device)
+            self.rand_pos = self.rand_pos.index_select(2, idx)
+            self.rand_act = self.rand_act.index_select(2, idx)
+        stride = self.req.hist_stride
+        kk = min(k, B)
+        for layer, a in enumerate(acts):
+            a = a.float()
+            W, N = a.shape[1], a.shape[2]
+            # top-k over windows by each window's maximum; positions only for the new entries
+            m = a.amax(dim=1)                                        # [B, N]
+            v, j = m.topk(kk, dim=0)                                 # [kk, N]
+            cat_v = torch.cat([self.top_act[layer], v.t()], dim=1)   # [N, k + kk]
+            nv, sel = cat_v.topk(k, dim=1)                           # [N, k]
+            new = sel >= k
+            rows = j.t().gather(1, (sel - k).clamp_min(0))           # batch row of each entry
+            old_sel = sel.clamp_max(k - 1)
+            top_win = torch.where(new, wins[rows], self.top_win[layer].gather(1, old_sel))
+            top_pos = self.top_pos[layer].gather(1, old_sel)
+            n_idx, s_idx = new.nonzero(as_tuple=True)
+            if len(n_idx):
+                b_idx = rows[n_idx, s_idx]
+                top_pos[n_idx, s_idx] = a[b_idx, :, n_idx].argmax(dim=1)
+            self.top_act[layer], self.top_win[layer], self.top_pos[layer] = nv, top_win, top_pos
+            # random sample: new slots take this neuron's activation at its random position
+            for slot, b, pos in fills:
+                self.rand_pos[layer, :, slot] = pos[layer]
+                self.rand_act[layer, :, slot] = a[b].gather(0, pos[layer][None, :])[0]
+            # statistics over every token
+            x = a.view(B * W, N)
+            self.n_pos[layer] += (x > 0).sum(0, dtype=torch.int32)
+            self.act_sum[layer] += x.sum(0).double()
+            self.act_sumsq[layer] += x.square().sum(0).double()
+            torch.minimum(self.act_min[layer], x.amin(0), out=self.act_min[layer])
+            # histogram over positions 0, s, 2s, ... of each window
+            bins = hist_bins(a[:, ::stride].reshape(-1, N)) + self._offsets
+            self.hist[layer] += torch.bincount(bins.view(-1), minlength=N * self.nb).view(N, self.nb).to(torch.int32)
+        self.windows_done += B
+
+    # ------------------------------------------------------------------- storage
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {name: getattr(self, name).cpu().numpy() for name in self.ARRAYS}
+        out["rand_win"] = self.rand_win.copy()
+        out["rand_prio"] = self.rand_prio.copy()
+        return out
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in self.ARRAYS:
+            ref = getattr(self, name)
+            if name not in arrays or tuple(arrays[name].shape) != tuple(ref.shape):
+                raise IndexError_(f"the checkpoint's {name} does not match this model/settings")
+            setattr(self, name, torch.from_numpy(np.array(arrays[name])).to(device=self.device, dtype=ref.dtype))
+        self.rand_win = np.array(arrays["rand_win"], dtype=np.int64)
+        self.rand_prio = np.array(arrays["rand_prio"], dtype=np.uint64)
+
+
+# ------------------------------------------------------------------------------ build
+def _check_request(session, req: IndexRequest) -> None:
+    if not 2 <= req.window <= session.context_length:
+        raise ExplorerError(f"the window must be 2..{session.context_length} tokens, got {req.window}")
+    if req.top_k < 1 or req.n_random < 0 or req.batch_windows < 1 or req.hist_stride < 1:
+        raise ExplorerError("top_k, batch_windows and hist_stride must be ≥ 1 and n_random ≥ 0")
+    if req.checkpoint_every < 1:
+        raise ExplorerError("checkpoint_every must be ≥ 1 batch")
+    if req.max_tokens is not None and req.max_tokens < req.window:
+        raise ExplorerError(f"max tokens ({req.max_tokens}) is less than one window ({req.window} tokens)")
+
+
+def _settings(req: IndexRequest) -> dict:
+    d = asdict(req)
+    d.pop("checkpoint_every")
+    d.pop("corpus_path")
+    d["separator"] = "\n\n"
+    d["hist_bins_per_decade"] = _BINS_PER_DECADE
+    d["hist_decades"] = list(_DECADES)
+    return d
+
+
+def index_key(session, req: IndexRequest, corpus: dict) -> str:
+    """Hash of everything that determines an index: model, corpus, settings."""
+    info = session.info()
+    payload = {"model": info.name, "config_hash": info.config_hash, "dtype": info.dtype,
+               "corpus": {k: corpus[k] for k in ("size", "head_sha256")}, "settings": _settings(req)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_index_dir(key: str) -> Path:
+    from .defaults import cache_dir
+
+    return cache_dir() / "neurons" / key
+
+
+def _resolve_corpus(req: IndexRequest) -> IndexRequest:
+    if req.corpus_path is not None:
+        return req
+    from .defaults import ensure_default_corpus
+
+    return replace(req, corpus_path=str(ensure_default_corpus(progress=lambda *_: None)))
+
+
+def _manifest(session, req: IndexRequest, corpus: dict, key: str, state: _State, complete: bool,
+              elapsed: float) -> dict:
+    info = session.info()
+    fmt = req.corpus_format if req.corpus_format != "auto" else detect_format(req.corpus_path)
+    return {
+        "format": FORMAT, "version": VERSION, "key": key, "complete": complete,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": {"name": info.name, "path": info.path, "config_hash": info.config_hash,
+                  "architecture": info.architecture, "family": info.family, "dtype": info.dtype,
+                  "n_layers": state.L, "d_mlp": state.N,
+                  "site": f"{session.adapter.blocks}.<layer>.{session.adapter.mlp_out} input",
+                  "tokenizer_path": info.path},
+        "corpus": dict(corpus, format=fmt, text_field=req.text_field, text_mode=req.text_mode,
+                       split=req.split),
+        "settings": _settings(req),
+        "windows_done": state.windows_done, "tokens_done": state.windows_done * req.window,
+        "elapsed_s": round(elapsed, 2),
+        "example": "a window; activation = the neuron's max over the window's tokens, at position",
+        "quantiles": (f"approximate: per-neuron histogram of a 1-in-{req.hist_stride} token subsample, "
+                      f"{_BINS_PER_DECADE} log bins per decade for |a| in [1e-3, 1e3], interpolated"),
+    }
+
+
+class _Work:
+    """The incomplete build's files: the token stream, window provenance, checkpoint."""
+
+    def __init__(self, out: Path, window: int) -> None:
+        self.dir = out / ".work"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tokens = self.dir / "tokens.bin"   # int32 [windows, window]
+        self.prov = self.dir / "prov.bin"       # int64 [windows, 2]: doc, offset
+        self.ckpt = self.dir / "checkpoint.safetensors"
+        self.window = window
+
+    def truncate(self, windows: int) -> None:
+        for path, row in ((self.tokens, 4 * self.window), (self.prov, 16)):
+            with open(path, "ab") as f:
+                f.truncate(windows * row)
+
+    def append(self, batch) -> None:
+        with open(self.tokens, "ab") as f:
+            f.write(np.stack([w.ids for w in batch]).astype(np.int32).tobytes())
+        with open(self.prov, "ab") as f:
+            f.write(np.array([[w.doc, w.offset] for w in batch], dtype=np.int64).tobytes())
+
+    def read(self, rows: np.ndarray, windows_done: int) -> tuple[np.ndarray, np.ndarray]:
+        toks = np.memmap(self.tokens, dtype=np.int32, mode="r", shape=(windows_done, self.window))
+        prov = np.memmap(self.prov, dtype=np.int64, mode="r", shape=(windows_done, 2))
+        out = np.array(toks[rows]), np.array(prov[rows])
+        del toks, prov
+        return out
+
+
+def _checkpoint(work: _Work, state: _State, key: str) -> None:
+    meta = {"key": key, "windows_done": str(state.windows_done),
+            "cursor_doc": str(state.cursor[0]), "cursor_offset": str(state.cursor[1])}
+    _save_arrays(work.ckpt, state.arrays(), meta)
+
+
+def _finalize(session, out: Path, work: _Work, state: _State, req: IndexRequest, corpus: dict, key: str,
+              complete: bool, elapsed: float) -> None:
+    arr = state.arrays()
+    top_win, rand_win = arr["top_win"], arr["rand_win"]
+    kept = np.unique(np.concatenate([top_win[top_win >= 0], rand_win[rand_win >= 0]]))
+    tokens, prov = work.read(kept, state.windows_done)
+    vocab_ids = np.unique(tokens) if tokens.size else np.zeros(0, dtype=np.int64)
+    strings = [str(s) for s in session.decode_each(vocab_ids)] if vocab_ids.size else []
+
+    def row_of(w: np.ndarray) -> np.ndarray:
+        rows = np.searchsorted(kept, np.where(w >= 0, w, 0))
+        return np.where(w >= 0, rows, -1).astype(np.int32)
+
+    arrays = {
+        "top_act": arr["top_act"].astype(np.float32), "top_row": row_of(top_win),
+        "top_pos": arr["top_pos"].astype(np.int32),
+        "rand_row": row_of(rand_win), "rand_pos": arr["rand_pos"].astype(np.int32),
+        "rand_act": arr["rand_act"].astype(np.float32),
+        "windows": tokens.astype(np.int32), "window_index": kept.astype(np.int64),
+        "window_doc": prov[:, 0].astype(np.int64), "window_offset": prov[:, 1].astype(np.int64),
+        "n_pos": arr["n_pos"].astype(np.int64), "act_sum": arr["act_sum"], "act_sumsq": arr["act_sumsq"],
+        "act_min": arr["act_min"].astype(np.float32), "hist": arr["hist"].astype(np.int32),
+        "hist_edges": hist_edges(), "hist_tokens": np.array([_hist_tokens(state.windows_done, req)]),
+        "vocab_ids": vocab_ids.astype(np.int64),
+    }
+    # The manifest goes last: a directory with a manifest always has matching arrays.
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest_path.unlink()
+    _save_arrays(out / "index.safetensors", arrays)
+    _atomic_write_text(out / "vocab.json", json.dumps({"ids": vocab_ids.tolist(), "strings": strings},
+                                                      ensure_ascii=False))
+    manifest = _manifest(session, req, corpus, key, state, complete, elapsed)
+    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
+
+
+def _hist_tokens(windows: int, req: IndexRequest) -> int:
+    return windows * len(range(0, req.window, req.hist_stride))
+
+
+def build_index(session, request: IndexRequest | None = None, out_dir: str | Path | None = None,
+                ctx: JobContext | None = None) -> "NeuronIndex":
+    """Build (or resume, or reopen) the neuron index of a corpus; see the module docstring.
+
+    ``out_dir`` None uses ``cache_dir()/neurons/<key>`` (key: model, corpus, settings). A
+    complete index there with the same key is opened, not rebuilt. Progress goes to
+    ``ctx.report(tokens_done, tokens_total, message="… tokens/s, ETA …")``; when ``ctx`` is
+    cancelled the build checkpoints, writes a partial index (``complete`` False) and returns it;
+    calling again resumes.
+    """
+    req = _resolve_corpus(request or IndexRequest())
+    _check_request(session, req)
+    corpus = corpus_fingerprint(req.corpus_path)
+    key = index_key(session, req, corpus)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_index_dir(key)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if old.get("key") != key:
+            raise IndexError_(f"{out} holds a neuron index of another model, corpus or settings; "
+                              "choose another output directory or delete it")
+        if old.get("complete"):
+            return NeuronIndex.open(out)
+    elif out.exists() and any(p.name != ".work" for p in out.iterdir()):
+        if not (out / ".work").exists():
+            raise IndexError_(f"{out} exists and is not a neuron index; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    L, N = session.n_layers, _d_mlp(session)
+    state = _State(L, N, req, session.device)
+    work = _Work(out, req.window)
+    if work.ckpt.exists():
+        arrays, meta = _load_arrays(work.ckpt)
+        if meta.get("key") != key:
+            raise IndexError_(f"{out} holds the checkpoint of another build; delete {work.dir} to start over")
+        state.load(arrays)
+        state.windows_done = int(meta["windows_done"])
+        state.cursor = (int(meta["cursor_doc"]), int(meta["cursor_offset"]))
+    else:
+        for path in (work.tokens, work.prov):
+            path.unlink(missing_ok=True)
+    work.truncate(state.windows_done)
+
+    docs = iter_documents(req.corpus_path, format=req.corpus_format, text_field=req.text_field,
+                          text_mode=req.text_mode, split=req.split)
+    windows = token_windows(docs, session.tokenizer, req.window, req.max_tokens,
+                            start=state.cursor, start_index=state.windows_done)
+    total = req.max_tokens // req.window * req.window if req.max_tokens else max(1, corpus["size"] // 4)
+    blocks = session.blocks()
+    site = session.adapter.mlp_out
+    t0 = time.monotonic()
+    start_tokens = state.windows_done * req.window
+    since_ckpt = 0
+    cancelled = False
+    for batch in batched(windows, req.batch_windows):
+        if ctx is not None and ctx.cancelled:
+            cancelled = True
+            break
+        ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(session.device)
+        saved: list = []
+        with torch.no_grad(), session.lock:
+            with session.lm.trace(ids, logits_to_keep=1):
+                for blk in blocks:
+                    saved.append(_site(blk, site).input.save())
+            acts = [s.detach() for s in saved]
+            del saved
+            state.update(acts, [w.index for w in batch])
+        del acts
+        work.append(batch)
+        state.cursor = batch[-1].end
+        since_ckpt += 1
+        if since_ckpt >= req.checkpoint_every:
+            _checkpoint(work, state, key)
+            since_ckpt = 0
+        if ctx is not None:
+            done = state.windows_done * req.window
+            total = max(total, done)
+            rate = (done - start_tokens) / max(time.monotonic() - t0, 1e-9)
+            eta = (total - done) / rate if rate > 0 else None
+            ctx.report(done, total, message=f"{rate:,.0f} tokens/s, ETA {_fmt_seconds(eta)}")
+    if state.windows_done == 0:
+        shutil.rmtree(work.dir, ignore_errors=True)
+        raise CorpusError(f"corpus {req.corpus_path} has fewer than {req.window} tokens: nothing to index")
+    if ctx is not None and ctx.cancelled:
+        cancelled = True
+    elapsed = time.monotonic() - t0
+    if cancelled:
+        _checkpoint(work, state, key)
+        _finalize(session, out, work, state, req, corpus, key, False, elapsed)
+    else:
+        _finalize(session, out, work, state, req, corpus, key, True, elapsed)
+        shutil.rmtree(work.dir, ignore_errors=True)
+    if ctx is not None:
+        done = state.windows_done * req.window
+        ctx.report(done, done if not cancelled else max(total, done), message="cancelled" if cancelled else "done")
+    return NeuronIndex.open(out)
+
+
+# ------------------------------------------------------------------------------ reading
+@dataclass(frozen=True, eq=False)
+class NeuronExample(Result):
+    """One example of a neuron: a window of tokens and the activation at ``position``."""
+
+    layer: int
+    neuron: int
+    kind: str                 # "top" or "random"
+    rank: int                 # 0-based rank among the neuron's examples of this kind
+    activation: float         # the neuron's activation at ``position`` when the model reads token_ids
+    position: int
+    token_ids: np.ndarray     # [window] int64
+    tokens: np.ndarray        # [window] str, each token decoded on its own
+    window_index: int         # the window's number in the corpus stream
+    doc: int                  # provenance: document and token offset of the window's first token
+    offset: int
+
+    _dtypes: ClassVar[dict[str, str]] = {"token_ids": "int64", "tokens": "str"}
+
+    @property
+    def token(self) -> str:
+        """The token at ``position`` (where the activation is)."""
+        return str(self.tokens[self.position])
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronStats(Result):
+    """Activation statistics of one neuron over the indexed tokens."""
+
+    layer: int
+    neuron: int
+    tokens: int               # tokens seen
+    max: float
+    min: float
+    mean: float
+    std: float
+    frequency: float          # share of tokens with activation > 0
+    quantile_levels: np.ndarray   # [Q] float64
+    quantiles: np.ndarray         # [Q] float64, approximate (histogram of a subsample)
+
+    _dtypes: ClassVar[dict[str, str]] = {"quantile_levels": "float64", "quantiles": "float64"}
+
+    def quantile(self, q: float) -> float:
+        return float(np.interp(q, self.quantile_levels, self.quantiles))
+
+
+def hist_quantiles(counts: np.ndarray, edges: np.ndarray, lo: float, hi: float,
+                   levels=QUANTILE_LEVELS) -> np.ndarray:
+    """Quantiles from a histogram (len(edges) + 1 bins), interpolated in the bin, within [lo, hi]."""
+    total = counts.sum()
+    if total == 0:
+        return np.full(len(levels), np.nan)
+    bounds = np.concatenate([[min(lo, edges[0])], edges, [max(hi, edges[-1])]])
+    cum = np.cumsum(counts)
+    out = []
+    for q in levels:
+        target = q * total
+        b = int(np.searchsorted(cum, target, side="left"))
+        b = min(b, len(counts) - 1)
+        before = cum[b - 1] if b > 0 else 0
+        frac = (target - before) / counts[b] if counts[b] else 0.0
+        left, right = max(bounds[b], lo), min(bounds[b + 1], hi)
+        if right < left:
+            left, right = right, left
+        out.append(left + frac * (right - left))
+    return np.clip(np.array(out), lo, hi)
+
+
+class NeuronIndex:
+    """A built (or partial) neuron index, readable without the model."""
+
+    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray], vocab: dict[int, str]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.arrays = arrays
+        self._vocab = vocab
+        self._patterns: dict | None = None
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path) -> "NeuronIndex":
+        p = Path(path).expanduser()
+        mpath = p / "manifest.json"
+        if not mpath.exists():
+            raise IndexError_(f"no neuron index at {p} (no manifest.json); build one with `neurons index`")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise IndexError_(f"{mpath} is not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise IndexError_(f"{p} is not a neuron index (manifest format {manifest.get('format')!r})")
+        if manifest.get("version") != VERSION:
+            raise IndexError_(f"{p} is a version {manifest.get('version')} neuron index; this is version {VERSION}")
+        if not (p / "index.safetensors").exists():
+            raise IndexError_(f"{p} has a manifest but no index.safetensors")
+        arrays, _ = _load_arrays(p / "index.safetensors")
+        try:
+            vj = json.loads((p / "vocab.json").read_text(encoding="utf-8"))
+            vocab = dict(zip((int(i) for i in vj["ids"]), vj["strings"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise IndexError_(f"{p}/vocab.json is missing or malformed ({e})") from None
+        index = cls(p, manifest, arrays, vocab)
+        problem = index.validate()
+        if problem:
+            raise IndexError_(f"{p}: {problem}")
+        return index
+
+    def validate(self) -> str | None:
+        """Name the first inconsistency between the manifest and the arrays, or None."""
+        a, m = self.arrays, self.manifest
+        need = ("top_act", "top_row", "top_pos", "rand_row", "rand_pos", "rand_act", "windows", "window_index",
+                "window_doc", "window_offset", "n_pos", "act_sum", "act_sumsq", "act_min", "hist", "hist_edges",
+                "hist_tokens")
+        for name in need:
+            if name not in a:
+                return f"index.safetensors lacks the array '{name}'"
+        L, N = m["model"]["n_layers"], m["model"]["d_mlp"]
+        k, R, W = m["settings"]["top_k"], m["settings"]["n_random"], m["settings"]["window"]
+        shapes = {"top_act": (L, N, k), "top_row": (L, N, k), "top_pos": (L, N, k), "rand_row": (R,),
+                  "rand_pos": (L, N, R), "rand_act": (L, N, R), "n_pos": (L, N), "act_min": (L, N),
+                  "hist": (L, N, len(a["hist_edges"]) + 1)}
+        for name, shape in shapes.items():
+            if tuple(a[name].shape) != shape:
+                return f"{name} has shape {tuple(a[name].shape)}, expected {shape}"
+        n_win = len(a["window_index"])
+        if a["windows"].shape != (n_win, W):
+            return f"windows has shape {a['windows'].shape}, expected ({n_win}, {W})"
+        if a["top_row"].max(initial=-1) >= n_win or a["rand_row"].max(initial=-1) >= n_win:
+            return "an example refers to a window the index does not hold"
+        return None
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["model"]["n_layers"])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.manifest["model"]["d_mlp"])
+
+    @property
+    def window(self) -> int:
+        return int(self.manifest["settings"]["window"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["settings"]["top_k"])
+
+    @property
+    def tokens_done(self) -> int:
+        return int(self.manifest["tokens_done"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    def check_neuron(self, layer: int, neuron: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise IndexError_(f"layer {layer} is out of range: the index has layers 0..{self.n_layers - 1}")
+        if not 0 <= neuron < self.d_mlp:
+            raise IndexError_(f"neuron {neuron} is out of range: layers have neurons 0..{self.d_mlp - 1}")
+
+    def token_strings(self, ids) -> np.ndarray:
+        """Token ids as their stored strings (ids outside the stored vocabulary show as <id N>)."""
+        ids = np.asarray(ids)
+        return np.array([self._vocab.get(int(i), f"<id {int(i)}>") for i in ids.reshape(-1)],
+                        dtype=str).reshape(ids.shape)
+
+    def vocab(self) -> dict[int, str]:
+        return dict(self._vocab)
+
+    # ----------------------------------------------------------------- examples
+    def _example(self, layer: int, neuron: int, kind: str, rank: int, row: int, pos: int, act: float) -> NeuronExample:
+        a = self.arrays
+        ids = a["windows"][row].astype(np.int64)
+        return NeuronExample(
+            layer=layer, neuron=neuron, kind=kind, rank=rank, activation=float(act), position=int(pos),
+            token_ids=ids, tokens=self.token_strings(ids), window_index=int(a["window_index"][row]),
+            doc=int(a["window_doc"][row]), offset=int(a["window_offset"][row]))
+
+    def top_examples(self, layer: int, neuron: int, n: int | None = None) -> list[NeuronExample]:
+        """The neuron's top examples, highest activation first."""
+        self.check_neuron(layer, neuron)
+        a = self.arrays
+        rows, pos, act = a["top_row"][layer, neuron], a["top_pos"][layer, neuron], a["top_act"][layer, neuron]
+        out = [self._example(layer, neuron, "top", r, rows[r], pos[r], act[r])
+               for r in range(len(rows)) if rows[r] >= 0]
+        return out[:n] if n is not None else out
+
+    def random_examples(self, layer: int, neuron: int, n: int | None = None) -> list[NeuronExample]:
+        """The random sample's windows with this neuron's activation at its random position."""
+        self.check_neuron(layer, neuron)
+        a = self.arrays
+        rows = a["rand_row"]
+        out = [self._example(layer, neuron, "random", r, rows[r], a["rand_pos"][layer, neuron, r],
+                             a["rand_act"][layer, neuron, r]) for r in range(len(rows)) if rows[r] >= 0]
+        return out[:n] if n is not None else out
+
+    def stats(self, layer: int, neuron: int) -> NeuronStats:
+        self.check_neuron(layer, neuron)
+        a = self.arrays
+        n = max(self.tokens_done, 1)
+        mean = float(a["act_sum"][layer, neuron]) / n
+        var = max(float(a["act_sumsq"][layer, neuron]) / n - mean * mean, 0.0)
+        top = a["top_act"][layer, neuron]
+        hi = float(top[0]) if a["top_row"][layer, neuron, 0] >= 0 else float("nan")
+        lo = float(a["act_min"][layer, neuron])
+        levels = np.array(QUANTILE_LEVELS, dtype=np.float64)
+        qs = hist_quantiles(a["hist"][layer, neuron].astype(np.int64), a["hist_edges"], lo, hi, levels)
+        return NeuronStats(layer=layer, neuron=neuron, tokens=self.tokens_done, max=hi, min=lo, mean=mean,
+                           std=math.sqrt(var), frequency=float(a["n_pos"][layer, neuron]) / n,
+                           quantile_levels=levels, quantiles=qs)
+
+    # ----------------------------------------------------------------- firing tokens
+    def firing_token_ids(self) -> np.ndarray:
+        """[L, N, k] the token id at each top example's position (-1 where there is none)."""
+        a = self.arrays
+        rows, pos = a["top_row"], a["top_pos"]
+        safe = np.where(rows >= 0, rows, 0)
+        ids = a["windows"][safe, pos].astype(np.int64) if len(a["windows"]) else np.zeros(rows.shape, np.int64)
+        return np.where(rows >= 0, ids, -1)
