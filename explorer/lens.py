@@ -158,11 +158,20 @@ def residual_streams(session: ModelSession, prompts: list[torch.Tensor]) -> list
     return streams
 
 
-def _unembed(session: ModelSession, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _unembed(session: ModelSession, x: torch.Tensor, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits of rows ``x`` [n, d] (into ``out`` when given: no fresh vocabulary-sized buffer)."""
     weight = session.unembed_weight(dtype)
     bias = session.unembed_bias()
-    logits = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
-    return logits.float()
+    x = x.to(weight.dtype)
+    if out is not None and weight.dtype == out.dtype:
+        if bias is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(bias.to(weight.dtype), x, weight.t(), out=out)
+    logits = F.linear(x, weight, None if bias is None else bias.to(weight.dtype)).float()
+    if out is None:
+        return logits
+    return out.copy_(logits)  # a reduced-precision matmul; the reductions stay in float32
 
 
 def _unembed_dtype(session: ModelSession, name: str) -> torch.dtype:
@@ -178,40 +187,56 @@ def _final_top1(session: ModelSession, stream: torch.Tensor, dtype: torch.dtype)
 def reduce_rows(
     session: ModelSession, stream: torch.Tensor, top_k: int, target_id: int, dtype: torch.dtype
 ) -> dict[str, np.ndarray]:
-    """Unembed every (row, position) of a [R, T, d] stream in chunks and reduce on the device."""
+    """Unembed every (row, position) of a [R, T, d] stream in chunks and reduce on the device.
+
+    A chunk holds every row of a few positions (row-major, as the model lays out its own final
+    logits), so the final row's distribution is at hand for the KL. Per chunk, with s = logits − max:
+    entropy = lse − Σe·s / Σe and KL(final ‖ row) = Σ p_f·(s_f − s_row) − lse_f + lse_row,
+    where e = exp(s) and lse = log Σe. Working on s (never on log-probabilities, which reach
+    −160 and lose float32 digits) keeps these ~100× closer to float64 than log_softmax does,
+    and two reused vocabulary-sized buffers do all the work in place.
+    """
     n_rows, n_pos, d = stream.shape
-    per_chunk = max(1, CHUNK_ROWS // n_rows)  # positions per chunk; every row of a position together
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                            ("top_ids", "top_probs", "entropy", "kl", "tprob", "trank")}
+    per_chunk = max(1, CHUNK_ROWS // n_rows)  # positions per chunk
     with torch.no_grad():
-        normed = session.final_norm(stream)
+        normed = session.final_norm(stream)  # [R, T, d]
+        vocab = session.unembed_weight().shape[0]
+        z_buf = normed.new_empty((min(per_chunk, n_pos) * n_rows, vocab), dtype=torch.float32)
+        e_buf = torch.empty_like(z_buf)
+        keys = ("top_ids", "top_probs", "entropy", "kl_to_final", "target_probs", "target_ranks")
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for start in range(0, n_pos, per_chunk):
-            x = normed[:, start:start + per_chunk]
-            p = x.shape[1]
-            logp = torch.log_softmax(_unembed(session, x.reshape(-1, d), dtype), dim=-1).view(n_rows, p, -1)
-            top_lp, top_ids = torch.topk(logp, top_k, dim=-1)
-            t_lp = logp[..., target_id].clone()  # a view otherwise: logp is reused in place below
-            rank = (logp > t_lp[..., None]).sum(-1) + 1
-            # Entropy and KL(final ‖ row) as elementwise products summed (einsum's bmm path
-            # loses ~1e-4 here), in place to keep one vocabulary-sized temporary per chunk.
-            final_lp = logp[-1].clone()
-            probs = logp.exp()
-            final_p = probs[-1].clone()
-            entropy = -probs.mul_(logp).sum(-1)
-            del probs
-            kl = logp.neg_().add_(final_lp).mul_(final_p).sum(-1)
-            del logp, final_lp, final_p
-            for key, value in (("top_ids", top_ids), ("top_probs", top_lp.exp()), ("entropy", entropy),
-                               ("kl", kl.clamp_min(0)), ("tprob", t_lp.exp()), ("trank", rank)):
+            x = normed[:, start:start + per_chunk].reshape(-1, d)  # [(R·p), d]
+            n, p = x.shape[0], x.shape[0] // n_rows
+            z, e = _unembed(session, x, dtype, out=z_buf[:n]), e_buf[:n]
+            top_z, top_ids = torch.topk(z, top_k, dim=-1)
+            t_z = z[:, target_id].clone()
+            torch.gt(z, t_z[:, None], out=e)       # a float compare into the spare buffer:
+            rank = e.sum(-1).long() + 1            # summing a bool tensor is several times slower
+            m = top_z[:, :1]
+            z.sub_(m)                              # s = z − max ≤ 0
+            torch.exp(z, out=e)
+            sum_e = e.sum(-1)
+            lse = sum_e.log()
+            e_final = e.view(n_rows, p, -1)[-1].clone()   # the final row's exp, per position
+            # Elementwise products then a cascade sum: bmm's dot products lose ~2e-5 here.
+            entropy = lse - e.mul_(z).sum(-1) / sum_e
+            cross = z.view(n_rows, p, -1).mul_(e_final).sum(-1) / sum_e.view(n_rows, p)[-1]
+            kl = lse.view(n_rows, p) - cross - entropy.view(n_rows, p)[-1]
+            for key, value in (("top_ids", top_ids.view(n_rows, p, top_k)),
+                               ("top_probs", (top_z - m - lse[:, None]).exp().view(n_rows, p, top_k)),
+                               ("entropy", entropy.view(n_rows, p)), ("kl_to_final", kl.clamp_min(0)),
+                               ("target_probs", (t_z - m[:, 0] - lse).exp().view(n_rows, p)),
+                               ("target_ranks", rank.view(n_rows, p))):
                 parts[key].append(value.cpu())
-    out = {k: torch.cat(v, dim=1).numpy() for k, v in parts.items()}
+    out = {k: torch.cat(v, dim=1).numpy() for k, v in parts.items()}  # [R, T, ...]
     return {
         "top_ids": out["top_ids"].astype(np.int64),
         "top_probs": out["top_probs"].astype(np.float32),
         "entropy": out["entropy"].astype(np.float32),
-        "kl_to_final": out["kl"].astype(np.float32),
-        "target_probs": out["tprob"].astype(np.float32),
-        "target_ranks": out["trank"].astype(np.int64),
+        "kl_to_final": out["kl_to_final"].astype(np.float32),
+        "target_probs": out["target_probs"].astype(np.float32),
+        "target_ranks": out["target_ranks"].astype(np.int64),
     }
 
 
