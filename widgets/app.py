@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import panel as pn
 from panel_material_ui import Page
 
+from explorer.history import History
 from explorer.session import ModelSession
 
 from .lens_view import LogitLensView
@@ -69,9 +70,12 @@ class ExplorerApp(pn.viewable.Viewer):
     def __init__(self, session: ModelSession, **params) -> None:
         super().__init__(**params)
         self.session = session
-        self.lens = LogitLensView(session)
-        self._tabs = pn.Tabs(("Logit lens", self.lens), sizing_mode="stretch_width",
-                             css_classes=["explorer-tabs"])
+        self.history = History()  # this browser session's results (the model session is shared)
+        self.lens = LogitLensView(session, history=self.history)
+        self._tabs = pn.Tabs(
+            ("Logit lens", self.lens),
+            sizing_mode="stretch_width", css_classes=["explorer-tabs"],
+        )
 
     def sidebar(self) -> list[pn.viewable.Viewable]:
         return [

@@ -15,6 +15,7 @@ import panel as pn
 import param
 
 from explorer.errors import ExplorerError
+from explorer.history import History
 from explorer.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
 from explorer.session import ModelSession
 
@@ -69,9 +70,10 @@ class LogitLensView(pn.viewable.Viewer):
     error = param.String(default="", doc="The last error shown to the user; empty when none.")
     busy = param.Boolean(default=False, doc="True while the model is running.")
 
-    def __init__(self, session: ModelSession, **params) -> None:
+    def __init__(self, session: ModelSession, history: History | None = None, **params) -> None:
         super().__init__(**params)
         self.session = session
+        self.history = history  # where computed results are recorded (snapshots store it)
         self._rerun = False
         # Bokeh panes stay visible (empty until a result comes): toggling `visible` together
         # with `object` makes panel 1.9.4's Bokeh pane copy the template's stylesheet models
@@ -139,6 +141,11 @@ class LogitLensView(pn.viewable.Viewer):
             self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
 
     def _publish(self, result: LensResult, comparison: LensComparison | None, seconds: float) -> None:
+        if self.history is not None:
+            if comparison is not None:
+                self.history.add(comparison, f"lens comparison: {charts.shorten(self.prompt, 30)}")
+            else:
+                self.history.add(result, f"logit lens: {charts.shorten(self.prompt, 30)}")
         self._show(result, comparison=comparison, error="",
                    status=self._status_text(result, comparison, seconds))
 
