@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--target", default=None, help="target token, e.g. ' Paris' or '#1234' (default: final top-1)")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--unembed-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--unembed-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto = the model's dtype; bfloat16 is faster only on GPUs and AMX/AVX512-BF16 CPUs")
     p.add_argument("--compare", default=None, metavar="PROMPT_B", help="a second prompt to compare with")
     p.add_argument("--threshold", type=float, default=0.1, help="divergence threshold on |Δp| (compare)")
     p.add_argument("--json", action="store_true")

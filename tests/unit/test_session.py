@@ -318,3 +318,25 @@ def test_lock_is_reentrant_and_serialises(tiny_sessions):
         assert not done.wait(0.3)
     worker.join(30)
     assert done.is_set()
+
+
+def test_fast_bfloat16_reads_the_cpu_flags(monkeypatch):
+    import builtins
+    import io
+
+    from explorer.session import fast_bfloat16
+
+    real_open = builtins.open
+
+    def fake(flags):
+        def opener(path, *a, **k):
+            if path == "/proc/cpuinfo":
+                return io.StringIO(f"processor : 0\nflags : fpu sse {flags}\n")
+            return real_open(path, *a, **k)
+        return opener
+
+    monkeypatch.setattr(builtins, "open", fake("avx2 fma"))
+    assert not fast_bfloat16("cpu")
+    monkeypatch.setattr(builtins, "open", fake("avx512f amx_bf16 amx_tile"))
+    assert fast_bfloat16("cpu")
+    assert fast_bfloat16("cuda")
