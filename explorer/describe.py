@@ -433,6 +433,63 @@ def check_session(index: NeuronIndex, session) -> None:
                             "attach the index's model with --model")
 
 
+@dataclass(frozen=True, eq=False)
+class ExampleActivations(Result):
+    """A neuron's top (or random) examples with its activation at every token of each window.
+
+    ``token_activations`` comes from running the model on the stored token ids (``None`` when
+    no model matching the index was given: then only ``activations``, the index's value at
+    ``positions``, is known).
+    """
+
+    layer: int
+    neuron: int
+    kind: str                          # "top" or "random"
+    positions: np.ndarray              # [E] int64: the example's position (its max, for top examples)
+    activations: np.ndarray            # [E] float32: the index's activation at that position
+    token_ids: np.ndarray              # [E, window] int64
+    tokens: np.ndarray                 # [E, window] str
+    window_index: np.ndarray           # [E] int64: the window's number in the corpus stream
+    token_activations: np.ndarray | None = None   # [E, window] float32
+
+    _dtypes: ClassVar[dict[str, str]] = {"positions": "int64", "activations": "float32", "token_ids": "int64",
+                                         "tokens": "str", "window_index": "int64", "token_activations": "float32"}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def _examples_result(layer: int, neuron: int, kind: str, examples: list[NeuronExample], window: int,
+                     acts: np.ndarray | None) -> ExampleActivations:
+    n = len(examples)
+    return ExampleActivations(
+        layer=layer, neuron=neuron, kind=kind,
+        positions=np.array([e.position for e in examples], dtype=np.int64),
+        activations=np.array([e.activation for e in examples], dtype=np.float32),
+        token_ids=np.stack([e.token_ids for e in examples]).astype(np.int64) if n else np.zeros((0, window), np.int64),
+        tokens=np.stack([e.tokens for e in examples]).astype(str) if n else np.zeros((0, window), dtype=str),
+        window_index=np.array([e.window_index for e in examples], dtype=np.int64),
+        token_activations=None if acts is None else acts.astype(np.float32))
+
+
+def example_activations(index: NeuronIndex, layer: int, neuron: int,
+                        session=None) -> tuple[ExampleActivations, ExampleActivations]:
+    """A neuron's (top, random) examples; with ``session`` (the index's model) every token's activation.
+
+    One trace over all the examples' windows, stopped after ``layer``.
+    """
+    index.check_neuron(layer, neuron)
+    top = index.top_examples(layer, neuron)
+    rand = index.random_examples(layer, neuron)
+    top_acts = rand_acts = None
+    if session is not None:
+        check_session(index, session)
+        acts = _example_arrays(index, session, layer, neuron, top + rand)
+        top_acts, rand_acts = acts[:len(top)], acts[len(top):]
+    return (_examples_result(layer, neuron, "top", top, index.window, top_acts),
+            _examples_result(layer, neuron, "random", rand, index.window, rand_acts))
+
+
 def explain_neuron(index: NeuronIndex, session, layer: int, neuron: int, *,
                    explainer: Explainer | str | None = None, n_explain: int = 10, n_score_top: int = 10,
                    n_score_random: int = 10, max_new_tokens: int = 40, refresh: bool = False,

@@ -139,16 +139,46 @@ def random_positions(seed: int, window_index: int, n_layers: int, n_neurons: int
 def neuron_activations(session, layers: list[int], ids: torch.Tensor) -> list[torch.Tensor]:
     """Neuron activations (the MLP out-projection's input) of some layers: [B, T, N] float32 each.
 
-    ``ids`` is [B, T]; one nnsight trace, layers read in execution order.
+    ``ids`` is [B, T]; one nnsight trace, layers read in execution order. The model stops
+    right after the last requested site (the later layers are never run).
     """
     blocks = session.blocks()
     order = sorted(set(layers))
     saved: dict[int, Any] = {}
     with torch.no_grad(), session.lock:
-        with session.lm.trace(ids.to(session.device), logits_to_keep=1):
+        with session.lm.trace(ids.to(session.device), logits_to_keep=1) as tracer:
             for layer in order:
                 saved[layer] = _site(blocks[layer], session.adapter.mlp_out).input.save()
+            tracer.stop()
     return [saved[layer].detach().float() for layer in layers]
+
+
+@dataclass(frozen=True, eq=False)
+class PromptActivation(Result):
+    """One neuron's activation at every token of a prompt."""
+
+    prompt: str
+    layer: int
+    neuron: int
+    token_ids: np.ndarray     # [T] int64
+    tokens: np.ndarray        # [T] str, each token decoded on its own
+    activations: np.ndarray   # [T] float32
+
+    _dtypes: ClassVar[dict[str, str]] = {"token_ids": "int64", "tokens": "str", "activations": "float32"}
+
+
+def prompt_activation(session, prompt: str, layer: int, neuron: int) -> PromptActivation:
+    """The activation of neuron ``neuron`` of block ``layer`` at every token of ``prompt``."""
+    n_layers, d_mlp = session.n_layers, _d_mlp(session)
+    if not 0 <= layer < n_layers:
+        raise IndexError_(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    if not 0 <= neuron < d_mlp:
+        raise IndexError_(f"neuron {neuron} is out of range: layers have neurons 0..{d_mlp - 1}")
+    ids = session.encode(prompt)
+    (acts,) = neuron_activations(session, [layer], ids[None])
+    return PromptActivation(prompt=prompt, layer=layer, neuron=neuron, token_ids=ids.numpy().astype(np.int64),
+                            tokens=np.array(session.decode_each(ids.numpy()).tolist(), dtype=str),
+                            activations=acts[0, :, neuron].cpu().numpy().astype(np.float32))
 
 
 def _site(envoy, path: str):
@@ -541,6 +571,8 @@ def build_index(session, request: IndexRequest | None = None, out_dir: str | Pat
             ctx.report(done, total, message=f"{rate:,.0f} tokens/s, ETA {_fmt_seconds(eta)}")
     if state.windows_done == 0:
         shutil.rmtree(work.dir, ignore_errors=True)
+        if cancelled:
+            raise IndexError_("the build was cancelled before its first batch finished: nothing was indexed")
         raise CorpusError(f"corpus {req.corpus_path} has fewer than {req.window} tokens: nothing to index")
     if ctx is not None and ctx.cancelled:
         cancelled = True
@@ -601,6 +633,50 @@ class NeuronStats(Result):
 
     def quantile(self, q: float) -> float:
         return float(np.interp(q, self.quantile_levels, self.quantiles))
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronHistogram(Result):
+    """A neuron's activation histogram over the index's token subsample (``hist_edges`` bins).
+
+    ``counts[b]`` holds the tokens in (edges[b-1], edges[b]]: ``counts[0]`` is the underflow
+    (≤ edges[0]) and ``counts[-1]`` the overflow (> edges[-1]).
+    """
+
+    layer: int
+    neuron: int
+    counts: np.ndarray        # [len(edges) + 1] int64
+    edges: np.ndarray         # [E] float64, ascending
+    sampled_tokens: int       # tokens in the subsample (the counts' sum)
+    stride: int               # the subsample: positions 0, stride, 2·stride, … of every window
+
+    _dtypes: ClassVar[dict[str, str]] = {"counts": "int64", "edges": "float64"}
+
+
+@dataclass(frozen=True, eq=False)
+class SelectiveNeurons(Result):
+    """The most selective neurons of every layer, best first within each layer.
+
+    Selectivity = (max − mean) / std over every indexed token: how many standard deviations
+    the neuron's strongest activation stands above its average. Neurons that are near-silent
+    except on a few tokens score high; a constant neuron (std 0) scores 0.
+    """
+
+    n_per_layer: int
+    tokens: int               # tokens indexed
+    layers: np.ndarray        # [M] int64
+    neurons: np.ndarray       # [M] int64
+    selectivity: np.ndarray   # [M] float64
+    max: np.ndarray           # [M] float64
+    mean: np.ndarray          # [M] float64
+    std: np.ndarray           # [M] float64
+    frequency: np.ndarray     # [M] float64: share of tokens with activation > 0
+    top_token: np.ndarray     # [M] str: the token at the top example's position
+    definition: str = "(max - mean) / std over every indexed token"
+
+    _dtypes: ClassVar[dict[str, str]] = {"layers": "int64", "neurons": "int64", "selectivity": "float64",
+                                         "max": "float64", "mean": "float64", "std": "float64",
+                                         "frequency": "float64", "top_token": "str"}
 
 
 def hist_quantiles(counts: np.ndarray, edges: np.ndarray, lo: float, hi: float,
@@ -773,6 +849,44 @@ class NeuronIndex:
         return NeuronStats(layer=layer, neuron=neuron, tokens=self.tokens_done, max=hi, min=lo, mean=mean,
                            std=math.sqrt(var), frequency=float(a["n_pos"][layer, neuron]) / n,
                            quantile_levels=levels, quantiles=qs)
+
+    def histogram(self, layer: int, neuron: int) -> NeuronHistogram:
+        self.check_neuron(layer, neuron)
+        counts = self.arrays["hist"][layer, neuron].astype(np.int64)
+        return NeuronHistogram(layer=layer, neuron=neuron, counts=counts,
+                               edges=np.asarray(self.arrays["hist_edges"], dtype=np.float64),
+                               sampled_tokens=int(counts.sum()), stride=int(self.manifest["settings"]["hist_stride"]))
+
+    def selectivity(self) -> np.ndarray:
+        """[L, N] float64: (max − mean) / std of every neuron over the indexed tokens (0 if std is 0)."""
+        a = self.arrays
+        n = max(self.tokens_done, 1)
+        mean = a["act_sum"] / n
+        std = np.sqrt(np.maximum(a["act_sumsq"] / n - mean * mean, 0.0))
+        top = np.where(a["top_row"][..., 0] >= 0, a["top_act"][..., 0].astype(np.float64), mean)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(std > 0, (top - mean) / std, 0.0)
+        return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def selective_neurons(self, n_per_layer: int = 5) -> SelectiveNeurons:
+        """The ``n_per_layer`` most selective neurons of each layer (see ``SelectiveNeurons``)."""
+        if n_per_layer < 1:
+            raise IndexError_(f"n_per_layer must be ≥ 1, got {n_per_layer}")
+        a = self.arrays
+        z = self.selectivity()
+        k = min(n_per_layer, self.d_mlp)
+        order = np.argsort(-z, axis=1, kind="stable")[:, :k]            # [L, k]
+        layers = np.repeat(np.arange(self.n_layers), k)
+        neurons = order.reshape(-1)
+        n = max(self.tokens_done, 1)
+        mean = a["act_sum"][layers, neurons] / n
+        std = np.sqrt(np.maximum(a["act_sumsq"][layers, neurons] / n - mean * mean, 0.0))
+        fire = self.firing_token_ids()[layers, neurons, 0]
+        return SelectiveNeurons(
+            n_per_layer=k, tokens=self.tokens_done, layers=layers.astype(np.int64), neurons=neurons.astype(np.int64),
+            selectivity=z[layers, neurons], max=a["top_act"][layers, neurons, 0].astype(np.float64),
+            mean=mean, std=std, frequency=a["n_pos"][layers, neurons] / n,
+            top_token=np.array([self._vocab.get(int(i), "") if i >= 0 else "" for i in fire], dtype=str))
 
     # ----------------------------------------------------------------- firing tokens
     def firing_token_ids(self) -> np.ndarray:
