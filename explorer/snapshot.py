@@ -28,7 +28,7 @@ from .results import RESULT_TYPES, Result
 SCHEMA_VERSION = 1
 MAX_UNCOMPRESSED = 4 << 30  # refuse zip bombs: 4 GiB of content at most
 # Modules defining result types: imported before loading so every type is registered.
-RESULT_MODULES = ("session", "lens", "swap", "heads")
+RESULT_MODULES = ("session", "lens", "swap", "heads", "ablation", "patching", "neurons", "describe", "demonstrations")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 
 

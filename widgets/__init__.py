@@ -1,5 +1,8 @@
 """Panel components of Interp Explorer: the views, the app shell and the chart builders."""
+from .ablation_view import AblationView
 from .app import ExplorerApp, create_app, serve_app
+from .heads_view import HeadsView
 from .lens_view import LogitLensView
+from .neuron_view import NeuronView
 
-__all__ = ["ExplorerApp", "LogitLensView", "create_app", "serve_app"]
+__all__ = ["AblationView", "ExplorerApp", "HeadsView", "LogitLensView", "NeuronView", "create_app", "serve_app"]

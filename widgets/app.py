@@ -14,7 +14,10 @@ from panel_material_ui import Page
 from explorer.history import History
 from explorer.session import ModelSession
 
+from .ablation_view import AblationView
+from .heads_view import HeadsView
 from .lens_view import LogitLensView
+from .neuron_view import NeuronView
 
 TITLE = "Interp Explorer"
 ACCENT = "#2c5d8f"
@@ -72,10 +75,20 @@ class ExplorerApp(pn.viewable.Viewer):
         self.session = session
         self.history = History()  # this browser session's results (the model session is shared)
         self.lens = LogitLensView(session, history=self.history)
+        self.heads = HeadsView(session, history=self.history)
+        self.ablation = AblationView(session, history=self.history)
+        self.neurons = NeuronView(session, history=self.history)
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
+            ("Heads", self.heads),
+            ("Ablation", self.ablation),
+            ("Neurons", self.neurons),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
+        # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
+        ablation_tab = 2  # the tabs' order above
+        self.neurons.param.watch(lambda e: (self.ablation.select_components(list(e.new)),
+                                            setattr(self._tabs, "active", ablation_tab)), "ablate_request")
 
     def sidebar(self) -> list[pn.viewable.Viewable]:
         return [

@@ -161,3 +161,24 @@ def test_any_field_replaced_ends_in_snapshot_error(snapshot_file, tmp_path, data
         load_snapshot(bad)
     except SnapshotError:
         pass
+
+
+def test_every_result_module_is_registered_for_loading():
+    """A fresh process must know every result type a snapshot can hold."""
+    import importlib
+    import pkgutil
+
+    import explorer
+    from explorer.results import Result
+    from explorer.snapshot import RESULT_MODULES
+
+    defining = set()
+    for info in pkgutil.iter_modules(explorer.__path__):
+        if info.name.startswith("_"):  # __main__ runs the CLI on import
+            continue
+        module = importlib.import_module(f"explorer.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Result) and obj is not Result \
+                    and obj.__module__ == module.__name__:
+                defining.add(info.name)
+    assert defining <= set(RESULT_MODULES), defining - set(RESULT_MODULES)
