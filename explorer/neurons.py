@@ -115,6 +115,7 @@ class IndexRequest:
     seed: int = 0
     hist_stride: int = 8
     checkpoint_every: int = 8  # batches between checkpoints (does not change the result)
+    fused: str = "auto"        # fuse the per-token statistics with torch.compile: auto / on / off
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -228,6 +229,56 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# --------------------------------------------------------------------- reductions
+# Builds of at least this many tokens fuse the statistics (``fused="auto"``): compiling costs
+# ~15 s once per process and saves ~0.1 s per 1,024-token batch of SmolLM2 on 2 CPU cores.
+FUSE_MIN_TOKENS = 200_000
+
+
+def batch_reductions(a: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
+    """One layer's reductions of a batch ``a`` [B, W, N]: each window's maximum [B, N]; over every
+    token the count of positive activations, their sum, sum of squares and minimum [N]; and the
+    histogram bin of every ``stride``-th token of each window [B·⌈W/stride⌉, N]."""
+    n = a.shape[-1]
+    x = a.reshape(-1, n)
+    return (a.amax(dim=1), (x > 0).sum(0, dtype=torch.float32), x.sum(0), (x * x).sum(0), x.amin(0),
+            hist_bins(a[:, ::stride].reshape(-1, n)))
+
+
+_FUSED: dict[str, Any] = {}
+
+
+def reductions_for(req: "IndexRequest", device: torch.device):
+    """``batch_reductions``, compiled into fused kernels when that pays off (see ``fused``).
+
+    Each reduction otherwise reads the layer's activations once more from memory; fused, one
+    pass computes them all (3× less time here). Where compiling is not possible (no C++
+    compiler, an unsupported device) the plain version is used.
+    """
+    big = req.max_tokens is None or req.max_tokens >= FUSE_MIN_TOKENS
+    if req.fused == "off" or (req.fused == "auto" and not big):
+        return batch_reductions
+    key = str(device)
+    if key not in _FUSED:
+        compiled = torch.compile(batch_reductions, dynamic=False)
+
+        def fused(a: torch.Tensor, stride: int):
+            if _FUSED.get(key) is batch_reductions:
+                return batch_reductions(a, stride)
+            try:
+                return compiled(a, stride)
+            except Exception as e:  # compiling failed: say so once, then stay on the plain path
+                import logging
+
+                logging.getLogger(__name__).warning("neuron index: fused statistics unavailable (%s); "
+                                                    "using the plain path", str(e).splitlines()[0][:200])
+                _FUSED[key] = batch_reductions
+                return batch_reductions(a, stride)
+
+        _FUSED[key] = fused
+    return _FUSED[key]
+
+
 # ------------------------------------------------------------------------------ state
 class _State:
     """The running index, as tensors on the model's device (plus the random sample's slots)."""
@@ -255,8 +306,15 @@ class _State:
         self.windows_done = 0
         self.cursor = (0, 0)
         self._offsets = (torch.arange(N, device=device) * self.nb)[None, :]
+        self._reduce = reductions_for(req, device)
 
     # -------------------------------------------------------------------- update
+    def _rows(self, n: int) -> torch.Tensor:
+        """[n, 1] row numbers 0..n-1 on the device (kept)."""
+        if getattr(self, "_row_ids", None) is None or len(self._row_ids) != n:
+            self._row_ids = torch.arange(n, device=self.device)[:, None]
+        return self._row_ids
+
     def _sample(self, win_ids: list[int]) -> tuple[torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
         """Update the random sample's slots; return (old-slot index per new slot, new fills)."""
         R = self.req.n_random
@@ -283,48 +341,62 @@ class _State:
 
     def update(self, acts: list[torch.Tensor], win_ids: list[int]) -> None:
         """Merge one batch: ``acts`` is a list over layers of [B, W, N] activations."""
-        k = self.req.top_k
-        B = len(win_ids)
-        wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
-        old, fills = self._sample(win_ids)
+        self.begin_batch(win_ids)
+        for layer, a in enumerate(acts):
+            self.update_layer(layer, a)
+        self.end_batch()
+
+    def begin_batch(self, win_ids: list[int]) -> None:
+        """Start merging a batch of windows (then ``update_layer`` for every layer, ``end_batch``)."""
+        self._wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
+        old, self._fills = self._sample(win_ids)
         if old is not None:
             idx = old.clamp_min(0).to(self.device)
             self.rand_pos = self.rand_pos.index_select(2, idx)
             self.rand_act = self.rand_act.index_select(2, idx)
+
+    def end_batch(self) -> None:
+        self.windows_done += len(self._wins)
+        self._wins, self._fills = None, []
+
+    def update_layer(self, layer: int, a: torch.Tensor) -> None:
+        """Merge one layer's activations [B, W, N] of the batch begun with ``begin_batch``."""
+        k, wins, fills = self.req.top_k, self._wins, self._fills
+        B = len(wins)
         stride = self.req.hist_stride
         kk = min(k, B)
-        for layer, a in enumerate(acts):
-            a = a.float()
-            W, N = a.shape[1], a.shape[2]
-            # top-k over windows by each window's maximum; positions only for the new entries
-            m = a.amax(dim=1)                                        # [B, N]
-            v, j = m.topk(kk, dim=0)                                 # [kk, N]
-            cat_v = torch.cat([self.top_act[layer], v.t()], dim=1)   # [N, k + kk]
-            nv, sel = cat_v.topk(k, dim=1)                           # [N, k]
-            new = sel >= k
-            rows = j.t().gather(1, (sel - k).clamp_min(0))           # batch row of each entry
-            old_sel = sel.clamp_max(k - 1)
-            top_win = torch.where(new, wins[rows], self.top_win[layer].gather(1, old_sel))
-            top_pos = self.top_pos[layer].gather(1, old_sel)
-            n_idx, s_idx = new.nonzero(as_tuple=True)
-            if len(n_idx):
-                b_idx = rows[n_idx, s_idx]
-                top_pos[n_idx, s_idx] = a[b_idx, :, n_idx].argmax(dim=1)
-            self.top_act[layer], self.top_win[layer], self.top_pos[layer] = nv, top_win, top_pos
-            # random sample: new slots take this neuron's activation at its random position
-            for slot, b, pos in fills:
-                self.rand_pos[layer, :, slot] = pos[layer]
-                self.rand_act[layer, :, slot] = a[b].gather(0, pos[layer][None, :])[0]
-            # statistics over every token
-            x = a.view(B * W, N)
-            self.n_pos[layer] += (x > 0).sum(0, dtype=torch.int32)
-            self.act_sum[layer] += x.sum(0).double()
-            self.act_sumsq[layer] += x.square().sum(0).double()
-            torch.minimum(self.act_min[layer], x.amin(0), out=self.act_min[layer])
-            # histogram over positions 0, s, 2s, ... of each window
-            bins = hist_bins(a[:, ::stride].reshape(-1, N)) + self._offsets
-            self.hist[layer] += torch.bincount(bins.view(-1), minlength=N * self.nb).view(N, self.nb).to(torch.int32)
-        self.windows_done += B
+        a = a.float()
+        W, N = a.shape[1], a.shape[2]
+        m, n_pos, a_sum, a_sumsq, a_min, bins = self._reduce(a, stride)
+        # top-k over windows by each window's maximum; positions only for the new entries
+        if kk == B:  # every window of the batch is a candidate: no need to rank them first
+            v, j = m, self._rows(B).expand(B, N)
+        else:
+            v, j = m.topk(kk, dim=0)                             # [kk, N]
+        cat_v = torch.cat([self.top_act[layer], v.t()], dim=1)   # [N, k + kk]
+        nv, sel = cat_v.topk(k, dim=1)                           # [N, k]
+        new = sel >= k
+        rows = j.t().gather(1, (sel - k).clamp_min(0))           # batch row of each entry
+        old_sel = sel.clamp_max(k - 1)
+        top_win = torch.where(new, wins[rows], self.top_win[layer].gather(1, old_sel))
+        top_pos = self.top_pos[layer].gather(1, old_sel)
+        n_idx, s_idx = new.nonzero(as_tuple=True)
+        if len(n_idx):
+            b_idx = rows[n_idx, s_idx]
+            top_pos[n_idx, s_idx] = a[b_idx, :, n_idx].argmax(dim=1)
+        self.top_act[layer], self.top_win[layer], self.top_pos[layer] = nv, top_win, top_pos
+        # random sample: new slots take this neuron's activation at its random position
+        for slot, b, pos in fills:
+            self.rand_pos[layer, :, slot] = pos[layer]
+            self.rand_act[layer, :, slot] = a[b].gather(0, pos[layer][None, :])[0]
+        # statistics over every token (counts ≤ B·W are exact in float32)
+        self.n_pos[layer] += n_pos.to(torch.int64)
+        self.act_sum[layer] += a_sum.double()
+        self.act_sumsq[layer] += a_sumsq.double()
+        torch.minimum(self.act_min[layer], a_min, out=self.act_min[layer])
+        # histogram over positions 0, s, 2s, ... of each window
+        bins = bins + self._offsets
+        self.hist[layer] += torch.bincount(bins.view(-1), minlength=N * self.nb).view(N, self.nb).to(torch.int32)
 
     # ------------------------------------------------------------------- storage
     def arrays(self) -> dict[str, np.ndarray]:
@@ -358,6 +430,7 @@ def _check_request(session, req: IndexRequest) -> None:
 def _settings(req: IndexRequest) -> dict:
     d = asdict(req)
     d.pop("checkpoint_every")
+    d.pop("fused")  # float rounding only
     d.pop("corpus_path")
     d["separator"] = "\n\n"
     d["hist_bins_per_decade"] = _BINS_PER_DECADE

@@ -435,3 +435,20 @@ def test_cli_bad_neuron_and_missing_query(cli_llama, corpus, tmp_path, capsys):
     assert code == 2 and "layer 7 is out of range" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "neurons", "search", "--index", out_dir)
     assert code == 2 and "--query" in err
+
+
+def test_fused_statistics_give_the_same_index(tiny_sessions, corpus, tmp_path):
+    """The compiled (fused) reductions agree with the plain ones: top-k, samples and histogram
+    exactly, sums to float rounding."""
+    from explorer import neurons
+
+    session = tiny_sessions["llama"]
+    plain = build_index(session, request(corpus, fused="off"), tmp_path / "plain")
+    fused = build_index(session, request(corpus, fused="on"), tmp_path / "fused")
+    assert neurons._FUSED[str(session.device)] is not neurons.batch_reductions  # really compiled
+    for name in ("top_act", "top_row", "top_pos", "rand_act", "n_pos", "hist", "act_min"):
+        np.testing.assert_array_equal(fused.arrays[name], plain.arrays[name], err_msg=name)
+    for name in ("act_sum", "act_sumsq"):
+        np.testing.assert_allclose(fused.arrays[name], plain.arrays[name], rtol=1e-5, atol=1e-4, err_msg=name)
+    # "fused" only changes float rounding, so both builds have the same key (one index).
+    assert fused.manifest["key"] == plain.manifest["key"]
