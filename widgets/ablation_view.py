@@ -29,7 +29,7 @@ from explorer.session import ModelSession
 
 from . import ablation_charts as ac
 from .charts import shorten
-from .live import LiveJob, served_doc
+from .live import LiveJob, QueuedRuns, served_doc
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def progress_text(progress: Progress, unit: str) -> str:
     return text
 
 
-class AblationView(pn.viewable.Viewer):
+class AblationView(QueuedRuns, pn.viewable.Viewer):
     """Single ablations, ablation sweeps and activation patching for one ModelSession."""
 
     # ---- shared by the single ablation and the sweeps
@@ -140,7 +140,6 @@ class AblationView(pn.viewable.Viewer):
         self.history = history
         geom = geometry(session)
         self.param.top_n.bounds = (1, geom.n_layers * geom.d_mlp)
-        self._rerun = False
         self._sweep_job = LiveJob(self._on_sweep_progress, self._on_sweep_finish)
         self._patch_job = LiveJob(self._on_patch_progress, self._on_patch_finish)
         # Bokeh panes stay visible (empty until a result comes): see lens_view for why.
@@ -187,25 +186,6 @@ class AblationView(pn.viewable.Viewer):
     @param.depends("run", watch=True)
     async def _on_run(self) -> None:
         await self.compute()
-
-    async def compute(self) -> None:
-        """Run the single ablation for the current parameters without blocking the loop.
-
-        A request arriving while one runs is not dropped: one more run follows with the newest
-        parameters.
-        """
-        if self.busy:
-            self._rerun = True
-            return
-        self.busy = True
-        try:
-            while True:
-                self._rerun = False
-                await self._compute_once()
-                if not self._rerun:
-                    break
-        finally:
-            self.busy = False
 
     def _replacement(self) -> dict[str, Any]:
         """mean_text / second_prompt of a request for the current mode (checked)."""

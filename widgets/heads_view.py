@@ -47,6 +47,7 @@ from explorer.session import ModelSession
 
 from . import heads_charts as hc
 from .charts import quote_token, shorten
+from .live import QueuedRuns
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def compute_heads(session: ModelSession, request: HeadsRequest) -> tuple[HeadSco
     return scores, attention_patterns(session, request.prompt)
 
 
-class HeadsView(pn.viewable.Viewer):
+class HeadsView(QueuedRuns, pn.viewable.Viewer):
     """Head scores, roles, DLA and attention patterns of a prompt, for one ModelSession."""
 
     prompt = param.String(default=DEFAULT_PROMPT, label="Prompt",
@@ -101,7 +102,6 @@ class HeadsView(pn.viewable.Viewer):
         chips.check_on_set = True
         self.session = session
         self.history = history  # where computed results are recorded (snapshots store it)
-        self._rerun = False
         # The AttentionResult last put into the history, and its heads whose patterns are there.
         self._recorded_for: AttentionResult | None = None
         self._recorded: set[tuple[int, int]] = set()
@@ -118,21 +118,6 @@ class HeadsView(pn.viewable.Viewer):
     @param.depends("run", watch=True)
     async def _on_run(self) -> None:
         await self.compute()
-
-    async def compute(self) -> None:
-        """Compute the scores without blocking the loop; a request during a run is queued once."""
-        if self.busy:
-            self._rerun = True
-            return
-        self.busy = True
-        try:
-            while True:
-                self._rerun = False
-                await self._compute_once()
-                if not self._rerun:
-                    break
-        finally:
-            self.busy = False
 
     async def _compute_once(self) -> None:
         # An empty field means "the default target"; a lone space is a real token, so no strip.

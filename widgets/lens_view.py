@@ -20,6 +20,7 @@ from explorer.lens import CompareRequest, LensComparison, LensRequest, LensResul
 from explorer.session import ModelSession, fast_bfloat16
 
 from . import charts
+from .live import QueuedRuns
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ BESIDE_MAX_POSITIONS = 8
 METRIC_CHOICES = {"top-1 probability": "prob", "entropy": "entropy", "KL to final": "kl"}
 
 
-class LogitLensView(pn.viewable.Viewer):
+class LogitLensView(QueuedRuns, pn.viewable.Viewer):
     """Logit lens of a prompt, optionally compared with a second one, for one ModelSession."""
 
     prompt = param.String(default="The capital of France is", label="Prompt",
@@ -75,7 +76,6 @@ class LogitLensView(pn.viewable.Viewer):
         super().__init__(**params)
         self.session = session
         self.history = history  # where computed results are recorded (snapshots store it)
-        self._rerun = False
         # Bokeh panes stay visible (empty until a result comes): toggling `visible` together
         # with `object` makes panel 1.9.4's Bokeh pane copy the template's stylesheet models
         # from the figure onto itself, which fails validation.
@@ -98,25 +98,6 @@ class LogitLensView(pn.viewable.Viewer):
     @param.depends("run", watch=True)
     async def _on_run(self) -> None:
         await self.compute()
-
-    async def compute(self) -> None:
-        """Run the lens (or the comparison) for the current parameters without blocking the loop.
-
-        A request arriving while a run is in flight is not dropped: one more run follows with
-        the newest parameters.
-        """
-        if self.busy:
-            self._rerun = True
-            return
-        self.busy = True
-        try:
-            while True:
-                self._rerun = False
-                await self._compute_once()
-                if not self._rerun:
-                    break
-        finally:
-            self.busy = False
 
     async def _compute_once(self) -> None:
         # An empty field means "the default target"; a lone space is a real token, so no strip.

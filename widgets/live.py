@@ -110,3 +110,28 @@ class LiveJob:
         if latest is not None:
             with pn.io.hold():
                 self._on_progress(*latest)
+
+
+class QueuedRuns:
+    """For views whose Run button does model work (``busy`` param, ``_compute_once`` coroutine).
+
+    A request arriving while a run is in flight is not dropped: one more run follows, with the
+    newest parameters, when the current one ends; further requests meanwhile merge into it.
+    """
+
+    _rerun = False
+
+    async def compute(self) -> None:
+        """Run ``_compute_once`` now, or once more after the run in flight."""
+        if self.busy:
+            self._rerun = True
+            return
+        self.busy = True
+        try:
+            while True:
+                self._rerun = False
+                await self._compute_once()
+                if not self._rerun:
+                    break
+        finally:
+            self.busy = False

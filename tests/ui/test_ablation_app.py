@@ -11,49 +11,20 @@ pytest.importorskip("playwright")
 
 from playwright.sync_api import expect  # noqa: E402
 
-from panel.tests.util import serve_component, wait_until  # noqa: E402
-
 from widgets import ablation_charts as ac  # noqa: E402
-from widgets.app import ExplorerApp  # noqa: E402
 from widgets.charts import position_labels  # noqa: E402
+
+from browser import FRAME_JS, serve_explorer  # noqa: E402
+
 
 RUN_TIMEOUT = 90_000  # ms, an upper bound: a few seconds each on 2 idle cores, far more on a busy machine
 # Not the prompt of the model tests' complete head sweep: a cached sweep would finish at once.
 SWEEP_PROMPT, SWEEP_TARGET = "Paris is the capital of", " France"
 
-# Finds a Bokeh plot view by its model name and returns its frame in page coordinates.
-FRAME_JS = """(name) => {
-  const find = (view) => {
-    if (view.model && view.model.name === name) return view
-    for (const child of (view.child_views || [])) { const found = find(child); if (found) return found }
-    return null
-  }
-  for (const root of Object.values(Bokeh.index)) {
-    const view = find(root)
-    if (view) {
-      const frame = view.frame.bbox
-      const canvas = view.canvas_view.el.getBoundingClientRect()
-      return {left: canvas.left + frame.left, top: canvas.top + frame.top,
-              width: frame.width, height: frame.height}
-    }
-  }
-  return null
-}"""
-
 
 @pytest.fixture
 def served(page, default_session):
-    apps: list[ExplorerApp] = []
-
-    def factory():
-        app = ExplorerApp(default_session)
-        apps.append(app)
-        return app.template()
-
-    messages, _ = serve_component(page, factory)
-    wait_until(lambda: len(apps) == 1, page)
-    page.locator(".explorer-tabs .bk-tab", has_text=re.compile(r"^Ablation$")).click()
-    return apps[0], messages
+    return serve_explorer(page, default_session, "Ablation")
 
 
 def section(page, name: str) -> None:

@@ -5,52 +5,22 @@ import pytest
 
 pytest.importorskip("playwright")
 
+from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from panel.tests.util import serve_component, wait_until  # noqa: E402
-
 from widgets import heads_charts as hc  # noqa: E402
-from widgets.app import ExplorerApp  # noqa: E402
+
+from browser import FRAME_JS, serve_explorer  # noqa: E402
+
 
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
 RUN_TIMEOUT = 60_000  # ms: the first head scores of the default model trace two sequences on CPU
-
-# Finds a Bokeh plot view by its model name and returns its frame in page coordinates
-# (the same trick as test_lens_app.py).
-FRAME_JS = """(name) => {
-  const find = (view) => {
-    if (view.model && view.model.name === name) return view
-    for (const child of (view.child_views || [])) { const found = find(child); if (found) return found }
-    return null
-  }
-  for (const root of Object.values(Bokeh.index)) {
-    const view = find(root)
-    if (view) {
-      const frame = view.frame.bbox
-      const canvas = view.canvas_view.el.getBoundingClientRect()
-      return {left: canvas.left + frame.left, top: canvas.top + frame.top,
-              width: frame.width, height: frame.height}
-    }
-  }
-  return null
-}"""
 
 
 @pytest.fixture
 def served(page, default_session):
     """Serve the real app, open its Heads tab, keep the Python side at hand."""
-    apps: list[ExplorerApp] = []
-
-    def factory():
-        app = ExplorerApp(default_session)
-        apps.append(app)
-        return app.template()
-
-    messages, _ = serve_component(page, factory)
-    wait_until(lambda: len(apps) == 1, page)
-    page.locator(".bk-tab", has_text="Heads").click()
-    expect(page.locator(".heads-prompt textarea")).to_be_visible()
-    return apps[0], messages
+    return serve_explorer(page, default_session, "Heads", ".heads-prompt textarea")
 
 
 def run_heads(page, prompt: str) -> None:

@@ -7,50 +7,23 @@ import pytest
 
 pytest.importorskip("playwright")
 
+from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from panel.tests.util import serve_component, wait_until  # noqa: E402
-
 from widgets import charts  # noqa: E402
-from widgets.app import ExplorerApp  # noqa: E402
+
+from browser import FRAME_JS, serve_explorer  # noqa: E402
+
 
 PROMPT = "The capital of France is"
 PROMPT_B = "The capital of France is London. The capital of France is"
 RUN_TIMEOUT = 30_000  # ms: a CPU lens of the default model takes ~1-3 s, the first one longer
 
-# Finds a Bokeh plot view by its model name and returns its frame in page coordinates.
-FRAME_JS = """(name) => {
-  const find = (view) => {
-    if (view.model && view.model.name === name) return view
-    for (const child of (view.child_views || [])) { const found = find(child); if (found) return found }
-    return null
-  }
-  for (const root of Object.values(Bokeh.index)) {
-    const view = find(root)
-    if (view) {
-      const frame = view.frame.bbox
-      const canvas = view.canvas_view.el.getBoundingClientRect()
-      return {left: canvas.left + frame.left, top: canvas.top + frame.top,
-              width: frame.width, height: frame.height}
-    }
-  }
-  return null
-}"""
-
 
 @pytest.fixture
 def served(page, default_session):
     """Serve the real app (one ExplorerApp per browser session) and keep the Python side at hand."""
-    apps: list[ExplorerApp] = []
-
-    def factory():
-        app = ExplorerApp(default_session)
-        apps.append(app)
-        return app.template()
-
-    messages, _ = serve_component(page, factory)
-    wait_until(lambda: len(apps) == 1, page)
-    return apps[0], messages
+    return serve_explorer(page, default_session)
 
 
 def run_lens(page, prompt: str) -> None:

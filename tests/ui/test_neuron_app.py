@@ -14,13 +14,14 @@ import pytest
 
 pytest.importorskip("playwright")
 
+from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
-
-from panel.tests.util import serve_component, wait_until  # noqa: E402
 
 from explorer.describe import search  # noqa: E402
 from explorer.neurons import IndexRequest, build_index  # noqa: E402
-from widgets.app import ExplorerApp  # noqa: E402
+
+from browser import serve_explorer  # noqa: E402
+
 
 TIMEOUT = 180_000  # ms: builds and per-token activations run the default model on a shared CPU
 
@@ -37,18 +38,7 @@ def index(default_session, tmp_path_factory):
 @pytest.fixture
 def served(page, default_session):
     """Serve the real app, open its Neurons tab, keep the Python side at hand."""
-    apps: list[ExplorerApp] = []
-
-    def factory():
-        app = ExplorerApp(default_session)
-        apps.append(app)
-        return app.template()
-
-    messages, _ = serve_component(page, factory)
-    wait_until(lambda: len(apps) == 1, page)
-    page.locator(".bk-tab", has_text="Neurons").click()
-    expect(page.locator(".neuron-index-dir input")).to_be_visible()
-    return apps[0], messages
+    return serve_explorer(page, default_session, "Neurons", ".neuron-index-dir input")
 
 
 def console_errors(messages) -> list[str]:

@@ -11,7 +11,6 @@ import dataclasses
 import html
 import logging
 import math
-import warnings
 
 import numpy as np
 import panel as pn
@@ -42,22 +41,6 @@ N_LAYERS, N_HEADS = 3, 4
 @pytest.fixture(scope="module")
 def session(tiny_sessions):
     return tiny_sessions["llama"]
-
-
-@pytest.fixture(autouse=True)
-def close_panel_event_loop():
-    """Triggering an async handler with no loop running makes panel create and set a loop; close it."""
-    yield
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = policy.get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running():
-        loop.close()
-    policy.set_event_loop(None)
 
 
 def run(view: AblationView) -> None:

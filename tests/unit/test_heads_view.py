@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 
 import numpy as np
 import panel as pn
@@ -49,22 +48,6 @@ def no_model(monkeypatch):
     monkeypatch.setattr(heads_view_module, "head_scores", fail)
     monkeypatch.setattr(heads_view_module, "attention_patterns", fail)
     monkeypatch.setattr(heads_engine, "_run", fail)  # every heads trace goes through it
-
-
-@pytest.fixture(autouse=True)
-def close_panel_event_loop():
-    """Triggering an async handler with no loop running makes panel create and set a loop; close it."""
-    yield
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = policy.get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running():
-        loop.close()
-    policy.set_event_loop(None)
 
 
 def run(view: HeadsView) -> None:

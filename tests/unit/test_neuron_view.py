@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import warnings
 
 import numpy as np
 import panel as pn
@@ -94,22 +93,6 @@ def reference_windows(tokenizer, corpus) -> np.ndarray:
             flat += tokenizer(line.strip(), add_special_tokens=False).input_ids + sep
     n = min(len(flat) // WINDOW, MAX_TOKENS // WINDOW)
     return np.array(flat[: n * WINDOW], dtype=np.int64).reshape(n, WINDOW)
-
-
-@pytest.fixture(autouse=True)
-def close_panel_event_loop():
-    """Triggering an async handler with no loop running makes panel create and set a loop; close it."""
-    yield
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = policy.get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running():
-        loop.close()
-    policy.set_event_loop(None)
 
 
 def make_view(session, corpus, out_dir, **kw) -> NeuronView:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 
 import numpy as np
 import panel as pn
@@ -45,22 +44,6 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr(lens_view_module, "logit_lens", fail)
     monkeypatch.setattr(lens_view_module, "compare_prompts", fail)
-
-
-@pytest.fixture(autouse=True)
-def close_panel_event_loop():
-    """Triggering an async handler with no loop running makes panel create and set a loop; close it."""
-    yield
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = policy.get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running():
-        loop.close()
-    policy.set_event_loop(None)
 
 
 def run(view: LogitLensView) -> None:
