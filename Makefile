@@ -9,7 +9,8 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: run test setup setup-test chromium bench clean
 
-run: setup
+# serve fetches the default model and corpus itself the first time (one process: faster start).
+run: $(VENV)/.installed
 	$(BIN)/python -m explorer serve --port $(PORT)
 
 test: setup-test chromium

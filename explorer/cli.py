@@ -155,7 +155,10 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    session = load_session(args)
+    from .defaults import ensure_default_corpus
+
+    ensure_default_corpus(progress=_log)  # the app's neuron index and mean ablations read it
+    session = load_session(args)  # fetches the default model the first time
     info = session.info()
     _log(f"{info.name}: {info.architecture}, {info.n_layers} layers, on {info.device} ({info.dtype})")
     from widgets.app import serve_app  # the CLI is the one place the engine starts the UI
