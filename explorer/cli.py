@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_ablate import add_commands as _ablate; _ablate(sub)  # noqa: E702
     from .cli_heads import add_commands as _heads; _heads(sub)  # noqa: E702
     from .cli_neurons import add_commands as _neurons; _neurons(sub)  # noqa: E702
+    from .cli_intervene import add_commands as _intervene; _intervene(sub)  # noqa: E702
     return parser
 
 

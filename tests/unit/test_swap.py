@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from explorer.swap import PAIRS, SwapAudit, audit_swap, swap_text, swap_with_counts
 
@@ -46,6 +48,24 @@ def test_tricky_sentences(masc, fem):
 def test_round_trip_without_ambiguous_her(masc, fem):
     # Back from feminine: "her" is him or his by context; these sentences use it unambiguously.
     assert swap_text(fem, "f2m") == masc
+
+
+# Masculine words whose feminine form is not "her" (him/his become "her", the ambiguous case),
+# neutral words (some containing a gendered word), punctuation and contractions between them.
+_ROUND_TRIP_WORDS = [m for m, _ in PAIRS if m not in ("him", "his")] + [
+    "the", "then", "Heather", "shell", "theme", "human", "Manchester", "mankind", "is", "book", "ran", "sheriff"]
+_SEPARATORS = [" ", ", ", ". ", "! ", "? ", "; ", "'s ", "'ll ", " (", ") ", "\n", " \"", "\" ", "-"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_ROUND_TRIP_WORDS), st.sampled_from(["lower", "title", "upper"]),
+                          st.sampled_from(_SEPARATORS)), min_size=1, max_size=12))
+def test_round_trip_on_generated_text(parts):
+    text = "".join({"lower": w.lower(), "title": w[:1].upper() + w[1:], "upper": w.upper()}[case] + sep
+                   for w, case, sep in parts)
+    swapped = swap_text(text)
+    assert len(re.findall(r"[A-Za-z]+", swapped)) == len(re.findall(r"[A-Za-z]+", text))  # word for word
+    assert swap_text(swapped, "f2m") == text
 
 
 @pytest.mark.parametrize("fem, masc", [

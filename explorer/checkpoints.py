@@ -1,0 +1,148 @@
+"""Interpretability over time: bias metrics and a lens curve across model checkpoints.
+
+For a list of model directories (an intervention run's checkpoints, or local directories such as
+Pythia revisions), each model is loaded in turn and gets the three bias probes
+(``explorer.bias``) and, when a prompt is given, the logit lens' probability of one target token
+at the prompt's last position after every layer (``explorer.lens``). The target is resolved once
+(the first model's final top-1 when not given) and used for every checkpoint, so the curves
+are comparable; every model must have the same number of layers.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+
+from .bias import BiasRequest, bias_probe
+from .errors import ExplorerError
+from .jobs import JobContext
+from .lens import LensRequest, logit_lens
+from .results import Result
+
+_METRICS = ("pronoun_preference", "stereotype_alignment", "minimal_pairs")
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointComparison(Result):
+    """Bias metrics ([N] per checkpoint) and the lens target curve ([N, R]) across checkpoints."""
+
+    labels: tuple[str, ...]            # e.g. "control/step-000040"
+    paths: tuple[str, ...]
+    steps: np.ndarray                  # [N] int64, -1 where the name has no step
+    occupations: tuple[str, ...]
+    pronoun_preference: np.ndarray     # [N] float64
+    pronoun_preference_se: np.ndarray
+    stereotype_alignment: np.ndarray
+    stereotype_alignment_se: np.ndarray
+    minimal_pairs: np.ndarray
+    minimal_pairs_se: np.ndarray
+    per_occupation: np.ndarray         # [N, O] float64
+    prompt: str                        # "" when no lens was asked for
+    target: str
+    target_ids: np.ndarray             # [N] int64
+    layer_labels: tuple[str, ...]      # [R] "embed", "L0", ... (empty without a prompt)
+    target_probs: np.ndarray           # [N, R] float32, last position
+
+    _dtypes: ClassVar[dict[str, str]] = {
+        "steps": "int64", "target_ids": "int64", "target_probs": "float32", "per_occupation": "float64",
+        **{m: "float64" for m in _METRICS}, **{f"{m}_se": "float64" for m in _METRICS},
+    }
+
+    def metric(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, standard errors) of a bias metric across the checkpoints."""
+        if name not in _METRICS:
+            raise ExplorerError(f"unknown metric '{name}' (use {', '.join(_METRICS)})")
+        return getattr(self, name), getattr(self, f"{name}_se")
+
+    def validate(self) -> str | None:
+        n = len(self.labels)
+        for key in ("paths", "steps", "target_ids") + _METRICS + tuple(f"{m}_se" for m in _METRICS):
+            if len(getattr(self, key)) != n:
+                return f"{key} has {len(getattr(self, key))} entries for {n} checkpoints"
+        if self.per_occupation.shape != (n, len(self.occupations)):
+            return f"per_occupation has shape {self.per_occupation.shape}, expected ({n}, {len(self.occupations)})"
+        if self.target_probs.shape != (n, len(self.layer_labels)):
+            return f"target_probs has shape {self.target_probs.shape}, expected ({n}, {len(self.layer_labels)})"
+        return None
+
+
+def _label(path: Path) -> str:
+    """A short name: 'arm/step-N' for run checkpoints, else the directory name."""
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name
+
+
+def _step(path: Path) -> int:
+    m = re.search(r"(?:step[-_]?)(\d+)$", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def run_checkpoint_dirs(out_dir: str | Path) -> list[Path]:
+    """An intervention run's checkpoints: the control arm's, then the swapped arm's, oldest first."""
+    from .intervene import ARMS, checkpoint_dirs
+
+    out = Path(out_dir).expanduser()
+    if not (out / "run.json").exists():
+        raise ExplorerError(f"{out} is not an intervention run (no run.json)")
+    return [p for arm in ARMS for p in checkpoint_dirs(out / arm)]
+
+
+def compare_checkpoints(dirs: Sequence[str | Path], *, prompt: str | None = None, target: str | None = None,
+                        device: str = "auto", dtype: str = "auto", max_templates: int | None = None,
+                        crows_path: str | None = None, ctx: JobContext | None = None) -> CheckpointComparison:
+    """Load each model directory in turn; bias probes and (with a prompt) the lens target curve."""
+    from .session import ModelSession
+
+    if not dirs:
+        raise ExplorerError("no checkpoints to compare: give at least one model directory")
+    if prompt is not None and not prompt.strip():
+        raise ExplorerError("the prompt is empty: type some text, or leave the prompt out")
+    paths = [Path(d).expanduser() for d in dirs]
+    request = BiasRequest(max_templates=max_templates, crows_path=crows_path)
+    rows: dict[str, list] = {k: [] for k in _METRICS + tuple(f"{m}_se" for m in _METRICS)}
+    per_occ, target_ids, curves = [], [], []
+    occupations: tuple[str, ...] = ()
+    layer_labels: tuple[str, ...] = ()
+    target_text = ""
+    for i, path in enumerate(paths):
+        if ctx is not None and ctx.cancelled:
+            break
+        if ctx is not None:
+            ctx.report(i, len(paths), message=f"loading {_label(path)}")
+        session = ModelSession.load(str(path), device=device, dtype=dtype)
+        bias = bias_probe(session, request)
+        summary = bias.summary()
+        for key in rows:
+            rows[key].append(summary[key])
+        per_occ.append(bias.per_occupation)
+        occupations = bias.occupations
+        if prompt is not None:
+            lens = logit_lens(session, LensRequest(prompt, target))
+            if target is None:
+                target = f"#{lens.target_id}"  # the first model's top-1, kept for all the others
+            if layer_labels and lens.layer_labels != layer_labels:
+                raise ExplorerError(f"{path} has {len(lens.layer_labels) - 1} layers, the first checkpoint "
+                                    f"{len(layer_labels) - 1}: compare checkpoints of one model")
+            layer_labels, target_text = lens.layer_labels, lens.target
+            target_ids.append(lens.target_id)
+            curves.append(lens.target_probs[:, -1])
+        else:
+            target_ids.append(-1)
+        del session  # one model in memory at a time
+    n = len(per_occ)
+    paths = paths[:n]
+    if ctx is not None:
+        ctx.report(n, len(dirs), message="done")
+    return CheckpointComparison(
+        labels=tuple(_label(p) for p in paths), paths=tuple(str(p) for p in paths),
+        steps=np.array([_step(p) for p in paths], dtype=np.int64), occupations=occupations,
+        **{k: np.array(v, dtype=np.float64) for k, v in rows.items()},
+        per_occupation=np.array(per_occ, dtype=np.float64).reshape(n, len(occupations)),
+        prompt=prompt or "", target=target_text, target_ids=np.array(target_ids, dtype=np.int64),
+        layer_labels=layer_labels,
+        target_probs=np.array(curves, dtype=np.float32).reshape(n, len(layer_labels)),
+    )
