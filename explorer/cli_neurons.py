@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import add_model_args, load_session, print_json
+from .cli import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
 from .errors import ExplorerError
 
 
@@ -56,6 +56,7 @@ def add_commands(sub) -> None:
                    help="held-out top examples and random examples simulated for the score (each)")
     q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
     q.add_argument("--json", action="store_true")
+    add_snapshot_arg(q)
     q.set_defaults(fn=cmd_explain)
 
     q = nsub.add_parser("import", help="import neuron records, explanations (OpenAI JSON) or a CSV")
@@ -180,6 +181,7 @@ def cmd_explain(args) -> int:
     result = explain_neuron(index, session, args.layer, args.neuron, explainer=args.explainer,
                             n_explain=args.n_explain, n_score_top=args.n_score, n_score_random=args.n_score,
                             refresh=args.refresh)
+    maybe_snapshot(args, session, result, f"neuron L{args.layer} N{args.neuron} explanation")
     if args.json:
         data = result.to_dict()
         data.pop("simulated")

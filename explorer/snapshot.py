@@ -14,11 +14,13 @@ import io
 import json
 import os
 import tempfile
+import types
+import typing
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import numpy as np
 
@@ -28,7 +30,9 @@ from .results import RESULT_TYPES, Result
 SCHEMA_VERSION = 1
 MAX_UNCOMPRESSED = 4 << 30  # refuse zip bombs: 4 GiB of content at most
 # Modules defining result types: imported before loading so every type is registered.
-RESULT_MODULES = ("session", "lens", "swap", "heads", "ablation", "patching", "neurons", "describe", "demonstrations")
+RESULT_MODULES = ("session", "lens", "swap", "heads", "ablation", "patching", "neurons", "describe", "demonstrations",
+                  "bias", "intervene", "checkpoints")
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 
 
@@ -74,6 +78,7 @@ def model_identity(session) -> dict:
     if not hasattr(session, "_weights_hash"):
         session._weights_hash = weights_hash(session.hf)
     return {"name": info.name, "architecture": info.architecture, "n_layers": info.n_layers,
+            "n_heads": info.n_heads, "n_kv_heads": info.n_kv_heads,
             "config_hash": info.config_hash, "weights_hash": session._weights_hash}
 
 
@@ -115,38 +120,68 @@ def _encode(value: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
     return value
 
 
-def save_snapshot(path: str | os.PathLike, entries: Iterable[Entry | Result], model: dict | None = None) -> Path:
-    """Write results (with labels) and the model's identity to one zip, atomically."""
-    path = Path(path)
-    items = [e if isinstance(e, Entry) else Entry(type(e).__name__, e) for e in entries]
-    manifest = {
+def _entries(entries: Iterable[Entry | Result]) -> list[Entry]:
+    return [e if isinstance(e, Entry) else Entry(type(e).__name__, e) for e in entries]
+
+
+def new_manifest(model: dict | None = None) -> dict:
+    """A manifest for results made now (its list of result files is filled in when written)."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model or {},
+        "model": dict(model or {}),
         "packages": _versions(),
         "results": [],
     }
+
+
+def snapshot_of(entries: Iterable[Entry | Result], model: dict | None = None) -> Snapshot:
+    """A snapshot in memory (e.g. a session's history), as ``load_snapshot`` would return it."""
+    items = _entries(entries)
+    manifest = new_manifest(model)
+    manifest["results"] = [{"file": f"results/r{i:03d}.json", "type": type(e.result).__name__, "label": e.label}
+                           for i, e in enumerate(items)]
+    return Snapshot(manifest=manifest, entries=tuple(items))
+
+
+def _write(target: str | IO[bytes], items: list[Entry], model: dict | None) -> None:
+    """Write the zip (manifest, one JSON per result, arrays as .npy) to a path or a binary file."""
+    manifest = new_manifest(model)
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i, entry in enumerate(items):
+            arrays: dict[str, np.ndarray] = {}
+            body = _encode(entry.result, f"r{i:03d}", arrays)
+            name = f"results/r{i:03d}.json"
+            zf.writestr(name, json.dumps(body, ensure_ascii=False))
+            for array_name, array in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+                zf.writestr(array_name, buf.getvalue())
+            manifest["results"].append({"file": name, "type": body["type"], "label": entry.label})
+        zf.writestr("manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+
+
+def save_snapshot(path: str | os.PathLike, entries: Iterable[Entry | Result], model: dict | None = None) -> Path:
+    """Write results (with labels) and the model's identity to one zip, atomically."""
+    path = Path(path)
+    items = _entries(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for i, entry in enumerate(items):
-                arrays: dict[str, np.ndarray] = {}
-                body = _encode(entry.result, f"r{i:03d}", arrays)
-                name = f"results/r{i:03d}.json"
-                zf.writestr(name, json.dumps(body, ensure_ascii=False))
-                for array_name, array in arrays.items():
-                    buf = io.BytesIO()
-                    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-                    zf.writestr(array_name, buf.getvalue())
-                manifest["results"].append({"file": name, "type": body["type"], "label": entry.label})
-            zf.writestr("manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+        _write(tmp, items, model)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def snapshot_bytes(entries: Iterable[Entry | Result], model: dict | None = None) -> bytes:
+    """The snapshot zip in memory (what the app's "Save snapshot" download sends)."""
+    buf = io.BytesIO()
+    _write(buf, _entries(entries), model)
+    return buf.getvalue()
 
 
 def append_to_snapshot(path: str | os.PathLike, result: Result, label: str | None = None,
@@ -176,6 +211,22 @@ def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
         raise SnapshotError(f"{name} is not valid JSON ({e})") from None
 
 
+def _array_header(raw: bytes, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a .npy header, read without loading the data."""
+    fp = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+    except Exception as e:
+        raise SnapshotError(f"{name} is not a valid .npy array ({e})") from None
+    return tuple(shape), dtype, fp.tell()
+
+
 def _read_array(zf: zipfile.ZipFile, ref: dict) -> np.ndarray:
     name = ref.get("$array")
     if not isinstance(name, str) or not name.endswith(".npy"):
@@ -184,6 +235,16 @@ def _read_array(zf: zipfile.ZipFile, ref: dict) -> np.ndarray:
         raw = zf.read(name)
     except KeyError:
         raise SnapshotError(f"snapshot is missing the array {name}") from None
+    # The header first: object arrays (pickles) and wrong shapes are refused before any data is read.
+    shape, dtype, offset = _array_header(raw, name)
+    if dtype.hasobject:
+        raise SnapshotError(f"{name} holds pickled objects; refusing to load it")
+    if list(shape) != ref.get("shape") or dtype.str != ref.get("dtype"):
+        raise SnapshotError(f"{name} has shape {list(shape)} {dtype.str}, "
+                            f"expected {ref.get('shape')} {ref.get('dtype')}")
+    if len(raw) - offset != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise SnapshotError(f"{name} holds {len(raw) - offset} bytes of data, not the {shape} {dtype.str} "
+                            "its header announces")
     try:
         array = np.load(io.BytesIO(raw), allow_pickle=False)
     except ValueError as e:
@@ -194,9 +255,6 @@ def _read_array(zf: zipfile.ZipFile, ref: dict) -> np.ndarray:
         raise SnapshotError(f"{name} is not a valid .npy array ({type(e).__name__}: {e})") from None
     if not isinstance(array, np.ndarray):
         raise SnapshotError(f"{name} is not a single array")
-    if list(array.shape) != ref.get("shape") or array.dtype.str != ref.get("dtype"):
-        raise SnapshotError(f"{name} has shape {list(array.shape)} {array.dtype.str}, "
-                            f"expected {ref.get('shape')} {ref.get('dtype')}")
     return array
 
 
@@ -210,8 +268,137 @@ def _decode(value: Any, zf: zipfile.ZipFile) -> Any:
     return value
 
 
-def _check_shapes(result: Result, name: str) -> None:
-    """Per-type consistency beyond each array's own declared shape."""
+# Array shapes of the result types that have no ``validate()`` of their own: each dimension is a
+# symbol (the same symbol must mean the same length everywhere in a result) or a literal length.
+SHAPES: dict[str, dict[str, str]] = {
+    "PromptActivation": {"token_ids": "T", "tokens": "T", "activations": "T"},
+    "NeuronExample": {"token_ids": "W", "tokens": "W"},
+    "NeuronStats": {"quantile_levels": "Q", "quantiles": "Q"},
+    "NeuronHistogram": {"counts": "B", "edges": "E"},
+    "SelectiveNeurons": {k: "M" for k in ("layers", "neurons", "selectivity", "max", "mean", "std",
+                                          "frequency", "top_token")},
+    "TokenPattern": {"tokens": "M", "counts": "M", "mass": "M"},
+    "Explanation": {"simulated": "E W", "true": "E W"},
+    "ExampleActivations": {"positions": "E", "activations": "E", "token_ids": "E W", "tokens": "E W",
+                           "window_index": "E", "token_activations": "E W"},
+    "SwapAudit": {"counts": "P"},
+    "PromptSet": {"label_ids": "C", "permutation": "C", "query_index": "N", "query_class": "N",
+                  "demo_index": "N K", "demo_class": "N K", "prompts": "2 N", "n_tokens": "2 N",
+                  "label_positions": "2 N K"},
+}
+
+
+def _extra_problem(result: Result) -> str | None:
+    """Relations between fields that the charts index by (beyond equal lengths)."""
+    kind = type(result).__name__
+    if kind == "NeuronHistogram" and len(result.counts) != len(result.edges) + 1:
+        return f"counts has {len(result.counts)} bins for {len(result.edges)} edges (expected edges + 1)"
+    if kind == "SwapAudit" and len(result.pairs) != len(result.counts):
+        return f"{len(result.pairs)} pairs but {len(result.counts)} counts"
+    if kind == "PromptSet" and len(result.labels) != len(result.label_ids):
+        return f"{len(result.labels)} labels but {len(result.label_ids)} label ids"
+    if kind == "ExampleActivations" and len(result.positions):
+        width = result.tokens.shape[1]
+        if result.positions.min() < 0 or result.positions.max() >= width:
+            return f"positions outside the {width}-token windows"
+    if kind == "NeuronExample" and not 0 <= result.position < len(result.tokens):
+        return f"position {result.position} is outside the {len(result.tokens)}-token window"
+    return None
+
+
+def _shape_problem(result: Result) -> str | None:
+    spec = SHAPES.get(type(result).__name__)
+    if spec is None:
+        return None
+    sizes: dict[str, int] = {}
+    for field, dims in spec.items():
+        array = getattr(result, field)
+        if array is None:
+            continue
+        want = dims.split()
+        if array.ndim != len(want):
+            return f"{field} has {array.ndim} dimensions, expected {len(want)} ({dims})"
+        for symbol, size in zip(want, array.shape):
+            expected = int(symbol) if symbol.isdigit() else sizes.setdefault(symbol, size)
+            if size != expected:
+                return f"{field} has shape {array.shape}, which does not match the others ({dims})"
+    return _extra_problem(result)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _type_problem(tp: Any, value: Any, where: str) -> str | None:
+    """Why ``value`` is not of the annotated type ``tp`` (None when it is), recursing into dataclasses.
+
+    ``from_dict`` builds whatever the JSON holds; this is what stops a string where a number
+    belongs (or an array of objects) from reaching the charts.
+    """
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(a, value, where) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if value is None:
+        return f"{where} is null"
+    if tp is Any:
+        return None
+    if tp is np.ndarray:
+        if not isinstance(value, np.ndarray):
+            return f"{where} is not an array"
+        return f"{where} holds objects" if value.dtype.hasobject else None
+    if tp is bool:
+        ok = isinstance(value, (bool, np.bool_))
+    elif tp is int:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    elif tp is float:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        if not isinstance(value, tuple):
+            return f"{where} is not a list"
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(args) != len(value):
+            return f"{where} has {len(value)} items, expected {len(args)}"
+        for i, (a, v) in enumerate(zip(args, value)):
+            if problem := _type_problem(a, v, f"{where}[{i}]"):
+                return problem
+        return None
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            return f"{where} is not a {tp.__name__}"
+        hints = _hints(tp)
+        for f in dataclasses.fields(tp):
+            if problem := _type_problem(hints[f.name], getattr(value, f.name), f"{where}.{f.name}"):
+                return problem
+        if isinstance(value, Result):
+            return _shape_problem(value)
+        return None
+    else:
+        return None  # an annotation this checker does not know: from_dict's own result stands
+    return None if ok else f"{where} should be {tp.__name__}, not {type(value).__name__}"
+
+
+def _check_result(result: Result, name: str) -> None:
+    """Every field of the annotated type, every array of a consistent shape, then ``validate()``."""
+    cls = type(result)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if problem := _type_problem(hints[f.name], getattr(result, f.name), f.name):
+            raise SnapshotError(f"{name} ({cls.__name__}): {problem}")
+    if problem := _shape_problem(result):
+        raise SnapshotError(f"{name} ({cls.__name__}): {problem}")
     check = getattr(result, "validate", None)
     if check is not None:
         problem = check()
@@ -237,7 +424,7 @@ def _build(body: Any, name: str) -> Result:
         raise SnapshotError(f"{name} ({body['type']}) lacks {', '.join(missing)}")
     try:
         result = cls.from_dict(body)
-        _check_shapes(result, name)
+        _check_result(result, name)
     except SnapshotError:
         raise
     except Exception as e:
@@ -245,39 +432,73 @@ def _build(body: Any, name: str) -> Result:
     return result
 
 
+def _check_manifest(manifest: Any) -> list:
+    """The manifest's own fields; returns its list of results."""
+    if not isinstance(manifest, dict):
+        raise SnapshotError("manifest.json is not an object")
+    version = manifest.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:  # (True == 1 in Python)
+        raise SnapshotError(f"unknown snapshot schema version {version!r} (this version reads {SCHEMA_VERSION})")
+    for key, kind in (("model", dict), ("packages", dict), ("created", str)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise SnapshotError(f"manifest.json: {key} should be {'an object' if kind is dict else 'a string'}")
+    for key, value in manifest.get("model", {}).items():
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise SnapshotError(f"manifest.json: model {key} should be a plain value")
+    listed = manifest.get("results")
+    if not isinstance(listed, list):
+        raise SnapshotError("manifest.json has no list of results")
+    for item in listed:
+        if not isinstance(item, dict) or not isinstance(item.get("file"), str) \
+                or not item["file"].startswith("results/") or not item["file"].endswith(".json"):
+            raise SnapshotError(f"manifest.json lists a malformed result entry {_short(item)}")
+        if not isinstance(item.get("label", ""), str) or not isinstance(item.get("type", ""), str):
+            raise SnapshotError(f"manifest.json: the entry for {item['file']} has a label or type that is not text")
+    return listed
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _load(source: str | IO[bytes], name: str) -> Snapshot:
+    _register_result_types()
+    try:
+        with zipfile.ZipFile(source) as zf:
+            members = zf.infolist()
+            if sum(m.file_size for m in members) > MAX_UNCOMPRESSED:
+                raise SnapshotError(f"{name} unpacks to more than {MAX_UNCOMPRESSED >> 30} GiB; refusing it")
+            pickles = [m.filename for m in members if m.filename.lower().endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise SnapshotError(f"{name} contains pickled files ({', '.join(pickles[:3])}); refusing it")
+            manifest = _read_json(zf, "manifest.json")
+            entries = []
+            for item in _check_manifest(manifest):
+                result = _build(_decode(_read_json(zf, item["file"]), zf), item["file"])
+                if item.get("type", type(result).__name__) != type(result).__name__:
+                    raise SnapshotError(f"manifest.json says {item['file']} is a {item['type']}, "
+                                        f"but it holds a {type(result).__name__}")
+                entries.append(Entry(item.get("label", ""), result))
+    except SnapshotError:
+        raise
+    except zipfile.BadZipFile as e:
+        raise SnapshotError(f"{name} is not a snapshot: not a readable zip ({e})") from None
+    except Exception as e:  # anything else a damaged file can provoke: still one clear error
+        raise SnapshotError(f"{name} is corrupt: {type(e).__name__}: {e}") from None
+    return Snapshot(manifest=manifest, entries=tuple(entries))
+
+
 def load_snapshot(path: str | os.PathLike) -> Snapshot:
     """Read and validate a snapshot; any problem raises ``SnapshotError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"no snapshot file at {path}")
-    _register_result_types()
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = zf.infolist()
-            if sum(m.file_size for m in members) > MAX_UNCOMPRESSED:
-                raise SnapshotError(f"{path.name} unpacks to more than {MAX_UNCOMPRESSED >> 30} GiB; refusing it")
-            pickles = [m.filename for m in members if m.filename.endswith((".pkl", ".pickle", ".pt", ".pth"))]
-            if pickles:
-                raise SnapshotError(f"{path.name} contains pickled files ({', '.join(pickles[:3])}); refusing it")
-            manifest = _read_json(zf, "manifest.json")
-            if not isinstance(manifest, dict):
-                raise SnapshotError("manifest.json is not an object")
-            version = manifest.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise SnapshotError(f"unknown snapshot schema version {version!r} (this version reads {SCHEMA_VERSION})")
-            listed = manifest.get("results")
-            if not isinstance(listed, list):
-                raise SnapshotError("manifest.json has no list of results")
-            entries = []
-            for item in listed:
-                if not isinstance(item, dict) or not isinstance(item.get("file"), str):
-                    raise SnapshotError(f"manifest.json lists a malformed result entry {item!r}")
-                body = _decode(_read_json(zf, item["file"]), zf)
-                entries.append(Entry(str(item.get("label", "")), _build(body, item["file"])))
-    except SnapshotError:
-        raise
-    except zipfile.BadZipFile as e:
-        raise SnapshotError(f"{path.name} is not a snapshot: not a readable zip ({e})") from None
-    except Exception as e:  # anything else a damaged file can provoke: still one clear error
-        raise SnapshotError(f"{path.name} is corrupt: {type(e).__name__}: {e}") from None
-    return Snapshot(manifest=manifest, entries=tuple(entries))
+    return _load(str(path), path.name)
+
+
+def read_snapshot(data: bytes, name: str = "the snapshot") -> Snapshot:
+    """``load_snapshot`` for bytes in memory (an uploaded file)."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise SnapshotError(f"{name} is empty")
+    return _load(io.BytesIO(bytes(data)), name)

@@ -4,5 +4,6 @@ from .app import ExplorerApp, create_app, serve_app
 from .heads_view import HeadsView
 from .lens_view import LogitLensView
 from .neuron_view import NeuronView
+from .snapshot_view import SnapshotView
 
-__all__ = ["AblationView", "ExplorerApp", "HeadsView", "LogitLensView", "NeuronView", "create_app", "serve_app"]
+__all__ = ["AblationView", "ExplorerApp", "HeadsView", "LogitLensView", "NeuronView", "SnapshotView", "create_app", "serve_app"]

@@ -6,18 +6,27 @@ gets its own views (``create_app`` runs once per session).
 from __future__ import annotations
 
 import html
+import io
+import logging
 from typing import Callable, Sequence
 
 import panel as pn
+import param
 from panel_material_ui import Page
 
 from explorer.history import History
 from explorer.session import ModelSession
+from explorer.snapshot import SnapshotError, model_identity, snapshot_bytes, snapshot_of
 
 from .ablation_view import AblationView
+from .export import snapshot_page
 from .heads_view import HeadsView
 from .lens_view import LogitLensView
+from .live import served_doc
 from .neuron_view import NeuronView
+from .snapshot_view import SnapshotView
+
+log = logging.getLogger(__name__)
 
 TITLE = "Interp Explorer"
 ACCENT = "#2c5d8f"
@@ -67,13 +76,22 @@ Tick *Compare* to see where a second prompt changes the answer.
 """
 
 
+SNAPSHOT_HELP = ("**Save snapshot** downloads every result of this session (a .zip that reopens here or in a "
+                 "notebook); **Export HTML** a standalone page of their charts. **Open snapshot** shows a saved "
+                 ".zip in a new tab, without running the model.")
+
+
 class ExplorerApp(pn.viewable.Viewer):
     """All views on one model: ``__panel__`` is the tabs (for notebooks), ``template()`` the page."""
+
+    snapshot_error = param.String(default="", doc="Why the last snapshot could not be opened; empty when none.")
+    snapshot_status = param.String(default="", doc="What the last snapshot action did (markdown).")
 
     def __init__(self, session: ModelSession, **params) -> None:
         super().__init__(**params)
         self.session = session
         self.history = History()  # this browser session's results (the model session is shared)
+        self.snapshots: list[SnapshotView] = []  # snapshots opened in this session, one tab each
         self.lens = LogitLensView(session, history=self.history)
         self.heads = HeadsView(session, history=self.history)
         self.ablation = AblationView(session, history=self.history)
@@ -89,12 +107,104 @@ class ExplorerApp(pn.viewable.Viewer):
         ablation_tab = 2  # the tabs' order above
         self.neurons.param.watch(lambda e: (self.ablation.select_components(list(e.new)),
                                             setattr(self._tabs, "active", ablation_tab)), "ablate_request")
+        self._save = pn.widgets.FileDownload(callback=self.snapshot_file, filename="interp-explorer-snapshot.zip",
+                                             label="Save snapshot", css_classes=["save-snapshot"],
+                                             sizing_mode="stretch_width")
+        self._export = pn.widgets.FileDownload(callback=self.html_file, filename="interp-explorer-snapshot.html",
+                                               label="Export HTML", css_classes=["export-html"],
+                                               sizing_mode="stretch_width")
+        self._open = pn.widgets.FileInput(accept=".zip", css_classes=["open-snapshot"], sizing_mode="stretch_width")
+        self._open.param.watch(self._on_upload, "value")
+        if served_doc() is not None:
+            # A closed browser tab: stop this session's jobs and drop its results (the model stays).
+            pn.state.on_session_destroyed(self._on_session_destroyed)
+
+    # ---------------------------------------------------------------- snapshots
+    def snapshot(self):
+        """This session's history as a snapshot in memory (with the model's identity)."""
+        return snapshot_of(self.history.entries, model_identity(self.session))
+
+    def snapshot_file(self) -> io.BytesIO:
+        """The "Save snapshot" download: every result of this session as a snapshot zip."""
+        entries = self.history.entries
+        data = snapshot_bytes(entries, model_identity(self.session))
+        self.snapshot_status = f"Saved {len(entries)} results ({len(data) / 1e6:.1f} MB)."
+        return io.BytesIO(data)
+
+    def html_file(self) -> io.BytesIO:
+        """The "Export HTML" download: a standalone page with every result's charts."""
+        page = snapshot_page(self.snapshot(), title=f"{TITLE} snapshot")
+        self.snapshot_status = f"Exported {len(self.history)} results as HTML."
+        return io.BytesIO(page.encode("utf-8"))
+
+    def _on_upload(self, event) -> None:
+        if event.new:
+            self.open_snapshot(event.new, self._open.filename or "snapshot.zip")
+
+    def open_snapshot(self, data, name: str = "snapshot") -> SnapshotView | None:
+        """Show a snapshot (a path, bytes or a Snapshot) in a new tab; a bad file is reported, not raised."""
+        views = {"lens": self.lens, "heads": self.heads, "ablation": self.ablation}
+        try:
+            view = SnapshotView(data, session=self.session, views=views, on_continue=self._show_view, name=name)
+        except SnapshotError as e:
+            self.param.update(snapshot_error=f"**Could not open {html.escape(name)}:** {e}", snapshot_status="")
+            return None
+        except Exception as e:  # a bug, not the file: tell the user, log the traceback
+            log.exception("opening a snapshot failed")
+            self.param.update(snapshot_error=f"**Unexpected error** ({type(e).__name__}: {e}).", snapshot_status="")
+            return None
+        close = pn.widgets.Button(label="Close this snapshot", width=170, css_classes=["close-snapshot"])
+        tab = pn.Column(close, view, sizing_mode="stretch_width")
+        close.on_click(lambda _event: self.close_snapshot(view, tab))
+        self.snapshots.append(view)
+        self._tabs.append((f"Snapshot: {name}", tab))
+        self._tabs.active = len(self._tabs) - 1
+        self.param.update(snapshot_error="", snapshot_status=f"Opened {html.escape(name)}: "
+                                                             f"{len(view.snapshot.entries)} results.")
+        return view
+
+    def close_snapshot(self, view: SnapshotView, tab: pn.viewable.Viewable) -> None:
+        self.snapshots = [v for v in self.snapshots if v is not view]
+        self._tabs.objects = [obj for obj in self._tabs.objects if obj is not tab]
+        self._tabs.active = 0
+
+    def _show_view(self, kind: str) -> None:
+        """Continue from a snapshot: bring the live view's tab to the front."""
+        self._tabs.active = {"lens": 0, "heads": 1, "ablation": 2}[kind]
+
+    # ---------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Stop this session's jobs and drop its results (the shared model session stays)."""
+        self.ablation.cancel_sweep()
+        self.ablation.cancel_patch()
+        for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
+            if live is not None:
+                live.cancel()
+        self.history.clear()
+        self.snapshots.clear()
+
+    def _on_session_destroyed(self, session_context) -> None:
+        try:
+            self.close()
+        except Exception:  # never let one session's cleanup break the server's
+            log.exception("closing a session's app failed")
 
     def sidebar(self) -> list[pn.viewable.Viewable]:
         return [
             pn.pane.Markdown("### Model", margin=(0, 10)),
             pn.pane.HTML(model_card(self.session), css_classes=["model-card"], sizing_mode="stretch_width",
                          stylesheets=[MODEL_CARD_CSS]),
+            pn.pane.Markdown("### Snapshot", margin=(10, 10, 0, 10)),
+            self._save,
+            self._export,
+            pn.pane.Markdown("Open snapshot (.zip)", margin=(6, 10, 0, 10)),
+            self._open,
+            pn.pane.Alert(self.param.snapshot_error, alert_type="danger", css_classes=["snapshot-open-error"],
+                          visible=self.param.snapshot_error.rx.bool(), sizing_mode="stretch_width"),
+            pn.pane.Markdown(self.param.snapshot_status, css_classes=["snapshot-status-line"],
+                             sizing_mode="stretch_width", margin=(0, 10)),
+            pn.pane.Markdown(SNAPSHOT_HELP, css_classes=["snapshot-help"], sizing_mode="stretch_width",
+                             styles={"font-size": "12px", "color": "#555"}),
             pn.pane.Markdown(HOW_TO_READ, css_classes=["how-to-read"], sizing_mode="stretch_width"),
         ]
 
@@ -136,6 +246,21 @@ def app_factory(session: ModelSession) -> Callable[[], Page]:
     return lambda: create_app(session)
 
 
+def session_options(unused_session_lifetime_ms: int = 15_000, check_unused_sessions_ms: int = 5_000,
+                    max_message_mb: int = 100) -> dict:
+    """Bokeh server settings for per-session state.
+
+    A closed tab's session (its views, results and snapshot tabs) is destroyed once it has had
+    no connection for ``unused_session_lifetime_ms``, checked every ``check_unused_sessions_ms``
+    (bokeh's defaults, 15 s and 17 s, keep a closed tab's state up to ~32 s; here up to 20 s).
+    The lifetime also gives a freshly served page time to connect. Uploaded snapshots travel
+    over the websocket, hence a message cap above bokeh's 20 MB.
+    """
+    return {"unused_session_lifetime_milliseconds": unused_session_lifetime_ms,
+            "check_unused_sessions_milliseconds": check_unused_sessions_ms,
+            "websocket_max_message_size": max_message_mb * 2**20}
+
+
 def serve_app(
     session: ModelSession,
     port: int = 5006,
@@ -143,8 +268,12 @@ def serve_app(
     allow_websocket_origin: Sequence[str] | str | None = None,
     show: bool = False,
     num_threads: int | None = None,
+    **options,
 ) -> None:
-    """Serve the app at http://{address}:{port}/ and block until interrupted."""
+    """Serve the app at http://{address}:{port}/ and block until interrupted.
+
+    ``options`` override ``session_options()`` (e.g. ``unused_session_lifetime_ms``).
+    """
     origins = websocket_origins(address, port, allow_websocket_origin)
     print(f"{TITLE} at http://{address}:{port}", flush=True)
     pn.serve(
@@ -156,7 +285,9 @@ def serve_app(
         num_threads=num_threads,
         title=TITLE,
         verbose=False,  # our own line above names the real address, not "localhost"
+        **session_options(**options),
     )
 
 
-__all__ = ["ExplorerApp", "create_app", "serve_app", "websocket_origins", "human_count", "model_card"]
+__all__ = ["ExplorerApp", "create_app", "serve_app", "session_options", "websocket_origins", "human_count",
+           "model_card"]
