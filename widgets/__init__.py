@@ -2,8 +2,9 @@
 from .ablation_view import AblationView
 from .app import ExplorerApp, create_app, serve_app
 from .heads_view import HeadsView
+from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .neuron_view import NeuronView
 from .snapshot_view import SnapshotView
 
-__all__ = ["AblationView", "ExplorerApp", "HeadsView", "LogitLensView", "NeuronView", "SnapshotView", "create_app", "serve_app"]
+__all__ = ["AblationView", "ExplorerApp", "HeadsView", "InterventionView", "LogitLensView", "NeuronView", "SnapshotView", "create_app", "serve_app"]

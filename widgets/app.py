@@ -21,6 +21,7 @@ from explorer.snapshot import SnapshotError, model_identity, snapshot_bytes, sna
 from .ablation_view import AblationView
 from .export import snapshot_page
 from .heads_view import HeadsView
+from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .live import served_doc
 from .neuron_view import NeuronView
@@ -96,11 +97,13 @@ class ExplorerApp(pn.viewable.Viewer):
         self.heads = HeadsView(session, history=self.history)
         self.ablation = AblationView(session, history=self.history)
         self.neurons = NeuronView(session, history=self.history)
+        self.swap = InterventionView(session, history=self.history)
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
             ("Heads", self.heads),
             ("Ablation", self.ablation),
             ("Neurons", self.neurons),
+            ("Pronoun swap", self.swap),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
@@ -177,6 +180,7 @@ class ExplorerApp(pn.viewable.Viewer):
         """Stop this session's jobs and drop its results (the shared model session stays)."""
         self.ablation.cancel_sweep()
         self.ablation.cancel_patch()
+        self.swap.close()  # a running intervention stops after its step, checkpointed
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
             if live is not None:
                 live.cancel()

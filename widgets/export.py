@@ -3,7 +3,8 @@
 ``figures_for(result)`` is what both the snapshot view and the HTML export draw, so a reopened
 snapshot shows the same charts as the live session: ``BUILDERS`` maps each result type to the
 chart builders its live view uses (``charts``, ``heads_charts``, ``ablation_charts``,
-``neuron_charts``). Types without a builder get a readable table of their fields, never nothing.
+``neuron_charts``, ``intervention_charts``). Types without a builder get a readable table of
+their fields, never nothing.
 ``GROUPS`` sorts results into the views they came from. The HTML page inlines bokeh's
 resources: it opens from disk with no server and no network.
 """
@@ -37,6 +38,7 @@ from explorer.swap import SwapAudit
 
 from . import ablation_charts as ac
 from . import heads_charts as hc
+from . import intervention_charts as ic
 from . import neuron_charts as nc
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
@@ -193,6 +195,64 @@ def _explanation_figures(e: Explanation, model: dict) -> list[Figure]:
              _div(f"<table>{_rows(rows)}</table>"))]
 
 
+# ------------------------------------------------------------------ pronoun swap
+def _audit_figures(a: SwapAudit, model: dict) -> list[Figure]:
+    return [("How often each word pair was swapped.", ic.audit_chart(a)),
+            ("Token counts before → after, counts per pair and sample changes (removed / inserted).",
+             _div(ic.audit_html(a), ic.AUDIT_CSS))]
+
+
+def _bias_figures(b: BiasResult, model: dict) -> list[Figure]:
+    s = b.summary()
+    head = (f"Pronoun preference {s['pronoun_preference']:+.3f} ± {s['pronoun_preference_se']:.3f}, stereotype "
+            f"alignment {s['stereotype_alignment']:+.3f} ± {s['stereotype_alignment_se']:.3f}, minimal pairs "
+            f"{s['minimal_pairs']:.3f} ± {s['minimal_pairs_se']:.3f} ({len(b.templates)} templates × "
+            f"{len(b.occupations)} occupations).")
+    out = [(f"{head} Each occupation's pronoun preference against its share of men.", ic.bias_chart(b)),
+           (f"Minimal pairs ({b.pairs.n}): each point a pair; above the diagonal the stereotyped sentence is "
+            f"more likely.", ic.pairs_chart(b.pairs))]
+    if b.crows is not None:
+        out.append((f"CrowS-Pairs ({b.crows.n} pairs).", ic.pairs_chart(b.crows)))
+    return out
+
+
+def _pair_figures(p: PairScores, model: dict) -> list[Figure]:
+    return [(f"{p.name}: {p.n} pairs; above the diagonal the stereotyped sentence is more likely "
+             f"(share {p.pct_stereotype:.3f} ± {p.se:.3f}).", ic.pairs_chart(p))]
+
+
+_RUN_CAPTIONS = {
+    "pronoun_preference": "Pronoun preference of both arms against step (± 1 SE band; below 0 favours ' she').",
+    "stereotype_alignment": "Stereotype alignment of both arms (correlation with the share of men, ± 1 SE).",
+    "minimal_pairs": "Minimal pairs: share where the stereotyped sentence is more likely (± 1 SE; 0.5 = none).",
+    "loss": "Held-out loss (original text) of both arms.",
+    "train_loss": "Training loss of every step, both arms.",
+}
+
+
+def _intervention_figures(r: InterventionResult, model: dict) -> list[Figure]:
+    figs = ic.run_charts(r)
+    effect = ic.effect_text(r).replace("**", "")
+    return [(f"{effect} Run {Path(r.out_dir).name}: {r.status}, {r.step}/{r.config.steps} steps.",
+             _div(ic.effect_table(r), ic.EFFECT_CSS, width=560))] + \
+        [(_RUN_CAPTIONS[key], fig) for key, fig in figs.items()]
+
+
+def _arm_figures(a: ArmMetrics, model: dict) -> list[Figure]:
+    return [(f"The {a.arm} arm: {_RUN_CAPTIONS[key][0].lower()}{_RUN_CAPTIONS[key][1:]}", fig)
+            for key, fig in ic.run_charts(a).items()]
+
+
+def _checkpoint_figures(c: CheckpointComparison, model: dict) -> list[Figure]:
+    out = [(f"{ic.METRIC_LABELS[m].capitalize()} across {len(c.labels)} checkpoints (± 1 SE).",
+            ic.checkpoint_metric_chart(c, m)) for m in ic.METRIC_LABELS]
+    if c.layer_labels:
+        out.append((f"Lens probability of {quote_token(c.target)} after each layer at the end of "
+                    f"{shorten(c.prompt, 60)!r}, per checkpoint.", ic.checkpoint_lens_chart(c)))
+    out.append(("Every checkpoint's metrics.", _div(ic.checkpoints_summary_html(c), ic.EFFECT_CSS)))
+    return out
+
+
 BUILDERS: dict[type, Builder] = {
     LensResult: _lens_figures,
     LensComparison: _comparison_figures,
@@ -208,6 +268,12 @@ BUILDERS: dict[type, Builder] = {
     NeuronStats: _stats_figures,
     TokenPattern: _pattern_text_figures,
     Explanation: _explanation_figures,
+    SwapAudit: _audit_figures,
+    BiasResult: _bias_figures,
+    PairScores: _pair_figures,
+    InterventionResult: _intervention_figures,
+    ArmMetrics: _arm_figures,
+    CheckpointComparison: _checkpoint_figures,
 }
 
 # The views results come from, in the app's tab order; anything else is "Other".

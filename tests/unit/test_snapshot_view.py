@@ -36,6 +36,7 @@ from widgets import ablation_charts as ac
 from widgets import charts
 from widgets import export
 from widgets import heads_charts as hc
+from widgets import intervention_charts as ic
 from widgets import neuron_charts as nc
 from widgets.app import ExplorerApp
 from widgets.snapshot_view import SnapshotView, continue_kind, settings_for
@@ -208,6 +209,12 @@ EXPECTED_MODELS = {  # result type -> names of the bokeh models its live view dr
     "SelectiveNeurons": {nc.OVERVIEW},
     "NeuronHistogram": {nc.HISTOGRAM},
     "PromptActivation": {nc.PROMPT_CHART},
+    "SwapAudit": {ic.AUDIT_CHART},
+    "BiasResult": {ic.BIAS_CHART, ic.PAIRS_CHART},
+    "PairScores": {ic.PAIRS_CHART},
+    "InterventionResult": {ic.chart_name(k) for k in ic.RUN_METRICS},
+    "ArmMetrics": {ic.chart_name(k) for k in ic.RUN_METRICS},
+    "CheckpointComparison": {ic.CKPT_METRIC_CHART, ic.CKPT_LENS_CHART},
 }
 
 
