@@ -499,7 +499,9 @@ class InterventionView(pn.viewable.Viewer):
                                   sizing_mode="stretch_width")
         effect = pn.pane.Markdown(self.param.effect, css_classes=["swap-effect"], margin=(0, 10),
                                   sizing_mode="stretch_width")
-        charts = pn.FlexBox(*self._chart_panes.values(), sizing_mode="stretch_width")
+        # Rows of two, not a FlexBox: a FlexBox collapses Bokeh panes whose figure arrives later.
+        panes = list(self._chart_panes.values())
+        charts = pn.Column(*(pn.Row(*panes[i:i + 2]) for i in range(0, len(panes), 2)), sizing_mode="stretch_width")
         runs = pn.widgets.Select.from_param(self.param.run_choice, css_classes=["swap-runs"], width=520)
         refresh = pn.widgets.Button.from_param(self.param.refresh, width=90, height=36, margin=(26, 10, 10, 10),
                                                css_classes=["swap-refresh"])
@@ -541,7 +543,7 @@ class InterventionView(pn.viewable.Viewer):
             pn.FlexBox(prompt, target, metric, templates, start, cancel, sizing_mode="stretch_width"),
             pn.Row(self._ckpt_bar, status, sizing_mode="stretch_width"),
             self._alert(self.param.ckpt_error, "swap-ckpt-error"),
-            pn.FlexBox(self._ckpt_metric_pane, self._ckpt_lens_pane, sizing_mode="stretch_width"),
+            pn.Row(self._ckpt_metric_pane, self._ckpt_lens_pane, sizing_mode="stretch_width"),
             self._ckpt_table, sizing_mode="stretch_width")
 
     def _build(self) -> pn.viewable.Viewable:
