@@ -12,6 +12,7 @@ pytest.importorskip("playwright")
 from panel.tests.util import serve_component, wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
+from browser import FRAME_JS  # noqa: E402
 from explorer.history import History  # noqa: E402
 from explorer.intervene import InterventionConfig  # noqa: E402
 from widgets import intervention_charts as ic  # noqa: E402
@@ -99,4 +100,7 @@ def test_a_tiny_run_grows_both_curves_live_and_finishes(page, served):
                               if (m) return Array.from(m.data.value) } return null }""", pref_s)
     np.testing.assert_allclose(values, result.swapped.pronoun_preference, rtol=1e-6)
     assert [e.result for e in view.history.entries][-1] is result
+    for key in ic.RUN_METRICS:  # every chart is drawn at its size (a FlexBox once collapsed them)
+        frame = page.evaluate(FRAME_JS, ic.chart_name(key))
+        assert frame and frame["width"] > 200 and frame["height"] > 100, (key, frame)
     assert [m.text for m in messages if m.type == "error"] == []
