@@ -252,8 +252,13 @@ class ModelSession:
         return self.module(self.adapter.blocks)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the model's final norm (outside a trace) to residual-stream vectors."""
-        return self.hf.get_submodule(self.adapter.final_norm)(hidden)
+        """Apply the model's final norm (outside a trace) to residual-stream vectors.
+
+        Under the lock: nnsight hooks the module, so a call while another thread's trace runs
+        would be taken as that trace's forward reaching the norm (an OutOfOrderError there).
+        """
+        with self.lock:
+            return self.hf.get_submodule(self.adapter.final_norm)(hidden)
 
     def unembed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The unembedding matrix [vocab, d_model], optionally cast once and kept (e.g. bfloat16)."""
