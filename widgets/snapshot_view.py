@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import panel as pn
 import param
+from bokeh.models import DataTable, Div, NumberFormatter
 
 from explorer.ablation import AblationResult, SweepResult
 from explorer.errors import ExplorerError
@@ -48,6 +49,38 @@ VIEW_CSS = """
 .snapshot-manifest th { text-align: left; color: #666; font-weight: normal; padding: 2px 14px 2px 0; vertical-align: top; }
 .snapshot-manifest td { padding: 2px 0; word-break: break-word; }
 """
+
+TABLE_CSS = """
+.table-scroll { max-height: 320px; overflow: auto; }
+table { border-collapse: collapse; font-size: 12px; font-variant-numeric: tabular-nums; }
+th { position: sticky; top: 0; background: #fafafa; color: #555; font-weight: 600; text-align: left; }
+th, td { padding: 2px 12px 2px 0; white-space: nowrap; }
+tr + tr { border-top: 1px solid #eee; }
+"""
+
+
+def _cell(value: Any, formatter: Any) -> str:
+    """One table cell as text, following the column's number format ("0.000", "+0.000")."""
+    if isinstance(formatter, NumberFormatter) and isinstance(value, (int, float)):
+        fmt = formatter.format
+        decimals = len(fmt.split(".", 1)[1]) if "." in fmt else 0
+        return f"{value:{'+' if fmt.startswith('+') else ''}.{decimals}f}"
+    return str(value)
+
+
+def table_div(table: DataTable) -> Div:
+    """A bokeh DataTable as a static HTML table with the same columns, rows and name.
+
+    Panel 1.9.4's Card renders its children before it is attached to the page, and SlickGrid
+    (bokeh's DataTable) then fails to find its stylesheet, which blanks the whole snapshot tab.
+    """
+    data = table.source.data
+    head = "".join(f"<th>{html.escape(c.title or c.field)}</th>" for c in table.columns)
+    n = len(next(iter(data.values()), []))
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(data[c.field][i], c.formatter))}</td>"
+                                    for c in table.columns) + "</tr>" for i in range(n))
+    return Div(text=f"<div class='table-scroll'><table><tr>{head}</tr>{rows}</table></div>", name=table.name,
+               stylesheets=[TABLE_CSS], sizing_mode="stretch_width")
 
 
 def continue_kind(result: Result) -> str | None:
@@ -198,6 +231,8 @@ class SnapshotView(pn.viewable.Viewer):
             button.on_click(lambda _event, i=index: self.continue_from(i))
             objects.append(button)
         for caption, fig in export.figures_for(entry.result, self.snapshot.model):
+            if isinstance(fig, DataTable):
+                fig = table_div(fig)  # see table_div: a DataTable cannot render inside a Card
             objects.append(pn.pane.Bokeh(fig, css_classes=["snapshot-figure"]))
             if caption:
                 objects.append(pn.pane.Markdown(caption, css_classes=["snapshot-caption"], margin=(0, 10, 12, 10),
@@ -233,4 +268,4 @@ class SnapshotView(pn.viewable.Viewer):
         return self._layout
 
 
-__all__ = ["SnapshotView", "SnapshotError", "as_snapshot", "continue_kind", "settings_for"]
+__all__ = ["SnapshotView", "SnapshotError", "as_snapshot", "continue_kind", "settings_for", "table_div"]
