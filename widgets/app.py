@@ -93,6 +93,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self.session = session
         self.history = History()  # this browser session's results (the model session is shared)
         self.snapshots: list[SnapshotView] = []  # snapshots opened in this session, one tab each
+        self._page: Page | None = None  # the template, once made (its pn.state watchers go on close)
         self.lens = LogitLensView(session, history=self.history)
         self.heads = HeadsView(session, history=self.history)
         self.ablation = AblationView(session, history=self.history)
@@ -186,6 +187,9 @@ class ExplorerApp(pn.viewable.Viewer):
                 live.cancel()
         self.history.clear()
         self.snapshots.clear()
+        if self._page is not None:
+            drop_state_watchers(self._page)
+            self._page = None
 
     def _on_session_destroyed(self, session_context) -> None:
         try:
@@ -216,7 +220,7 @@ class ExplorerApp(pn.viewable.Viewer):
         """The full page: header, the model card in the sidebar, the tabs in the main area."""
         # panel-material-ui's Page (a dependency of panel 1.9) bundles its fonts; panel's FAST
         # templates fetch Open Sans from Google, which fails on an offline machine.
-        return Page(
+        self._page = Page(
             title=TITLE,
             sidebar=self.sidebar(),
             main=[self._tabs],
@@ -224,9 +228,23 @@ class ExplorerApp(pn.viewable.Viewer):
             theme_toggle=False,
             theme_config={"palette": {"primary": {"main": ACCENT}}},
         )
+        return self._page
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._tabs
+
+
+def drop_state_watchers(owner: object) -> int:
+    """Remove the watchers ``owner`` put on the process-wide ``pn.state`` (e.g. the Page's busy
+    indicator), which would otherwise keep a closed session's whole app alive; returns how many."""
+    removed = 0
+    for what in pn.state.param.watchers.values():
+        for watchers in what.values():
+            for w in list(watchers):
+                if getattr(w.fn, "__self__", None) is owner:
+                    pn.state.param.unwatch(w)
+                    removed += 1
+    return removed
 
 
 def create_app(session: ModelSession) -> Page:
