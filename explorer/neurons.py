@@ -235,21 +235,31 @@ def _fmt_seconds(s: float | None) -> str:
 FUSE_MIN_TOKENS = 200_000
 
 
-def batch_reductions(a: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
-    """One layer's reductions of a batch ``a`` [B, W, N]: each window's maximum [B, N]; over every
-    token the count of positive activations, their sum, sum of squares and minimum [N]; and the
-    histogram bin of every ``stride``-th token of each window [B·⌈W/stride⌉, N]."""
+def layer_reductions(a: torch.Tensor, stride: int, thr: torch.Tensor, n_pos: torch.Tensor,
+                     act_sum: torch.Tensor, act_sumsq: torch.Tensor,
+                     act_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's pass over a batch ``a`` [B, W, N]. Returns each window's maximum [B, N], which
+    neurons have a window above their current ``top_k``-th maximum ``thr`` [N] (bool), and the
+    histogram bin of every ``stride``-th token of each window [B·⌈W/stride⌉, N].
+
+    Adds in place, over every token: the count of positive activations to ``n_pos``, their sum
+    and sum of squares to ``act_sum``/``act_sumsq`` (float64), the minimum into ``act_min``.
+    """
     n = a.shape[-1]
     x = a.reshape(-1, n)
-    return (a.amax(dim=1), (x > 0).sum(0, dtype=torch.float32), x.sum(0), (x * x).sum(0), x.amin(0),
-            hist_bins(a[:, ::stride].reshape(-1, n)))
+    m = a.amax(dim=1)
+    n_pos += (x > 0).sum(0)
+    act_sum += x.sum(0).double()
+    act_sumsq += (x * x).sum(0).double()
+    torch.minimum(act_min, x.amin(0), out=act_min)
+    return m, (m > thr).any(0), hist_bins(a[:, ::stride].reshape(-1, n))
 
 
 _FUSED: dict[str, Any] = {}
 
 
 def reductions_for(req: "IndexRequest", device: torch.device):
-    """``batch_reductions``, compiled into fused kernels when that pays off (see ``fused``).
+    """``layer_reductions``, compiled into fused kernels when that pays off (see ``fused``).
 
     Each reduction otherwise reads the layer's activations once more from memory; fused, one
     pass computes them all (3× less time here). Where compiling is not possible (no C++
@@ -257,23 +267,23 @@ def reductions_for(req: "IndexRequest", device: torch.device):
     """
     big = req.max_tokens is None or req.max_tokens >= FUSE_MIN_TOKENS
     if req.fused == "off" or (req.fused == "auto" and not big):
-        return batch_reductions
+        return layer_reductions
     key = str(device)
     if key not in _FUSED:
-        compiled = torch.compile(batch_reductions, dynamic=False)
+        compiled = torch.compile(layer_reductions, dynamic=False)
 
-        def fused(a: torch.Tensor, stride: int):
-            if _FUSED.get(key) is batch_reductions:
-                return batch_reductions(a, stride)
+        def fused(*args):
+            if _FUSED.get(key) is layer_reductions:
+                return layer_reductions(*args)
             try:
-                return compiled(a, stride)
+                return compiled(*args)
             except Exception as e:  # compiling failed: say so once, then stay on the plain path
                 import logging
 
                 logging.getLogger(__name__).warning("neuron index: fused statistics unavailable (%s); "
                                                     "using the plain path", str(e).splitlines()[0][:200])
-                _FUSED[key] = batch_reductions
-                return batch_reductions(a, stride)
+                _FUSED[key] = layer_reductions
+                return layer_reductions(*args)
 
         _FUSED[key] = fused
     return _FUSED[key]
@@ -300,15 +310,31 @@ class _State:
         self.act_sum = torch.zeros((L, N), dtype=torch.float64, device=device)
         self.act_sumsq = torch.zeros((L, N), dtype=torch.float64, device=device)
         self.act_min = torch.full((L, N), math.inf, device=device)
-        self.hist = torch.zeros((L, N, self.nb), dtype=torch.int32, device=device)
+        # bins × neurons, so that each token's count lands by one scatter along dim 0 (stored as
+        # [L, N, bins]: see ``arrays``)
+        self._hist = torch.zeros((L, self.nb, N), dtype=torch.int32, device=device)
         self.rand_win = np.full(R, -1, dtype=np.int64)
         self.rand_prio = np.zeros(R, dtype=np.uint64)
         self.windows_done = 0
         self.cursor = (0, 0)
-        self._offsets = (torch.arange(N, device=device) * self.nb)[None, :]
         self._reduce = reductions_for(req, device)
 
     # -------------------------------------------------------------------- update
+    @property
+    def hist(self) -> torch.Tensor:
+        """The histogram counts [L, N, bins]."""
+        return self._hist.transpose(1, 2)
+
+    @hist.setter
+    def hist(self, value: torch.Tensor) -> None:
+        self._hist = value.transpose(1, 2).contiguous()
+
+    def _ones(self, like: torch.Tensor) -> torch.Tensor:
+        """int32 ones shaped like ``like`` (kept)."""
+        if getattr(self, "_ones_t", None) is None or self._ones_t.shape != like.shape:
+            self._ones_t = torch.ones(like.shape, dtype=torch.int32, device=self.device)
+        return self._ones_t
+
     def _rows(self, n: int) -> torch.Tensor:
         """[n, 1] row numbers 0..n-1 on the device (kept)."""
         if getattr(self, "_row_ids", None) is None or len(self._row_ids) != n:
@@ -341,66 +367,61 @@ class _State:
 
     def update(self, acts: list[torch.Tensor], win_ids: list[int]) -> None:
         """Merge one batch: ``acts`` is a list over layers of [B, W, N] activations."""
-        self.begin_batch(win_ids)
-        for layer, a in enumerate(acts):
-            self.update_layer(layer, a)
-        self.end_batch()
-
-    def begin_batch(self, win_ids: list[int]) -> None:
-        """Start merging a batch of windows (then ``update_layer`` for every layer, ``end_batch``)."""
-        self._wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
-        old, self._fills = self._sample(win_ids)
+        wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
+        old, fills = self._sample(win_ids)
         if old is not None:
             idx = old.clamp_min(0).to(self.device)
             self.rand_pos = self.rand_pos.index_select(2, idx)
             self.rand_act = self.rand_act.index_select(2, idx)
+        k = self.req.top_k
+        maxima, cands = [], []
+        for layer, a in enumerate(acts):
+            a = a.float()
+            m, cand, bins = self._reduce(a, self.req.hist_stride, self.top_act[layer, :, k - 1], self.n_pos[layer],
+                                         self.act_sum[layer], self.act_sumsq[layer], self.act_min[layer])
+            self._hist[layer].scatter_add_(0, bins, self._ones(bins))
+            maxima.append(m)
+            cands.append(cand)
+            # random sample: new slots take this neuron's activation at its random position
+            for slot, b, pos in fills:
+                self.rand_pos[layer, :, slot] = pos[layer]
+                self.rand_act[layer, :, slot] = a[b].gather(0, pos[layer][None, :])[0]
+        self._merge_top(torch.stack(maxima), torch.stack(cands), acts, wins)
+        self.windows_done += len(win_ids)
 
-    def end_batch(self) -> None:
-        self.windows_done += len(self._wins)
-        self._wins, self._fills = None, []
-
-    def update_layer(self, layer: int, a: torch.Tensor) -> None:
-        """Merge one layer's activations [B, W, N] of the batch begun with ``begin_batch``."""
-        k, wins, fills = self.req.top_k, self._wins, self._fills
-        B = len(wins)
-        stride = self.req.hist_stride
+    def _merge_top(self, m: torch.Tensor, cand: torch.Tensor, acts: list[torch.Tensor], wins: torch.Tensor) -> None:
+        """Merge the batch's window maxima ``m`` [L, B, N] into the running top-k, for all layers in
+        one go and only for the neurons ``cand`` [L, N] that have a window above their current
+        k-th (once the index settles, a small share of them)."""
+        k, B = self.req.top_k, m.shape[1]
+        li, ni = cand.nonzero(as_tuple=True)
+        if len(li) == 0:
+            return
+        v = m.permute(0, 2, 1)[li, ni]                              # [n, B]
         kk = min(k, B)
-        a = a.float()
-        W, N = a.shape[1], a.shape[2]
-        m, n_pos, a_sum, a_sumsq, a_min, bins = self._reduce(a, stride)
-        # top-k over windows by each window's maximum; positions only for the new entries
         if kk == B:  # every window of the batch is a candidate: no need to rank them first
-            v, j = m, self._rows(B).expand(B, N)
+            j = self._rows(B).t().expand(len(li), B)
         else:
-            v, j = m.topk(kk, dim=0)                             # [kk, N]
-        cat_v = torch.cat([self.top_act[layer], v.t()], dim=1)   # [N, k + kk]
-        nv, sel = cat_v.topk(k, dim=1)                           # [N, k]
+            v, j = v.topk(kk, dim=1)                                # [n, kk]
+        nv, sel = torch.cat([self.top_act[li, ni], v], dim=1).topk(k, dim=1)   # [n, k]
         new = sel >= k
-        rows = j.t().gather(1, (sel - k).clamp_min(0))           # batch row of each entry
+        rows = j.gather(1, (sel - k).clamp_min(0))                  # batch row of each entry
         old_sel = sel.clamp_max(k - 1)
-        top_win = torch.where(new, wins[rows], self.top_win[layer].gather(1, old_sel))
-        top_pos = self.top_pos[layer].gather(1, old_sel)
-        n_idx, s_idx = new.nonzero(as_tuple=True)
-        if len(n_idx):
-            b_idx = rows[n_idx, s_idx]
-            top_pos[n_idx, s_idx] = a[b_idx, :, n_idx].argmax(dim=1)
-        self.top_act[layer], self.top_win[layer], self.top_pos[layer] = nv, top_win, top_pos
-        # random sample: new slots take this neuron's activation at its random position
-        for slot, b, pos in fills:
-            self.rand_pos[layer, :, slot] = pos[layer]
-            self.rand_act[layer, :, slot] = a[b].gather(0, pos[layer][None, :])[0]
-        # statistics over every token (counts ≤ B·W are exact in float32)
-        self.n_pos[layer] += n_pos.to(torch.int64)
-        self.act_sum[layer] += a_sum.double()
-        self.act_sumsq[layer] += a_sumsq.double()
-        torch.minimum(self.act_min[layer], a_min, out=self.act_min[layer])
-        # histogram over positions 0, s, 2s, ... of each window
-        bins = bins + self._offsets
-        self.hist[layer] += torch.bincount(bins.view(-1), minlength=N * self.nb).view(N, self.nb).to(torch.int32)
+        top_win = torch.where(new, wins[rows], self.top_win[li, ni].gather(1, old_sel))
+        top_pos = self.top_pos[li, ni].gather(1, old_sel)
+        e, s = new.nonzero(as_tuple=True)
+        if len(e):  # positions only for the new entries: the argmax over their window
+            el, en, er = li[e], ni[e], rows[e, s]
+            pos = torch.empty_like(er)
+            for layer in el.unique().tolist():
+                at = (el == layer).nonzero()[:, 0]
+                pos[at] = acts[layer][er[at], :, en[at]].float().argmax(dim=1)
+            top_pos[e, s] = pos
+        self.top_act[li, ni], self.top_win[li, ni], self.top_pos[li, ni] = nv, top_win, top_pos
 
     # ------------------------------------------------------------------- storage
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {name: getattr(self, name).cpu().numpy() for name in self.ARRAYS}
+        out = {name: getattr(self, name).contiguous().cpu().numpy() for name in self.ARRAYS}
         out["rand_win"] = self.rand_win.copy()
         out["rand_prio"] = self.rand_prio.copy()
         return out

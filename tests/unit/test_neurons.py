@@ -445,7 +445,7 @@ def test_fused_statistics_give_the_same_index(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
     plain = build_index(session, request(corpus, fused="off"), tmp_path / "plain")
     fused = build_index(session, request(corpus, fused="on"), tmp_path / "fused")
-    assert neurons._FUSED[str(session.device)] is not neurons.batch_reductions  # really compiled
+    assert neurons._FUSED[str(session.device)] is not neurons.layer_reductions  # really compiled
     for name in ("top_act", "top_row", "top_pos", "rand_act", "n_pos", "hist", "act_min"):
         np.testing.assert_array_equal(fused.arrays[name], plain.arrays[name], err_msg=name)
     for name in ("act_sum", "act_sumsq"):
