@@ -19,11 +19,14 @@ class History:
         self._entries: list[Entry] = list(entries)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[Entry], None]] = []
+        self.closed = False  # a closed session's history: late results (a job ending) are not kept
         self.limit = limit  # oldest results drop off first: memory stays bounded in long sessions
 
     def add(self, result: Result, label: str | None = None) -> Entry:
         entry = Entry(label or type(result).__name__, result)
         with self._lock:
+            if self.closed:
+                return entry
             if self._entries and self._entries[-1].result is result:
                 return self._entries[-1]  # a cached result shown again is not a new entry
             self._entries.append(entry)
@@ -48,3 +51,10 @@ class History:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def close(self) -> None:
+        """Drop every result and keep none added later (the session has gone)."""
+        with self._lock:
+            self.closed = True
+            self._entries.clear()
+            self._listeners.clear()

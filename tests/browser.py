@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 
 from panel.tests.util import serve_component, wait_until
 from playwright.sync_api import expect
@@ -26,20 +27,50 @@ FRAME_JS = """(name) => {
 }"""
 
 
-def serve_explorer(page, session, tab: str | None = None, ready: str | None = None):
-    """Serve the real app (one ExplorerApp per browser session), open ``tab``, wait for the CSS
-    selector ``ready`` to be visible; return (the ExplorerApp, the console messages)."""
+# The data of every data source with a given name, as the browser holds it (plain arrays).
+SOURCES_JS = """(name) => {
+  const out = []
+  for (const doc of Bokeh.documents) {
+    for (const model of doc._all_models.values()) {
+      if (model.name !== name || model.data == null) continue
+      const data = model.data instanceof Map ? Object.fromEntries(model.data) : model.data
+      out.push(Object.fromEntries(Object.entries(data).map(([k, v]) => [k, Array.from(v)])))
+    }
+  }
+  return out
+}"""
+
+
+def explorer_factory(session, weak: bool = False):
+    """A page factory for ``pn.serve``: one ExplorerApp per browser session on ``session``.
+
+    Returns (every app made, in order: weak references when ``weak``, so a test can check that
+    closed sessions' apps are collected; the factory)."""
     from widgets.app import ExplorerApp
 
-    apps: list[ExplorerApp] = []
+    apps: list = []
 
     def factory():
         app = ExplorerApp(session)
-        apps.append(app)
+        apps.append(weakref.ref(app) if weak else app)
         return app.template()
 
-    messages, _ = serve_component(page, factory)
+    return apps, factory
+
+
+def serve_explorer_apps(page, session):
+    """Serve the real app and open it in ``page``; return (every ExplorerApp made, the port, the
+    page's console messages)."""
+    apps, factory = explorer_factory(session)
+    messages, port = serve_component(page, factory)
     wait_until(lambda: len(apps) == 1, page)
+    return apps, port, messages
+
+
+def serve_explorer(page, session, tab: str | None = None, ready: str | None = None):
+    """Serve the real app (one ExplorerApp per browser session), open ``tab``, wait for the CSS
+    selector ``ready`` to be visible; return (the ExplorerApp, the console messages)."""
+    apps, _, messages = serve_explorer_apps(page, session)
     if tab is not None:
         page.locator(".explorer-tabs .bk-tab", has_text=re.compile(f"^{re.escape(tab)}$")).click()
     if ready is not None:

@@ -5,6 +5,7 @@ gets its own views (``create_app`` runs once per session).
 """
 from __future__ import annotations
 
+import functools
 import html
 import io
 import logging
@@ -185,7 +186,7 @@ class ExplorerApp(pn.viewable.Viewer):
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
             if live is not None:
                 live.cancel()
-        self.history.clear()
+        self.history.close()  # a job that ends after this (its partial result) adds nothing
         self.snapshots.clear()
         if self._page is not None:
             drop_state_watchers(self._page)
@@ -241,10 +242,22 @@ def drop_state_watchers(owner: object) -> int:
     for what in pn.state.param.watchers.values():
         for watchers in what.values():
             for w in list(watchers):
-                if getattr(w.fn, "__self__", None) is owner:
+                if _watcher_owner(w.fn) is owner:
                     pn.state.param.unwatch(w)
                     removed += 1
     return removed
+
+
+def _watcher_owner(fn) -> object:
+    """The object a watcher's callback belongs to: a bound method's instance, the instance behind
+    a ``.param`` method (param's reference syncing: ``Page(busy=pn.state.param.busy)``), or that of
+    a function wrapped in a partial."""
+    if isinstance(fn, functools.partial):
+        fn = fn.keywords.get("function", fn.func)
+    target = getattr(fn, "__self__", None)
+    if isinstance(target, param.parameterized.Parameters):
+        target = target.self
+    return target
 
 
 def create_app(session: ModelSession) -> Page:

@@ -9,13 +9,13 @@ import pytest
 
 pytest.importorskip("playwright")
 
-from panel.tests.util import serve_component, wait_until  # noqa: E402
+from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
+from browser import SOURCES_JS, serve_explorer_apps  # noqa: E402
 from explorer.snapshot import load_snapshot  # noqa: E402
 from widgets import charts  # noqa: E402
 from widgets import heads_charts as hc  # noqa: E402
-from widgets.app import ExplorerApp  # noqa: E402
 
 PROMPT = "The capital of France is"
 HEADS_PROMPT = "The cat sat on the mat. The cat sat on the mat."
@@ -32,35 +32,13 @@ PLOT_NAMES_JS = """() => {
   return names
 }"""
 
-# The data of every data source with a given name, as the browser holds it (plain arrays).
-SOURCES_JS = """(name) => {
-  const out = []
-  for (const doc of Bokeh.documents) {
-    for (const model of doc._all_models.values()) {
-      if (model.name !== name || model.data == null) continue
-      const data = model.data instanceof Map ? Object.fromEntries(model.data) : model.data
-      out.push(Object.fromEntries(Object.entries(data).map(([k, v]) => [k, Array.from(v)])))
-    }
-  }
-  return out
-}"""
-
 GRID_COLUMNS = ("label", "value", *hc.SCORES)  # the live grid also marks the selected heads: not compared
 
 
 @pytest.fixture
 def served(page, default_session):
     """Serve the real app; return (every ExplorerApp made, one per session; the port; console messages)."""
-    apps: list[ExplorerApp] = []
-
-    def factory():
-        app = ExplorerApp(default_session)
-        apps.append(app)
-        return app.template()
-
-    messages, port = serve_component(page, factory)
-    wait_until(lambda: len(apps) == 1, page)
-    return apps, port, messages
+    return serve_explorer_apps(page, default_session)
 
 
 def tab(page, title: str):
