@@ -20,7 +20,7 @@ from bokeh.plotting import figure
 from explorer.ablation import AblationResult, SweepResult
 from explorer.patching import PatchResult
 
-from .charts import COLOR_A, COLOR_B, _row_ticks, _style, lens_heatmap, position_labels, quote_token, shorten
+from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, _row_ticks, _style, lens_heatmap, position_labels, quote_token, shorten
 
 # Names of the models tests and the view look up.
 LENS_BASELINE = "ablation-lens-baseline"
@@ -127,7 +127,7 @@ def lens_pair(result: AblationResult):
         # colour = top-1 probability, a fixed 0–1 range: both maps share one colour scale
         fig = lens_heatmap(lens, "prob", position=None)
         fig.name = name
-        fig.select_one({"name": "lens-heatmap-source"}).name = f"{name}-source"
+        fig.select_one({"name": HEATMAP_SOURCE}).name = f"{name}-source"
         fig.title.text = f"Logit lens, {what} · colour: top-1 probability"
         figs.append(fig)
     return figs
