@@ -259,8 +259,17 @@ def test_training_equals_a_plain_pytorch_loop(full_run, model_dirs, corpus, toke
         opt.zero_grad()
         assert loss.item() == pytest.approx(read_jsonl(out / "control" / "steps.jsonl")[step - 1]["train_loss"], rel=1e-5)
     saved = load_file(str(out / "control" / "checkpoints" / "step-000002" / "model.safetensors"))
+    # Elements whose gradient is rounding noise below Adam's eps (the key bias: softmax ignores a
+    # constant added to every key's score, so its exact gradient is 0) take updates of about
+    # lr * noise / eps that differ with the CPU's kernels (1.6% of lr on an AVX-512 machine);
+    # they are held to 5% of lr, the rest to float32 rounding.
+    eps, beta2 = opt.defaults["eps"], opt.defaults["betas"][1]
     for n in names:
-        torch.testing.assert_close(saved[n], params[n].detach(), rtol=1e-5, atol=1e-6)
+        noise = (opt.state[params[n]]["exp_avg_sq"] / (1 - beta2 ** 2)).sqrt()
+        exact = noise >= eps
+        torch.testing.assert_close(saved[n][exact], params[n].detach()[exact], rtol=1e-5, atol=1e-6)
+        assert ((saved[n][~exact] - params[n].detach()[~exact]).abs() <= 0.05 * config.lr).all(), n
+        assert (~exact).sum() <= params[n].numel() // 3, n  # at most the key third of c_attn.bias
     frozen = "transformer.h.0.mlp.c_fc.weight"
     torch.testing.assert_close(saved[frozen], params[frozen].detach(), rtol=0, atol=0)
 
