@@ -5,13 +5,15 @@
     options: --device cuda  --threads N  --tokens N  --reps N  --memory-tokens N  --no-memory
 
 **Index**: ``build_index`` end to end (with its statistics fused into compiled kernels, and plain), as a user runs it: tokenising the default corpus, one
-nnsight trace per batch saving all 30 MLP sites, the running top-k / random sample / statistics /
-histogram updates on the device, the token work files, checkpoints every 8 batches and the final
-write; a fresh output directory every run. **Bare**: a separate plain copy of the model (never
-wrapped by nnsight) over the very same windows (tokenised beforehand, untimed), in the same
-batches, with ``logits_to_keep=1`` (the index keeps no logits either), under ``no_grad``. The two
-run in the same process, rotated within every rep after a warm-up; figures are medians. The
-issue's target: index tokens/s ≥ 0.9 × bare tokens/s.
+nnsight trace per batch reducing each of the 30 MLP sites as the forward reaches it (the running
+top-k / random sample / statistics / histogram updates on the device), the token work files,
+checkpoints (one a minute) and the final write; a fresh output directory every run. **Bare**: a
+separate plain copy of the model (never wrapped by nnsight) over the very same windows (tokenised
+beforehand, untimed), in the same batches, under ``no_grad``, run exactly as far as the index
+needs: up to the last block's MLP out-projection, where a forward pre-hook stops it (the index
+stops there too, so neither computes the last down-projection, the final norm or any logits).
+The two run in the same process, rotated within every rep after a warm-up; figures are medians.
+The issue's target: index tokens/s ≥ 0.9 × bare tokens/s.
 
 **Memory** (measured first): a separate subprocess (so nothing else in this process counts) loads the model,
 writes a synthetic corpus (random words of the default corpus), builds an index over
@@ -177,10 +179,25 @@ def main() -> None:
         sync()
         shutil.rmtree(out, ignore_errors=True)
 
+    class Stop(Exception):
+        """Raised at the last neuron site: the bare pass goes exactly as far as the index."""
+
+    def stop(module, args):
+        raise Stop
+
+    last_site = plain.get_submodule(session.adapter.blocks)[-1].get_submodule(session.adapter.mlp_out)
+
     def bare_run() -> None:
-        with torch.no_grad():
-            for batch in batches:
-                plain(batch, logits_to_keep=1)
+        hook = last_site.register_forward_pre_hook(stop)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    try:
+                        plain(batch)
+                    except Stop:
+                        pass
+        finally:
+            hook.remove()
         sync()
 
     try:

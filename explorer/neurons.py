@@ -3,7 +3,9 @@
 A neuron is one input feature of a block's MLP down/out projection (``adapter.mlp_out``): the
 activations that the projection reads. ``build_index`` streams a corpus in windows of ``window``
 tokens (``explorer.corpus.token_windows``), runs the model on ``batch_windows`` windows per nnsight
-trace, saves every layer's neuron activations inside the trace and updates, on the model's device:
+trace and, inside the trace, reduces each layer's neuron activations as the forward pass reaches
+them (the model stops after the last layer's; nothing of a batch is kept but its reductions). On
+the model's device it updates:
 
 - **Top examples** (exact, running): an *example* is a window; its activation is the neuron's
   maximum over the window's tokens, at ``position`` (the first such token). Per neuron the
@@ -24,9 +26,10 @@ trace, saves every layer's neuron activations inside the trace and updates, on t
 
 State is O(layers × neurons × (top_k + n_random + bins)), whatever the corpus size; the token
 ids of the windows seen are appended to a work file on disk (4 bytes per token) so the kept
-windows can be gathered at the end. Every ``checkpoint_every`` batches the state is written
-atomically (temporary file + ``os.replace``); a build that is cancelled, killed or fails resumes
-from its last checkpoint and ends with exactly the index an uninterrupted build gives.
+windows can be gathered at the end. Every ``checkpoint_seconds`` (or ``checkpoint_every``
+batches, where set) the state is written atomically (temporary file + ``os.replace``); a build
+that is cancelled, killed or fails resumes from its last checkpoint and ends with exactly the
+index an uninterrupted build gives.
 
 Files in the index directory (no pickle anywhere):
 
@@ -114,7 +117,10 @@ class IndexRequest:
     split: str | None = None
     seed: int = 0
     hist_stride: int = 8
-    checkpoint_every: int = 8  # batches between checkpoints (does not change the result)
+    # A checkpoint every ``checkpoint_seconds`` of building, or every ``checkpoint_every``
+    # batches where set (neither changes the result): a killed build redoes at most that much.
+    checkpoint_every: int | None = None
+    checkpoint_seconds: float = 60.0
     fused: str = "auto"        # fuse the per-token statistics with torch.compile: auto / on / off
 
 
@@ -230,29 +236,31 @@ def _fmt_seconds(s: float | None) -> str:
 
 
 # --------------------------------------------------------------------- reductions
-# Builds of at least this many tokens fuse the statistics (``fused="auto"``): compiling costs
-# ~15 s once per process and saves ~0.1 s per 1,024-token batch of SmolLM2 on 2 CPU cores.
-FUSE_MIN_TOKENS = 200_000
+# Builds of at least this many tokens fuse the reductions (``fused="auto"``): compiling costs
+# ~10 s the first time on a machine (~1.5 s once torch's on-disk kernel cache has it) and saves
+# ~0.1 s per 1,024-token batch of SmolLM2 on 2 CPU cores, so it pays for itself by ~100 batches.
+FUSE_MIN_TOKENS = 100_000
 
 
 def layer_reductions(a: torch.Tensor, stride: int, thr: torch.Tensor, n_pos: torch.Tensor,
                      act_sum: torch.Tensor, act_sumsq: torch.Tensor,
-                     act_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's pass over a batch ``a`` [B, W, N]. Returns each window's maximum [B, N], which
-    neurons have a window above their current ``top_k``-th maximum ``thr`` [N] (bool), and the
-    histogram bin of every ``stride``-th token of each window [B·⌈W/stride⌉, N].
+                     act_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's pass over a batch ``a`` [B, W, N]. Returns each window's maximum [B, N] and its
+    position (the first token holding it) [B, N], which neurons have a window above their current
+    ``top_k``-th maximum ``thr`` [N] (bool), and the histogram bin of every ``stride``-th token of
+    each window [B·⌈W/stride⌉, N].
 
     Adds in place, over every token: the count of positive activations to ``n_pos``, their sum
     and sum of squares to ``act_sum``/``act_sumsq`` (float64), the minimum into ``act_min``.
+    Every reduction runs over the window axis first, so that, compiled, they share one loop.
     """
     n = a.shape[-1]
-    x = a.reshape(-1, n)
-    m = a.amax(dim=1)
-    n_pos += (x > 0).sum(0)
-    act_sum += x.sum(0).double()
-    act_sumsq += (x * x).sum(0).double()
-    torch.minimum(act_min, x.amin(0), out=act_min)
-    return m, (m > thr).any(0), hist_bins(a[:, ::stride].reshape(-1, n))
+    m, pos = a.max(dim=1)
+    n_pos += (a > 0).sum(1).sum(0)
+    act_sum += a.sum(1).double().sum(0)
+    act_sumsq += (a * a).sum(1).double().sum(0)
+    torch.minimum(act_min, a.amin(1).amin(0), out=act_min)
+    return m, pos, (m > thr).any(0), hist_bins(a[:, ::stride].reshape(-1, n))
 
 
 _FUSED: dict[str, Any] = {}
@@ -262,8 +270,9 @@ def reductions_for(req: "IndexRequest", device: torch.device):
     """``layer_reductions``, compiled into fused kernels when that pays off (see ``fused``).
 
     Each reduction otherwise reads the layer's activations once more from memory; fused, one
-    pass computes them all (3× less time here). Where compiling is not possible (no C++
-    compiler, an unsupported device) the plain version is used.
+    pass computes them all (4× less time here). Compiled for one batch shape (``batch_windows``):
+    the callers use the plain version for a smaller last batch rather than compile again. Where
+    compiling is not possible (no C++ compiler, an unsupported device) the plain version is used.
     """
     big = req.max_tokens is None or req.max_tokens >= FUSE_MIN_TOKENS
     if req.fused == "off" or (req.fused == "auto" and not big):
@@ -365,39 +374,57 @@ class _State:
             self.rand_win[slot] = -1
         return old, fills
 
-    def update(self, acts: list[torch.Tensor], win_ids: list[int]) -> None:
-        """Merge one batch: ``acts`` is a list over layers of [B, W, N] activations."""
-        wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
-        old, fills = self._sample(win_ids)
+    # A batch is merged in three steps so that each layer is reduced while the forward pass has
+    # just produced it (still in cache, and never all layers held at once): ``begin`` before the
+    # forward, ``add_layer`` as each layer's activations appear, ``end`` after the last layer.
+    def begin(self, win_ids: list[int]) -> None:
+        """Start a batch of windows ``win_ids`` (their stream numbers)."""
+        B = len(win_ids)
+        self._wins = torch.tensor(win_ids, dtype=torch.int64, device=self.device)
+        old, self._fills = self._sample(win_ids)
         if old is not None:
             idx = old.clamp_min(0).to(self.device)
             self.rand_pos = self.rand_pos.index_select(2, idx)
             self.rand_act = self.rand_act.index_select(2, idx)
-        k = self.req.top_k
-        maxima, cands = [], []
-        for layer, a in enumerate(acts):
-            a = a.float()
-            m, cand, bins = self._reduce(a, self.req.hist_stride, self.top_act[layer, :, k - 1], self.n_pos[layer],
-                                         self.act_sum[layer], self.act_sumsq[layer], self.act_min[layer])
-            self._hist[layer].scatter_add_(0, bins, self._ones(bins))
-            maxima.append(m)
-            cands.append(cand)
-            # random sample: new slots take this neuron's activation at its random position
-            for slot, b, pos in fills:
-                self.rand_pos[layer, :, slot] = pos[layer]
-                self.rand_act[layer, :, slot] = a[b].gather(0, pos[layer][None, :])[0]
-        self._merge_top(torch.stack(maxima), torch.stack(cands), acts, wins)
-        self.windows_done += len(win_ids)
+        if getattr(self, "_max", None) is None or self._max.shape[1] != B:
+            self._max = torch.empty((self.L, B, self.N), device=self.device)
+            self._argmax = torch.empty((self.L, B, self.N), dtype=torch.int64, device=self.device)
+            self._cand = torch.empty((self.L, self.N), dtype=torch.bool, device=self.device)
+        self._layers_seen = 0
 
-    def _merge_top(self, m: torch.Tensor, cand: torch.Tensor, acts: list[torch.Tensor], wins: torch.Tensor) -> None:
-        """Merge the batch's window maxima ``m`` [L, B, N] into the running top-k, for all layers in
-        one go and only for the neurons ``cand`` [L, N] that have a window above their current
-        k-th (once the index settles, a small share of them)."""
+    def add_layer(self, layer: int, a: torch.Tensor) -> None:
+        """Reduce one layer's activations ``a`` [B, W, N] of the batch begun."""
+        a = a.float()
+        # compiled for full batches only: a smaller last batch takes the plain path
+        reduce = self._reduce if a.shape[0] == self.req.batch_windows else layer_reductions
+        m, pos, cand, bins = reduce(a, self.req.hist_stride, self.top_act[layer, :, self.req.top_k - 1],
+                                    self.n_pos[layer], self.act_sum[layer], self.act_sumsq[layer],
+                                    self.act_min[layer])
+        self._hist[layer].scatter_add_(0, bins, self._ones(bins))
+        self._max[layer], self._argmax[layer], self._cand[layer] = m, pos, cand
+        # random sample: new slots take this neuron's activation at its random position
+        for slot, b, rpos in self._fills:
+            self.rand_pos[layer, :, slot] = rpos[layer]
+            self.rand_act[layer, :, slot] = a[b].gather(0, rpos[layer][None, :])[0]
+        self._layers_seen += 1
+
+    def end(self) -> None:
+        """Merge the batch's window maxima into the running top-k (every layer must have been added)."""
+        if self._layers_seen != self.L:
+            raise RuntimeError(f"neuron index: {self._layers_seen} of {self.L} layers reached the index")
+        self._merge_top(self._max, self._argmax, self._cand, self._wins)
+        self.windows_done += len(self._wins)
+
+    def _merge_top(self, m: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor, wins: torch.Tensor) -> None:
+        """Merge the batch's window maxima ``m`` [L, B, N] (at positions ``pos``) into the running
+        top-k, for all layers in one go and only for the neurons ``cand`` [L, N] that have a window
+        above their current k-th (once the index settles, a small share of them)."""
         k, B = self.req.top_k, m.shape[1]
         li, ni = cand.nonzero(as_tuple=True)
         if len(li) == 0:
             return
         v = m.permute(0, 2, 1)[li, ni]                              # [n, B]
+        p = pos.permute(0, 2, 1)[li, ni]                            # [n, B]
         kk = min(k, B)
         if kk == B:  # every window of the batch is a candidate: no need to rank them first
             j = self._rows(B).t().expand(len(li), B)
@@ -408,15 +435,7 @@ class _State:
         rows = j.gather(1, (sel - k).clamp_min(0))                  # batch row of each entry
         old_sel = sel.clamp_max(k - 1)
         top_win = torch.where(new, wins[rows], self.top_win[li, ni].gather(1, old_sel))
-        top_pos = self.top_pos[li, ni].gather(1, old_sel)
-        e, s = new.nonzero(as_tuple=True)
-        if len(e):  # positions only for the new entries: the argmax over their window
-            el, en, er = li[e], ni[e], rows[e, s]
-            pos = torch.empty_like(er)
-            for layer in el.unique().tolist():
-                at = (el == layer).nonzero()[:, 0]
-                pos[at] = acts[layer][er[at], :, en[at]].float().argmax(dim=1)
-            top_pos[e, s] = pos
+        top_pos = torch.where(new, p.gather(1, rows), self.top_pos[li, ni].gather(1, old_sel))
         self.top_act[li, ni], self.top_win[li, ni], self.top_pos[li, ni] = nv, top_win, top_pos
 
     # ------------------------------------------------------------------- storage
@@ -442,8 +461,10 @@ def _check_request(session, req: IndexRequest) -> None:
         raise ExplorerError(f"the window must be 2..{session.context_length} tokens, got {req.window}")
     if req.top_k < 1 or req.n_random < 0 or req.batch_windows < 1 or req.hist_stride < 1:
         raise ExplorerError("top_k, batch_windows and hist_stride must be ≥ 1 and n_random ≥ 0")
-    if req.checkpoint_every < 1:
+    if req.checkpoint_every is not None and req.checkpoint_every < 1:
         raise ExplorerError("checkpoint_every must be ≥ 1 batch")
+    if not req.checkpoint_seconds >= 0:
+        raise ExplorerError("checkpoint_seconds must be ≥ 0")
     if req.max_tokens is not None and req.max_tokens < req.window:
         raise ExplorerError(f"max tokens ({req.max_tokens}) is less than one window ({req.window} tokens)")
 
@@ -451,6 +472,7 @@ def _check_request(session, req: IndexRequest) -> None:
 def _settings(req: IndexRequest) -> dict:
     d = asdict(req)
     d.pop("checkpoint_every")
+    d.pop("checkpoint_seconds")
     d.pop("fused")  # float rounding only
     d.pop("corpus_path")
     d["separator"] = "\n\n"
@@ -635,28 +657,28 @@ def build_index(session, request: IndexRequest | None = None, out_dir: str | Pat
     site = session.adapter.mlp_out
     t0 = time.monotonic()
     start_tokens = state.windows_done * req.window
-    since_ckpt = 0
+    since_ckpt, last_ckpt = 0, t0
     cancelled = False
     for batch in batched(windows, req.batch_windows):
         if ctx is not None and ctx.cancelled:
             cancelled = True
             break
         ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(session.device)
-        saved: list = []
         with torch.no_grad(), session.lock:
-            with session.lm.trace(ids, logits_to_keep=1):
-                for blk in blocks:
-                    saved.append(_site(blk, site).input.save())
-            acts = [s.detach() for s in saved]
-            del saved
-            state.update(acts, [w.index for w in batch])
-        del acts
+            state.begin([w.index for w in batch])
+            with session.lm.trace(ids) as tracer:
+                for layer, blk in enumerate(blocks):
+                    state.add_layer(layer, _site(blk, site).input)
+                tracer.stop()  # the rest (the last block's tail, the final norm, the unembedding) is not needed
+            state.end()
         work.append(batch)
         state.cursor = batch[-1].end
         since_ckpt += 1
-        if since_ckpt >= req.checkpoint_every:
+        now = time.monotonic()
+        if (req.checkpoint_every is not None and since_ckpt >= req.checkpoint_every) \
+                or now - last_ckpt >= req.checkpoint_seconds:
             _checkpoint(work, state, key)
-            since_ckpt = 0
+            since_ckpt, last_ckpt = 0, now
         if ctx is not None:
             done = state.windows_done * req.window
             total = max(total, done)

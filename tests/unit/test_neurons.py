@@ -301,6 +301,33 @@ def test_failure_midway_then_resume_equals_uninterrupted(tiny_sessions, corpus, 
     _arrays_equal(whole, resumed)
 
 
+@pytest.mark.parametrize("seconds, checkpointed", [(0.0, 3), (3600.0, 0)])
+def test_checkpoints_by_time(tiny_sessions, corpus, tmp_path, seconds, checkpointed):
+    """Without ``checkpoint_every`` a checkpoint is written once ``checkpoint_seconds`` have passed
+    (0: after every batch; an hour: not within this build), and resuming from it, or from nothing,
+    still ends with the uninterrupted index."""
+    from explorer.neurons import _load_arrays
+
+    session = tiny_sessions["llama"]
+    req = request(corpus, batch_windows=4, checkpoint_every=None, checkpoint_seconds=seconds)
+    whole = build_index(session, req, tmp_path / "whole")
+    calls = []
+
+    def on_progress(progress, _):
+        calls.append(progress.done)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(ExplorerError, match="killed"):
+        Job(lambda ctx: build_index(session, req, tmp_path / "cut", ctx), on_progress=on_progress).run()
+    ckpt = tmp_path / "cut" / ".work" / "checkpoint.safetensors"
+    if checkpointed:
+        assert int(_load_arrays(ckpt)[1]["windows_done"]) == checkpointed * 4
+    else:
+        assert not ckpt.exists()
+    _arrays_equal(whole, build_index(session, req, tmp_path / "cut"))
+
+
 def test_complete_index_is_reopened_and_mismatches_refused(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
     first = build_index(session, request(corpus), tmp_path / "idx")
@@ -350,6 +377,10 @@ def test_bad_requests(tiny_sessions, corpus, tmp_path):
         build_index(session, request(short), tmp_path / "c")
     with pytest.raises(CorpusError, match="corpus not found"):
         build_index(session, request(tmp_path / "missing.txt"), tmp_path / "d")
+    with pytest.raises(ExplorerError, match="checkpoint_every must be"):
+        build_index(session, request(corpus, checkpoint_every=0), tmp_path / "e")
+    with pytest.raises(ExplorerError, match="checkpoint_seconds must be"):
+        build_index(session, request(corpus, checkpoint_seconds=-1.0), tmp_path / "f")
 
 
 # ------------------------------------------------------------------ histogram helpers
@@ -439,12 +470,14 @@ def test_cli_bad_neuron_and_missing_query(cli_llama, corpus, tmp_path, capsys):
 
 def test_fused_statistics_give_the_same_index(tiny_sessions, corpus, tmp_path):
     """The compiled (fused) reductions agree with the plain ones: top-k, samples and histogram
-    exactly, sums to float rounding."""
+    exactly, sums to float rounding; a last batch smaller than the compiled shape is handled."""
     from explorer import neurons
 
     session = tiny_sessions["llama"]
-    plain = build_index(session, request(corpus, fused="off"), tmp_path / "plain")
-    fused = build_index(session, request(corpus, fused="on"), tmp_path / "fused")
+    # 48 windows in batches of 5: the last batch (3 windows) is not the compiled shape
+    plain = build_index(session, request(corpus, fused="off", batch_windows=5), tmp_path / "plain")
+    fused = build_index(session, request(corpus, fused="on", batch_windows=5), tmp_path / "fused")
+    assert fused.tokens_done == plain.tokens_done == MAX_TOKENS // WINDOW * WINDOW
     assert neurons._FUSED[str(session.device)] is not neurons.layer_reductions  # really compiled
     for name in ("top_act", "top_row", "top_pos", "rand_act", "n_pos", "hist", "act_min"):
         np.testing.assert_array_equal(fused.arrays[name], plain.arrays[name], err_msg=name)
