@@ -2,10 +2,10 @@
 
 A neuron is one input feature of a block's MLP down/out projection (``adapter.mlp_out``): the
 activations that the projection reads. ``build_index`` streams a corpus in windows of ``window``
-tokens (``explorer.corpus.token_windows``), runs the model on ``batch_windows`` windows per nnsight
-trace and, inside the trace, reduces each layer's neuron activations as the forward pass reaches
-them (the model stops after the last layer's; nothing of a batch is kept but its reductions). On
-the model's device it updates:
+tokens (``explorer.corpus.token_windows``), runs the model on ``batch_windows`` windows per
+forward pass and reduces each layer's neuron activations as the forward reaches them (the model
+stops after the last layer's; nothing of a batch is kept but its reductions). On the model's
+device it updates:
 
 - **Top examples** (exact, running): an *example* is a window; its activation is the neuron's
   maximum over the window's tokens, at ``position`` (the first such token). Per neuron the
@@ -598,6 +598,42 @@ def _finalize(session, out: Path, work: _Work, state: _State, req: IndexRequest,
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
+class _LastSite(Exception):
+    """Raised at the last neuron site: the rest of the forward pass is not needed."""
+
+
+def _reduce_batch(session, state: _State, ids: torch.Tensor, win_ids: list[int]) -> None:
+    """Run the model on ``ids`` [B, W] and reduce every layer's neuron activations into ``state``.
+
+    A forward pre-hook on each layer's MLP out-projection hands its input to ``state.add_layer``
+    as the forward reaches it, and the last one stops the pass (the last block's tail, the final
+    norm and the unembedding are never run). Plain PyTorch hooks on the attached model, not an
+    nnsight trace: a trace hands every one of the model's ~400 modules through its interleaver,
+    ~3% of this forward, for nothing this read-only pass needs. The hooks exist only while the
+    session lock is held, so no other forward ever runs them.
+    """
+    mods = [blk.get_submodule(session.adapter.mlp_out) for blk in session.hf.get_submodule(session.adapter.blocks)]
+
+    def hook(layer: int):
+        def pre(module, args):
+            state.add_layer(layer, args[0])
+            if layer == len(mods) - 1:
+                raise _LastSite
+        return pre
+
+    with torch.no_grad(), session.lock:
+        state.begin(win_ids)
+        handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in enumerate(mods)]
+        try:
+            session.hf(ids)
+        except _LastSite:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        state.end()
+
+
 def _hist_tokens(windows: int, req: IndexRequest) -> int:
     return windows * len(range(0, req.window, req.hist_stride))
 
@@ -653,8 +689,6 @@ def build_index(session, request: IndexRequest | None = None, out_dir: str | Pat
     windows = token_windows(docs, session.tokenizer, req.window, req.max_tokens,
                             start=state.cursor, start_index=state.windows_done)
     total = req.max_tokens // req.window * req.window if req.max_tokens else max(1, corpus["size"] // 4)
-    blocks = session.blocks()
-    site = session.adapter.mlp_out
     t0 = time.monotonic()
     start_tokens = state.windows_done * req.window
     since_ckpt, last_ckpt = 0, t0
@@ -664,13 +698,7 @@ def build_index(session, request: IndexRequest | None = None, out_dir: str | Pat
             cancelled = True
             break
         ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(session.device)
-        with torch.no_grad(), session.lock:
-            state.begin([w.index for w in batch])
-            with session.lm.trace(ids) as tracer:
-                for layer, blk in enumerate(blocks):
-                    state.add_layer(layer, _site(blk, site).input)
-                tracer.stop()  # the rest (the last block's tail, the final norm, the unembedding) is not needed
-            state.end()
+        _reduce_batch(session, state, ids, [w.index for w in batch])
         work.append(batch)
         state.cursor = batch[-1].end
         since_ckpt += 1
