@@ -328,6 +328,34 @@ def test_checkpoints_by_time(tiny_sessions, corpus, tmp_path, seconds, checkpoin
     _arrays_equal(whole, build_index(session, req, tmp_path / "cut"))
 
 
+def test_a_failing_batch_leaves_no_hooks_on_the_model(tiny_sessions, corpus, tmp_path, monkeypatch):
+    """The index reads the neuron sites through hooks that exist only during its own forward: an
+    error inside one propagates as itself and leaves the shared model as it was."""
+    from explorer import neurons
+
+    session = tiny_sessions["gpt2"]
+    sites = [blk.get_submodule(MLP_OUT["gpt2"]) for blk in session.hf.get_submodule(BLOCKS["gpt2"])]
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        before = session.hf(ids).logits
+    add_layer = neurons._State.add_layer
+
+    def failing(self, layer, a):
+        if layer == 1:
+            raise ExplorerError("failed in layer 1")
+        add_layer(self, layer, a)
+
+    monkeypatch.setattr(neurons._State, "add_layer", failing)
+    with pytest.raises(ExplorerError, match="failed in layer 1"):
+        build_index(session, request(corpus), tmp_path / "failed")
+    assert all(not m._forward_pre_hooks for m in sites)
+    with torch.no_grad():
+        assert torch.equal(session.hf(ids).logits, before)
+    monkeypatch.undo()
+    build_index(session, request(corpus), tmp_path / "ok")
+    assert all(not m._forward_pre_hooks for m in sites)
+
+
 def test_complete_index_is_reopened_and_mismatches_refused(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
     first = build_index(session, request(corpus), tmp_path / "idx")
