@@ -5,7 +5,8 @@
     options: --device cuda  --threads N  --tokens N  --reps N  --memory-tokens N  --no-memory
 
 **Index**: ``build_index`` end to end (with its statistics fused into compiled kernels, and plain), as a user runs it: tokenising the default corpus, one
-nnsight trace per batch reducing each of the 30 MLP sites as the forward reaches it (the running
+forward per batch (of the attached model, hooked at its 30 MLP sites, not an nnsight trace), each
+site reduced as the forward reaches it (the running
 top-k / random sample / statistics / histogram updates on the device), the token work files,
 checkpoints (one a minute) and the final write; a fresh output directory every run. **Bare**: a
 separate plain copy of the model (never wrapped by nnsight) over the very same windows (tokenised
