@@ -256,7 +256,7 @@ def _unembed_last(session: ModelSession, h: torch.Tensor) -> torch.Tensor:
 
 
 def _block_module(session: ModelSession, layer: int):
-    return session.hf.get_submodule(session.adapter.blocks)[layer]
+    return session.hf_blocks()[layer]
 
 
 def _site_path(session: ModelSession, site: str) -> str | None:

@@ -84,7 +84,7 @@ def _in_features(module) -> int:
 def geometry(session) -> Geometry:
     """Layers, heads, head size and MLP width of a session's model."""
     cfg = session.hf.config
-    block = session.hf.get_submodule(session.adapter.blocks)[0]
+    block = session.hf_blocks()[0]
     n_heads = int(cfg.num_attention_heads)
     width = _in_features(block.get_submodule(session.adapter.attn_out))
     if width % n_heads:

@@ -472,7 +472,7 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
         u = u - u.mean()  # centring each part = dotting it with the centred direction
     u = u / scale
 
-    blocks = session.hf.get_submodule(session.adapter.blocks)
+    blocks = session.hf_blocks()
     n_heads = _n_heads(session)
     z = cap.z.to(ct)                                          # [L, H*dh]
     n_layers, width = z.shape

@@ -195,7 +195,7 @@ def _site(envoy, path: str):
 
 
 def _d_mlp(session) -> int:
-    block = session.hf.get_submodule(session.adapter.blocks)[0]
+    block = session.hf_blocks()[0]
     mod = block.get_submodule(session.adapter.mlp_out)
     n = getattr(mod, "in_features", None)
     if n is None:  # GPT-2's Conv1D keeps weight [in, out]
@@ -612,7 +612,7 @@ def _reduce_batch(session, state: _State, ids: torch.Tensor, win_ids: list[int])
     ~3% of this forward, for nothing this read-only pass needs. The hooks exist only while the
     session lock is held, so no other forward ever runs them.
     """
-    mods = [blk.get_submodule(session.adapter.mlp_out) for blk in session.hf.get_submodule(session.adapter.blocks)]
+    mods = [blk.get_submodule(session.adapter.mlp_out) for blk in session.hf_blocks()]
 
     def hook(layer: int):
         def pre(module, args):

@@ -204,7 +204,7 @@ class ModelSession:
 
     @property
     def n_layers(self) -> int:
-        return len(self.hf.get_submodule(self.adapter.blocks))
+        return len(self.hf_blocks())
 
     @property
     def context_length(self) -> int:
@@ -250,6 +250,10 @@ class ModelSession:
 
     def blocks(self):
         return self.module(self.adapter.blocks)
+
+    def hf_blocks(self) -> torch.nn.ModuleList:
+        """The blocks as the model's own torch modules (for plain hooks and calls, outside a trace)."""
+        return self.hf.get_submodule(self.adapter.blocks)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the model's final norm (outside a trace) to residual-stream vectors.
