@@ -28,8 +28,8 @@ TEXT = (
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from explorer.heads import HeadsRequest, attention_patterns, direct_logit_attribution, head_scores
-    from explorer.session import ModelSession
+    from explorer.analyses.heads import HeadsRequest, attention_patterns, direct_logit_attribution, head_scores
+    from explorer.core.session import ModelSession
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     exact_prompt, fmt_time, machine_line, matmul_flops, median, rotate, set_threads, spread, table)
 
-# Where each family keeps the residual-stream sites (independent of explorer/adapters.py).
+# Where each family keeps the residual-stream sites (independent of explorer/core/adapters.py).
 PARTS = {
     "llama": ("model.embed_tokens", "model.layers", "model.norm"),
     "mistral": ("model.embed_tokens", "model.layers", "model.norm"),
@@ -146,7 +146,7 @@ def proposed_reduce_rows(session, stream: torch.Tensor, top_k: int, target_id: i
     """The reference's reductions behind the engine's ``reduce_rows`` signature (for --profile).
 
     Shows what the engine would gain from reused buffers, a float rank count and in-place
-    products; it is patched into ``explorer.lens`` only inside this benchmark process.
+    products; it is patched into ``explorer.analyses.lens`` only inside this benchmark process.
     """
     n_rows, n_pos, d = stream.shape
     with torch.no_grad():
@@ -206,8 +206,8 @@ def useful_flops(model, n_tokens: int, n_rows: int) -> float:
 def load(threads: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from explorer.defaults import default_corpus_path, ensure_default_model
-    from explorer.session import ModelSession
+    from explorer.core.defaults import default_corpus_path, ensure_default_model
+    from explorer.core.session import ModelSession
 
     set_threads(threads)
     path = ensure_default_model()
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 2 if args.quick else args.reps
     lengths = args.lengths or ([16] if args.quick else [16, 128])
 
-    from explorer.lens import LensRequest, logit_lens
+    from explorer.analyses.lens import LensRequest, logit_lens
 
     session, plain_model, tokenizer, text = load(args.threads)
     plain = PlainLens(plain_model, tokenizer, chunk_rows=args.chunk_rows)
@@ -328,8 +328,8 @@ def _unembed_flops(plain: PlainLens, rows: int, reps: int) -> float:
 
 def profile(session, plain: PlainLens, tokenizer, text: str, n_tokens: int, reps: int) -> None:
     """Where the engine's time goes: the trace vs the reduction, CHUNK_ROWS, a proposed reduction."""
-    from explorer import lens as engine
-    from explorer.lens import LensRequest, logit_lens
+    from explorer.analyses import lens as engine
+    from explorer.analyses.lens import LensRequest, logit_lens
 
     prompt, ids = exact_prompt(tokenizer, text, n_tokens)
     ids_t = torch.tensor(ids)

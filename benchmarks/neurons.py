@@ -63,7 +63,7 @@ def mib(kib: float) -> str:
 # ------------------------------------------------------------------ memory (child process)
 def synthetic_corpus(path: Path, n_tokens: int, seed: int = 0) -> None:
     """Lines of random words drawn from the default corpus's vocabulary (≥ n_tokens tokens)."""
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     words = sorted(set(ensure_default_corpus(progress=lambda *_: None).read_text(encoding="utf-8").split()))
     rng = np.random.default_rng(seed)
@@ -74,8 +74,8 @@ def synthetic_corpus(path: Path, n_tokens: int, seed: int = 0) -> None:
 
 
 def memory_child(args) -> None:
-    from explorer.neurons import IndexRequest, build_index
-    from explorer.session import ModelSession
+    from explorer.neurons.index import IndexRequest, build_index
+    from explorer.core.session import ModelSession
 
     if args.threads:
         set_threads(args.threads)
@@ -134,10 +134,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from explorer.corpus import iter_documents, token_windows
-    from explorer.defaults import ensure_default_corpus
-    from explorer.neurons import IndexRequest, build_index
-    from explorer.session import ModelSession
+    from explorer.core.corpus import iter_documents, token_windows
+    from explorer.core.defaults import ensure_default_corpus
+    from explorer.neurons.index import IndexRequest, build_index
+    from explorer.core.session import ModelSession
 
     n_tokens = args.tokens or (1024 if args.quick else None)  # None: the whole corpus
     reps = args.reps or (1 if args.quick else 3)

@@ -47,7 +47,7 @@ def time_make_run(port: int, timeout: float = 120.0) -> float:
 
 def time_plain_load() -> float:
     code = ("import time; t=time.perf_counter(); import torch, transformers;"
-            "from explorer.defaults import ensure_default_model;"
+            "from explorer.core.defaults import ensure_default_model;"
             "m=transformers.AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=torch.float32);"
             "transformers.AutoTokenizer.from_pretrained(str(ensure_default_model()));"
             "print(time.perf_counter()-t)")

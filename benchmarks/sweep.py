@@ -5,7 +5,7 @@ For prompts of 16 and 128 tokens (from the default corpus) this times, in one pr
 - reference: one plain PyTorch forward per head on a separate copy of the model, a forward
   pre-hook zeroing that head's slice of the attention output projection's input
   (``logits_to_keep=1``; gradients off);
-- exact: ``explorer.ablation.sweep(kind="heads")`` (batched replay reusing the clean prefix);
+- exact: ``explorer.interventions.ablation.sweep(kind="heads")`` (batched replay reusing the clean prefix);
 - attribution: ``method="attribution"`` (one forward + one backward), with its Spearman rank
   correlation against the exact effects.
 
@@ -35,7 +35,7 @@ ROUNDS = 3  # reference parts / exact sweeps interleaved per prompt length
 
 def corpus_prompt(session, n_tokens: int) -> str:
     """A span of the default corpus that encodes to exactly n_tokens tokens."""
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     text = ensure_default_corpus(progress=lambda *_: None).read_text(encoding="utf-8", errors="replace")
     ids = session.tokenizer(text[:20000], add_special_tokens=False).input_ids
@@ -96,10 +96,10 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from explorer.ablation import SweepRequest, spearman, sweep
-    from explorer.components import geometry
-    from explorer.defaults import ensure_default_model
-    from explorer.session import ModelSession
+    from explorer.interventions.ablation import SweepRequest, spearman, sweep
+    from explorer.core.components import geometry
+    from explorer.core.defaults import ensure_default_model
+    from explorer.core.session import ModelSession
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

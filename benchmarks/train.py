@@ -30,8 +30,8 @@ from common import machine_line, set_threads  # noqa: E402
 
 def plain_loop(base, streams, config, steps: int) -> list[float]:
     """Two arms trained by a hand-written loop; returns the time of every step."""
-    from explorer.adapters import adapter_for
-    from explorer.intervene import select_trainable
+    from explorer.core.adapters import adapter_for
+    from explorer.training.intervene import select_trainable
 
     adapter = adapter_for(base.config.model_type)
     arms = []
@@ -73,7 +73,7 @@ class _Clock:
 
 def run_loop(model_dir, config, steps: int) -> list[float]:
     """Per-step times of ``run_intervention`` (steps 2 … steps−1: no evaluation, no checkpoint)."""
-    from explorer.intervene import run_intervention
+    from explorer.training.intervene import run_intervention
 
     clock = _Clock()
     with tempfile.TemporaryDirectory() as out:
@@ -85,8 +85,8 @@ def run_loop(model_dir, config, steps: int) -> list[float]:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from explorer.intervene import InterventionConfig, build_streams
-    from explorer.session import _resolve_path
+    from explorer.training.intervene import InterventionConfig, build_streams
+    from explorer.core.session import _resolve_path
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)

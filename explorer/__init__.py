@@ -7,15 +7,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ExplorerError": "errors",
-    "ModelInfo": "session",
-    "ModelSession": "session",
-    "CompareRequest": "lens",
-    "LensComparison": "lens",
-    "LensRequest": "lens",
-    "LensResult": "lens",
-    "compare_prompts": "lens",
-    "logit_lens": "lens",
+    "ExplorerError": "core.errors",
+    "ModelInfo": "core.session",
+    "ModelSession": "core.session",
+    "CompareRequest": "analyses.lens",
+    "LensComparison": "analyses.lens",
+    "LensRequest": "analyses.lens",
+    "LensResult": "analyses.lens",
+    "compare_prompts": "analyses.lens",
+    "logit_lens": "analyses.lens",
 }
 
 __all__ = sorted(_EXPORTS)

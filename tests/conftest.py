@@ -8,8 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
-from explorer.defaults import ensure_default_model
-from explorer.session import ModelSession
+from explorer.core.defaults import ensure_default_model
+from explorer.core.session import ModelSession
 from tiny_models import FAMILIES, make_tiny_model
 
 

@@ -17,8 +17,8 @@ from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMappe
 from bokeh.palettes import RdBu11, interp_palette
 from bokeh.plotting import figure
 
-from explorer.ablation import AblationResult, SweepResult
-from explorer.patching import PatchResult
+from explorer.interventions.ablation import AblationResult, SweepResult
+from explorer.interventions.patching import PatchResult
 
 from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, _row_ticks, _style, lens_heatmap, position_labels, quote_token, shorten
 

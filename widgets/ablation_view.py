@@ -19,13 +19,13 @@ from typing import Any, Callable
 import panel as pn
 import param
 
-from explorer.ablation import MODES, AblationRequest, AblationResult, SweepRequest, SweepResult, ablate, sweep
-from explorer.components import SYNTAX, ComponentError, components_for, geometry
-from explorer.errors import ExplorerError
-from explorer.history import History
-from explorer.jobs import FAILED, Job, JobContext, Progress
-from explorer.patching import SITES, PatchRequest, PatchResult, patch
-from explorer.session import ModelSession
+from explorer.interventions.ablation import MODES, AblationRequest, AblationResult, SweepRequest, SweepResult, ablate, sweep
+from explorer.core.components import SYNTAX, ComponentError, components_for, geometry
+from explorer.core.errors import ExplorerError
+from explorer.persistence.history import History
+from explorer.core.jobs import FAILED, Job, JobContext, Progress
+from explorer.interventions.patching import SITES, PatchRequest, PatchResult, patch
+from explorer.core.session import ModelSession
 
 from . import ablation_charts as ac
 from .charts import shorten

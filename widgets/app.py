@@ -15,9 +15,9 @@ import panel as pn
 import param
 from panel_material_ui import Page
 
-from explorer.history import History
-from explorer.session import ModelSession
-from explorer.snapshot import SnapshotError, model_identity, snapshot_bytes, snapshot_of
+from explorer.persistence.history import History
+from explorer.core.session import ModelSession
+from explorer.persistence.snapshot import SnapshotError, model_identity, snapshot_bytes, snapshot_of
 
 from .ablation_view import AblationView
 from .export import snapshot_page

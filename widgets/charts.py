@@ -25,7 +25,7 @@ from bokeh.models import (
 from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
 
-from explorer.lens import LensComparison, LensResult
+from explorer.analyses.lens import LensComparison, LensResult
 
 # Names of the models tests and views look up.
 HEATMAP = "lens-heatmap"

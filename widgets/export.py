@@ -22,19 +22,19 @@ from bokeh.layouts import column
 from bokeh.models import Div
 from bokeh.resources import INLINE
 
-from explorer.ablation import AblationResult, SweepResult
-from explorer.bias import BiasResult, PairScores
-from explorer.checkpoints import CheckpointComparison
-from explorer.demonstrations import DemoLensResult, OverthinkingResult, PromptSet
-from explorer.describe import ExampleActivations, Explanation, SearchHit, TokenPattern
-from explorer.heads import AttentionResult, DLAResult, HeadPattern, HeadScores
-from explorer.intervene import ArmMetrics, InterventionResult
-from explorer.lens import LensComparison, LensResult
-from explorer.neurons import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
-from explorer.patching import PatchResult
-from explorer.results import Result
-from explorer.snapshot import Entry, Snapshot
-from explorer.swap import SwapAudit
+from explorer.interventions.ablation import AblationResult, SweepResult
+from explorer.training.bias import BiasResult, PairScores
+from explorer.training.checkpoints import CheckpointComparison
+from explorer.analyses.demonstrations import DemoLensResult, OverthinkingResult, PromptSet
+from explorer.neurons.describe import ExampleActivations, Explanation, SearchHit, TokenPattern
+from explorer.analyses.heads import AttentionResult, DLAResult, HeadPattern, HeadScores
+from explorer.training.intervene import ArmMetrics, InterventionResult
+from explorer.analyses.lens import LensComparison, LensResult
+from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.interventions.patching import PatchResult
+from explorer.core.results import Result
+from explorer.persistence.snapshot import Entry, Snapshot
+from explorer.training.swap import SwapAudit
 
 from . import ablation_charts as ac
 from . import heads_charts as hc

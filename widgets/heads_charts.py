@@ -33,7 +33,7 @@ from bokeh.models import (
 from bokeh.palettes import Category10, RdBu, Viridis256, interp_palette
 from bokeh.plotting import figure
 
-from explorer.heads import HeadPattern, HeadScores
+from explorer.analyses.heads import HeadPattern, HeadScores
 
 from .charts import _style, position_labels, quote_token, show_token
 

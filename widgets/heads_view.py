@@ -32,8 +32,8 @@ import panel as pn
 import param
 from bokeh.events import Tap
 
-from explorer.errors import ExplorerError
-from explorer.heads import (
+from explorer.core.errors import ExplorerError
+from explorer.analyses.heads import (
     AttentionResult,
     HeadPattern,
     HeadScores,
@@ -42,8 +42,8 @@ from explorer.heads import (
     head_scores,
     parse_head,
 )
-from explorer.history import History
-from explorer.session import ModelSession
+from explorer.persistence.history import History
+from explorer.core.session import ModelSession
 
 from . import heads_charts as hc
 from .charts import quote_token, shorten

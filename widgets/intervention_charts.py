@@ -20,10 +20,10 @@ from bokeh.models import ColorBar, ColumnDataSource, Div, FactorRange, HoverTool
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
 
-from explorer.bias import BiasResult, PairScores
-from explorer.checkpoints import CheckpointComparison
-from explorer.intervene import ArmMetrics, InterventionResult
-from explorer.swap import SwapAudit
+from explorer.training.bias import BiasResult, PairScores
+from explorer.training.checkpoints import CheckpointComparison
+from explorer.training.intervene import ArmMetrics, InterventionResult
+from explorer.training.swap import SwapAudit
 
 from .charts import COLOR_A, COLOR_B, _style, quote_token
 

@@ -14,7 +14,7 @@ Three parts share one view:
   the first one and then only the new rows are streamed into their sources. *Cancel* stops
   after the current step (both arms are checkpointed); *Resume* continues the shown run from
   its last checkpoint (with the current *Steps*, so a finished run can also be extended).
-  Runs live under ``runs_dir`` (default ``explorer.intervene.default_runs_dir()``), one folder
+  Runs live under ``runs_dir`` (default ``explorer.training.intervene.default_runs_dir()``), one folder
   each, and are listed and reopenable (``load_run``). Every finished or cancelled run, and
   every reopened one, goes into ``history``.
 - **Across checkpoints.** Checkpoints of a run and/or typed model directories (e.g. Pythia
@@ -34,14 +34,14 @@ from typing import Any
 import panel as pn
 import param
 
-from explorer.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
-from explorer.errors import ExplorerError
-from explorer.history import History
-from explorer.intervene import (
+from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
+from explorer.core.errors import ExplorerError
+from explorer.persistence.history import History
+from explorer.training.intervene import (
     InterventionConfig, InterventionResult, corpus_audit, default_runs_dir, list_runs, load_run, run_intervention,
 )
-from explorer.jobs import CANCELLED, FAILED, Job, JobContext, Progress
-from explorer.swap import SwapAudit
+from explorer.core.jobs import CANCELLED, FAILED, Job, JobContext, Progress
+from explorer.training.swap import SwapAudit
 
 from . import intervention_charts as ic
 from .ablation_view import _push, _set_bar
@@ -177,7 +177,7 @@ class InterventionView(pn.viewable.Viewer):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from explorer.defaults import ensure_default_model
+            from explorer.core.defaults import ensure_default_model
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()), local_files_only=True)
         return self._tokenizer

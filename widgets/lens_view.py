@@ -14,10 +14,10 @@ import time
 import panel as pn
 import param
 
-from explorer.errors import ExplorerError
-from explorer.history import History
-from explorer.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
-from explorer.session import ModelSession, fast_bfloat16
+from explorer.core.errors import ExplorerError
+from explorer.persistence.history import History
+from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
+from explorer.core.session import ModelSession, fast_bfloat16
 
 from . import charts
 from .live import QueuedRuns

@@ -1,4 +1,4 @@
-"""Long work for views: run an ``explorer.jobs.Job`` and hand its progress to the page's loop.
+"""Long work for views: run an ``explorer.core.jobs.Job`` and hand its progress to the page's loop.
 
 Bokeh models may only change on the document's event loop; a job reports from its worker
 thread. ``dispatch`` hops onto the loop (or calls directly when there is no served document:
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import panel as pn
 from panel.io.state import set_curdoc
 
-from explorer.jobs import Job, JobContext, Progress
+from explorer.core.jobs import Job, JobContext, Progress
 
 
 def served_doc():

@@ -17,8 +17,8 @@ import numpy as np
 from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Range1d, Span, TapTool
 from bokeh.plotting import figure
 
-from explorer.describe import ExampleActivations
-from explorer.neurons import NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.neurons.describe import ExampleActivations
+from explorer.neurons.index import NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
 
 from .charts import _style, position_labels, quote_token
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import panel as pn
 import param
 
-from explorer.describe import (
+from explorer.neurons.describe import (
     DescriptionStore,
     ExampleActivations,
     Explanation,
@@ -42,10 +42,10 @@ from explorer.describe import (
     show_token,
     token_pattern,
 )
-from explorer.errors import ExplorerError
-from explorer.history import History
-from explorer.jobs import CANCELLED, DONE, RUNNING, Job
-from explorer.neurons import (
+from explorer.core.errors import ExplorerError
+from explorer.persistence.history import History
+from explorer.core.jobs import CANCELLED, DONE, RUNNING, Job
+from explorer.neurons.index import (
     IndexRequest,
     NeuronHistogram,
     NeuronIndex,
@@ -55,7 +55,7 @@ from explorer.neurons import (
     build_index,
     prompt_activation,
 )
-from explorer.session import ModelSession
+from explorer.core.session import ModelSession
 
 from . import neuron_charts
 from .live import LiveJob
@@ -86,7 +86,7 @@ EXAMPLES_CACHE = 32  # neurons whose per-token activations are kept (two small a
 
 def known_indexes(session: ModelSession) -> dict[str, str]:
     """Index directories in the cache built with this model: label -> path (newest first)."""
-    from explorer.defaults import cache_dir
+    from explorer.core.defaults import cache_dir
 
     root = cache_dir() / "neurons"
     info = session.info()

@@ -21,14 +21,14 @@ import panel as pn
 import param
 from bokeh.models import DataTable, Div, NumberFormatter
 
-from explorer.ablation import AblationResult, SweepResult
-from explorer.errors import ExplorerError
-from explorer.heads import AttentionResult, HeadPattern, HeadScores
-from explorer.lens import LensComparison, LensResult
-from explorer.patching import PatchResult
-from explorer.results import Result
-from explorer.snapshot import Snapshot, SnapshotError, load_snapshot, model_differences, model_identity, read_snapshot
-from explorer.session import ModelSession
+from explorer.interventions.ablation import AblationResult, SweepResult
+from explorer.core.errors import ExplorerError
+from explorer.analyses.heads import AttentionResult, HeadPattern, HeadScores
+from explorer.analyses.lens import LensComparison, LensResult
+from explorer.interventions.patching import PatchResult
+from explorer.core.results import Result
+from explorer.persistence.snapshot import Snapshot, SnapshotError, load_snapshot, model_differences, model_identity, read_snapshot
+from explorer.core.session import ModelSession
 
 from . import export
 from .heads_charts import chip_label

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from explorer.ablation import AblationRequest, SweepRequest, ablate, spearman, sweep
-from explorer.cli import main
+from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, spearman, sweep
+from cli.main import main
 
 pytestmark = pytest.mark.model
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from explorer.cli import main
+from cli.main import main
 
 pytestmark = pytest.mark.model
 

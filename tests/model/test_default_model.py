@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
 
 pytestmark = pytest.mark.model
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.demonstrations import DemoRequest, OverthinkingRequest, overthinking
+from explorer.analyses.demonstrations import DemoRequest, OverthinkingRequest, overthinking
 
 pytestmark = pytest.mark.model
 

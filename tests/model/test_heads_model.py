@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.cli import main
-from explorer.heads import HeadsRequest, attention_patterns, direct_logit_attribution, head_scores
+from cli.main import main
+from explorer.analyses.heads import HeadsRequest, attention_patterns, direct_logit_attribution, head_scores
 
 pytestmark = pytest.mark.model
 

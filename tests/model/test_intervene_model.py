@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from explorer.bias import bias_probe, BiasRequest
-from explorer.intervene import InterventionConfig, read_jsonl, run_intervention
+from explorer.training.bias import bias_probe, BiasRequest
+from explorer.training.intervene import InterventionConfig, read_jsonl, run_intervention
 
 pytestmark = pytest.mark.model
 
@@ -48,7 +48,7 @@ def test_the_swap_moves_the_pronoun_prior_toward_she(short_run):
 
 
 def test_the_checkpoint_is_the_trained_model(short_run, default_session):
-    from explorer.session import ModelSession
+    from explorer.core.session import ModelSession
 
     out, result = short_run
     ckpt = result.swapped.checkpoints[-1]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.cli import main
-from explorer.describe import explain_neuron, search, token_pattern
-from explorer.neurons import IndexRequest, build_index
+from cli.main import main
+from explorer.neurons.describe import explain_neuron, search, token_pattern
+from explorer.neurons.index import IndexRequest, build_index
 
 pytestmark = pytest.mark.model
 

@@ -13,8 +13,8 @@ from panel.tests.util import serve_component, wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
 from browser import FRAME_JS  # noqa: E402
-from explorer.history import History  # noqa: E402
-from explorer.intervene import InterventionConfig  # noqa: E402
+from explorer.persistence.history import History  # noqa: E402
+from explorer.training.intervene import InterventionConfig  # noqa: E402
 from widgets import intervention_charts as ic  # noqa: E402
 from widgets.intervention_view import InterventionView  # noqa: E402
 

@@ -17,8 +17,8 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from explorer.describe import search  # noqa: E402
-from explorer.neurons import IndexRequest, build_index  # noqa: E402
+from explorer.neurons.describe import search  # noqa: E402
+from explorer.neurons.index import IndexRequest, build_index  # noqa: E402
 
 from browser import serve_explorer  # noqa: E402
 

@@ -20,7 +20,7 @@ from panel.tests.util import serve_and_wait, wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
 from browser import SOURCES_JS, explorer_factory  # noqa: E402
-from explorer.jobs import CANCELLED  # noqa: E402
+from explorer.core.jobs import CANCELLED  # noqa: E402
 from widgets import charts  # noqa: E402
 from widgets import heads_charts as hc  # noqa: E402
 from widgets.app import session_options  # noqa: E402

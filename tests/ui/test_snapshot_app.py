@@ -13,7 +13,7 @@ from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
 from browser import SOURCES_JS, serve_explorer_apps  # noqa: E402
-from explorer.snapshot import load_snapshot  # noqa: E402
+from explorer.persistence.snapshot import load_snapshot  # noqa: E402
 from widgets import charts  # noqa: E402
 from widgets import heads_charts as hc  # noqa: E402
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from explorer.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.snapshot import Entry, load_snapshot, save_snapshot
+from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+from explorer.persistence.snapshot import Entry, load_snapshot, save_snapshot
 from widgets.export import export_html
 
 pytestmark = pytest.mark.ui

@@ -2,7 +2,7 @@
 
 The reference never goes through the engine: it runs a separate copy of each tiny model (same
 seed, so identical weights, which is asserted) with ordinary forward hooks that edit the
-activation, using module paths written out here per family (not read from explorer.adapters).
+activation, using module paths written out here per family (not read from explorer.core.adapters).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import explorer.ablation as ablation_mod
+import explorer.interventions.ablation as ablation_mod
 from tiny_models import FAMILIES, make_tiny_model
-from explorer.ablation import (
+from explorer.interventions.ablation import (
     AblationError,
     AblationRequest,
     AblationResult,
@@ -25,10 +25,10 @@ from explorer.ablation import (
     spearman,
     sweep,
 )
-from explorer.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
-from explorer.errors import EmptyPromptError, TokenError
-from explorer.jobs import Job
-from explorer.lens import LensRequest, logit_lens
+from explorer.core.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
+from explorer.core.errors import EmptyPromptError, TokenError
+from explorer.core.jobs import Job
+from explorer.analyses.lens import LensRequest, logit_lens
 
 BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
           "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
@@ -398,7 +398,7 @@ def test_batched_sweep_equals_sequential_other_modes(tiny_sessions, family, mode
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 def test_sweep_on_eager_attention_with_mask_tensor(tokenizer, family):
     """Eager attention hands each block a [1, 1, T, T] mask tensor: the replay must broadcast it."""
-    from explorer.session import ModelSession
+    from explorer.core.session import ModelSession
 
     model = make_tiny_model(family, len(tokenizer))
     model.set_attn_implementation("eager")

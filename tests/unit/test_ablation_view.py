@@ -18,10 +18,10 @@ import pytest
 from bokeh.document import Document
 from bokeh.models import LinearColorMapper
 
-from explorer.ablation import AblationRequest, SweepResult, ablate, sweep
-from explorer.history import History
-from explorer.jobs import CANCELLED, DONE, Progress
-from explorer.patching import PatchRequest, patch, restored_fraction
+from explorer.interventions.ablation import AblationRequest, SweepResult, ablate, sweep
+from explorer.persistence.history import History
+from explorer.core.jobs import CANCELLED, DONE, Progress
+from explorer.interventions.patching import PatchRequest, patch, restored_fraction
 from widgets import AblationView, ExplorerApp
 from widgets import ablation_charts as ac
 from widgets import ablation_view as view_module

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tiny_models import FAMILIES, make_tiny_model, tiny_config
-from explorer.adapters import ADAPTERS, Adapter, adapter_for, check_modules
-from explorer.errors import ExplorerError, UnsupportedModelError
-from explorer.session import ModelSession
+from explorer.core.adapters import ADAPTERS, Adapter, adapter_for, check_modules
+from explorer.core.errors import ExplorerError, UnsupportedModelError
+from explorer.core.session import ModelSession
 
 VOCAB = 512  # the adapter checks need no real tokenizer
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.bias import (
+from explorer.training.bias import (
     BiasError,
     BiasRequest,
     BiasResult,
@@ -26,7 +26,7 @@ from explorer.bias import (
     score_pairs,
     score_pronouns,
 )
-from explorer.cli import main
+from cli.main import main
 from tiny_models import make_tiny_model
 
 TEMPLATES = ("The {occupation} said that", "After lunch, the {occupation} decided that")
@@ -183,7 +183,7 @@ def test_bias_probe_on_a_session_round_trips(tiny_sessions, tmp_path):
     assert back.pairs.more == result.pairs.more and back.crows.ll_less.tolist() == result.crows.ll_less.tolist()
     assert back.stereotype_alignment_ci == result.stereotype_alignment_ci and back.validate() is None
 
-    from explorer.snapshot import load_snapshot, save_snapshot
+    from explorer.persistence.snapshot import load_snapshot, save_snapshot
 
     snap = load_snapshot(save_snapshot(tmp_path / "s.zip", [result]))
     assert snap.results[0].summary() == result.summary()

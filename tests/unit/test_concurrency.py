@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from explorer.heads import HeadsRequest, head_scores
-from explorer.lens import logit_lens
+from explorer.analyses.heads import HeadsRequest, head_scores
+from explorer.analyses.lens import logit_lens
 
 
 def test_lens_and_heads_from_four_threads(tiny_sessions):

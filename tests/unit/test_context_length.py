@@ -7,14 +7,14 @@ import asyncio
 import pytest
 from transformers import AutoModelForCausalLM
 
-from explorer.ablation import AblationRequest, ablate
-from explorer.errors import ExplorerError, PromptTooLongError
-from explorer.heads import HeadsRequest, head_scores
-from explorer.jobs import Job
-from explorer.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.neurons import prompt_activation
-from explorer.patching import PatchRequest, patch
-from explorer.session import ModelSession
+from explorer.interventions.ablation import AblationRequest, ablate
+from explorer.core.errors import ExplorerError, PromptTooLongError
+from explorer.analyses.heads import HeadsRequest, head_scores
+from explorer.core.jobs import Job
+from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+from explorer.neurons.index import prompt_activation
+from explorer.interventions.patching import PatchRequest, patch
+from explorer.core.session import ModelSession
 from tiny_models import tiny_config
 from widgets.lens_view import LogitLensView
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from explorer.corpus import (
+from explorer.core.corpus import (
     CorpusError,
     batched,
     corpus_fingerprint,
@@ -17,7 +17,7 @@ from explorer.corpus import (
     separator_ids,
     token_windows,
 )
-from explorer.errors import ExplorerError
+from explorer.core.errors import ExplorerError
 
 DOCS = ["The first document is about the weather.", "Second: he said that she would come.",
         "A third, longer document with several words in it, to fill a window or two."]
@@ -165,7 +165,7 @@ def test_fingerprint_changes_with_content(tmp_path):
 # ------------------------------------------------------------------ windows
 @pytest.fixture(scope="module")
 def lee_docs():
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
         return [line.strip() for _, line in zip(range(12), f) if line.strip()]

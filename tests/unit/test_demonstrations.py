@@ -5,7 +5,7 @@ The references never go through the engine: each runs a separate copy of the tin
 hooks, the final norm and the unembedding applied by hand; attention comes from
 ``output_attentions`` of an eager copy; ablation is a forward pre-hook that zeroes the head's
 slice of the output projection's input. Module paths are written out here per family rather
-than read from ``explorer.adapters``. GPT-2 (absolute positions) checks that the left-padded
+than read from ``explorer.core.adapters``. GPT-2 (absolute positions) checks that the left-padded
 batch keeps each prompt at its own positions; Llama (GQA: 4 heads, 2 KV heads) that the
 attention is per query head.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tiny_models import make_tiny_model
-from explorer.demonstrations import (
+from explorer.analyses.demonstrations import (
     DemoLensResult,
     DemonstrationError,
     DemoRequest,
@@ -38,7 +38,7 @@ from explorer.demonstrations import (
     random_head_sets,
     task_from_dict,
 )
-from explorer.session import ModelSession
+from explorer.core.session import ModelSession
 
 FAMILIES = ("llama", "gpt2")
 PATHS = {  # embeddings output, blocks, final norm, attention output projection (per block)
@@ -365,7 +365,7 @@ def test_bad_ablations_are_refused(pairs, tokenizer, heads, positions, message):
     ps = build_prompts(tokenizer, DemoRequest(n_prompts=3, n_demos=3))
     with pytest.raises(Exception, match=message) as info:
         ablated_label_logits(session, ps, heads, positions=positions)
-    from explorer.errors import ExplorerError
+    from explorer.core.errors import ExplorerError
     assert isinstance(info.value, ExplorerError)
 
 
@@ -393,7 +393,7 @@ def test_cancelling_stops_before_the_next_batch(pairs):
         def report(self, *args, **kwargs):
             raise AssertionError("no batch should run")
 
-    from explorer.demonstrations import Cancelled as CancelledError
+    from explorer.analyses.demonstrations import Cancelled as CancelledError
     with pytest.raises(CancelledError):
         overthinking(session, OverthinkingRequest(DemoRequest(n_prompts=3, n_demos=3, seed=11)), ctx=Cancelled())
     assert session.peek(("demo-lens", DemoRequest(n_prompts=3, n_demos=3, seed=11))) is None  # nothing cached

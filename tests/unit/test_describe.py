@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from explorer.cli import main
-from explorer.describe import (
+from cli.main import main
+from explorer.neurons.describe import (
     DescribeError,
     DescriptionStore,
     Explainer,
@@ -23,12 +23,12 @@ from explorer.describe import (
     search,
     token_pattern,
 )
-from explorer.neurons import IndexRequest, build_index, neuron_activations
+from explorer.neurons.index import IndexRequest, build_index, neuron_activations
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
         lines = [next(f) for _ in range(10)]
@@ -118,7 +118,7 @@ class OracleExplainer(Explainer):
         return self.text
 
     def fit_explain_prompt(self, examples, max_new_tokens):
-        from explorer.describe import explain_prompt_text
+        from explorer.neurons.describe import explain_prompt_text
 
         return explain_prompt_text(examples)
 
@@ -316,7 +316,7 @@ def run_cli(capsys, *args):
 
 
 def test_cli_explain_import_search(fresh_index, tiny_sessions, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr("explorer.cli_neurons.load_session", lambda args: tiny_sessions["llama"])
+    monkeypatch.setattr("cli.neurons.load_session", lambda args: tiny_sessions["llama"])
     code, out, err = run_cli(capsys, "neurons", "explain", "--index", fresh_index.path, "--layer", 0, "--neuron", 3,
                              "--n-explain", 2, "--n-score", 1, "--json")
     assert code == 0, err

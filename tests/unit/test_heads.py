@@ -4,7 +4,7 @@ References never go through the engine: each family's tiny model is rebuilt as a
 copy (same seed, identical weights, asserted), switched to HF's eager attention and run with
 ``output_attentions=True``; DLA parts are recomputed from ordinary forward hooks with the final
 norm's scale frozen by hand, in float64. Module paths are written out here per family rather
-than read from ``explorer.adapters``. Scores are checked on hand-built patterns whose answers
+than read from ``explorer.core.adapters``. Scores are checked on hand-built patterns whose answers
 are known, and the engine's wiring (which invoke feeds which score) is checked by substituting
 such patterns into a real run.
 """
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from tiny_models import FAMILIES, make_tiny_model
-from explorer import heads as heads_mod
-from explorer.cli import main
-from explorer.errors import EmptyPromptError, ExplorerError, TokenError
-from explorer.heads import (
+from explorer.analyses import heads as heads_mod
+from cli.main import main
+from explorer.core.errors import EmptyPromptError, ExplorerError, TokenError
+from explorer.analyses.heads import (
     AttentionRequest,
     AttentionResult,
     DLARequest,
@@ -41,9 +41,9 @@ from explorer.heads import (
     parse_head,
     previous_token_scores,
 )
-from explorer.session import ModelSession
+from explorer.core.session import ModelSession
 
-# Written out independently of explorer/adapters.py.
+# Written out independently of explorer/core/adapters.py.
 BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
           "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
 EMBED_OUT = {"llama": "model.embed_tokens", "mistral": "model.embed_tokens", "qwen2": "model.embed_tokens",
@@ -570,7 +570,7 @@ def test_results_round_trip(pairs):
 
 
 def test_results_go_through_a_snapshot(pairs, tmp_path):
-    from explorer.snapshot import load_snapshot, save_snapshot
+    from explorer.persistence.snapshot import load_snapshot, save_snapshot
 
     session, _ = pairs["tiny", "llama"]
     scores = head_scores(session, HeadsRequest(PROMPTS[0], seq_len=SEQ_LEN))
@@ -598,7 +598,7 @@ def test_validate_names_bad_shapes(pairs):
 def cli_session(pairs, monkeypatch):
     """The CLI on the tiny Llama: load_session is replaced, everything else is the real CLI."""
     session, _ = pairs["tiny", "llama"]
-    monkeypatch.setattr("explorer.cli_heads.load_session", lambda args: session)
+    monkeypatch.setattr("cli.heads.load_session", lambda args: session)
     return session
 
 
@@ -661,7 +661,7 @@ def test_cli_bad_head_syntax_fails_before_loading(monkeypatch, capsys):
     def no_load(args):
         raise AssertionError("the model must not load for a malformed --pattern")
 
-    monkeypatch.setattr("explorer.cli_heads.load_session", no_load)
+    monkeypatch.setattr("cli.heads.load_session", no_load)
     code, out, err = run_cli(capsys, "heads", "--prompt", "x y", "--pattern", "two.three")
     assert code == 2 and out == "" and err.count("\n") == 1 and "LAYER.HEAD" in err
 

@@ -12,9 +12,9 @@ from bokeh.document import Document
 from bokeh.events import Tap
 from bokeh.models import ColumnDataSource, DataTable, HoverTool, LinearColorMapper
 
-from explorer import heads as heads_engine
-from explorer.heads import ROLE_OF_SCORE, HeadScores, HeadsRequest, attention_patterns, head_scores
-from explorer.history import History
+from explorer.analyses import heads as heads_engine
+from explorer.analyses.heads import ROLE_OF_SCORE, HeadScores, HeadsRequest, attention_patterns, head_scores
+from explorer.persistence.history import History
 from widgets import ExplorerApp, HeadsView
 from widgets import heads_charts as hc
 from widgets import heads_view as heads_view_module

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from explorer.bias import load_minimal_pairs, load_occupations, load_templates, score_bias
-from explorer.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
-from explorer.cli import main
-from explorer.errors import ExplorerError
-from explorer.intervene import (
+from explorer.training.bias import load_minimal_pairs, load_occupations, load_templates, score_bias
+from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
+from cli.main import main
+from explorer.core.errors import ExplorerError
+from explorer.training.intervene import (
     ARMS,
     METRIC_KEYS,
     InterventionConfig,
@@ -34,9 +34,9 @@ from explorer.intervene import (
     run_intervention,
     select_trainable,
 )
-from explorer.lens import LensRequest, logit_lens
-from explorer.session import ModelSession
-from explorer.swap import swap_text
+from explorer.analyses.lens import LensRequest, logit_lens
+from explorer.core.session import ModelSession
+from explorer.training.swap import swap_text
 from tiny_models import make_tiny_model
 
 SUBJECTS = ["The farmer", "My uncle", "The old king", "Our neighbour Mr Brown", "The young man", "The pilot"]
@@ -366,7 +366,7 @@ def test_results_round_trip_and_reload(full_run, tmp_path):
     assert e["difference"] == pytest.approx(result.swapped.pronoun_preference[-1] - result.control.pronoun_preference[-1])
     assert e["se"] == pytest.approx(np.hypot(result.swapped.pronoun_preference_se[-1],
                                              result.control.pronoun_preference_se[-1]))
-    from explorer.snapshot import load_snapshot, save_snapshot
+    from explorer.persistence.snapshot import load_snapshot, save_snapshot
 
     snap = load_snapshot(save_snapshot(tmp_path / "s.zip", [result]))
     assert snap.results[0].effect() == pytest.approx(e, nan_ok=True)

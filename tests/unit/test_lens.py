@@ -4,7 +4,7 @@ The reference never goes through the engine: it builds its own copy of each tiny
 seed, so identical weights, which is asserted), captures the residual stream with ordinary
 forward hooks (cross-checked against ``output_hidden_states``), applies the final norm and the
 unembedding itself and reduces in float64. Module paths are written out here per family rather
-than read from ``explorer.adapters``, so a wrong adapter entry fails these tests.
+than read from ``explorer.core.adapters``, so a wrong adapter entry fails these tests.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tiny_models import FAMILIES, make_tiny_model
-from explorer.errors import EmptyPromptError, ExplorerError, PromptTooLongError, TokenError
-from explorer.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
-from explorer.session import ModelInfo, ModelSession
+from explorer.core.errors import EmptyPromptError, ExplorerError, PromptTooLongError, TokenError
+from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
+from explorer.core.session import ModelInfo, ModelSession
 
-# Where each family keeps its parts, written out independently of explorer/adapters.py.
+# Where each family keeps its parts, written out independently of explorer/core/adapters.py.
 EMBED_OUT = {"llama": "model.embed_tokens", "mistral": "model.embed_tokens", "qwen2": "model.embed_tokens",
              "gpt2": "transformer.drop", "gpt_neox": "gpt_neox.emb_dropout"}
 BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from explorer.jobs import CANCELLED, DONE, FAILED
+from explorer.core.jobs import CANCELLED, DONE, FAILED
 from widgets.live import LiveJob, dispatch
 
 

@@ -16,9 +16,9 @@ from bokeh.document import Document
 from bokeh.models import Span
 
 from tiny_models import make_tiny_model
-from explorer.describe import ExampleActivations, example_activations, import_descriptions, search, token_pattern
-from explorer.history import History
-from explorer.neurons import (
+from explorer.neurons.describe import ExampleActivations, example_activations, import_descriptions, search, token_pattern
+from explorer.persistence.history import History
+from explorer.neurons.index import (
     IndexRequest,
     NeuronHistogram,
     NeuronIndex,
@@ -425,7 +425,7 @@ def test_neuron_activations_stop_after_the_last_requested_layer(session, plain):
 
 
 def test_prompt_activation_errors(session):
-    from explorer.errors import ExplorerError
+    from explorer.core.errors import ExplorerError
 
     with pytest.raises(ExplorerError, match="layer 3 is out of range"):
         prompt_activation(session, "hello", 3, 0)
@@ -468,7 +468,7 @@ def test_view_renders_for_a_notebook(view):
 
 
 def test_the_views_history_saves_to_a_snapshot(view, tmp_path):
-    from explorer.snapshot import load_snapshot, save_snapshot
+    from explorer.persistence.snapshot import load_snapshot, save_snapshot
 
     run(view.open_neuron(1, 5))
     run(view.compute_prompt())
@@ -483,8 +483,8 @@ def test_the_views_history_saves_to_a_snapshot(view, tmp_path):
 
 
 def test_a_build_cancelled_before_its_first_batch_says_so(session, corpus, tmp_path):
-    from explorer.errors import ExplorerError
-    from explorer.jobs import Job
+    from explorer.core.errors import ExplorerError
+    from explorer.core.jobs import Job
 
     request = IndexRequest(corpus_path=str(corpus), **SETTINGS)
     job = Job(lambda ctx: build_index(session, request, tmp_path / "i", ctx))

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from tiny_models import make_tiny_model
-from explorer.cli import main
-from explorer.corpus import CorpusError
-from explorer.errors import ExplorerError
-from explorer.jobs import Job
-from explorer.neurons import (
+from cli.main import main
+from explorer.core.corpus import CorpusError
+from explorer.core.errors import ExplorerError
+from explorer.core.jobs import Job
+from explorer.neurons.index import (
     IndexRequest,
     NeuronExample,
     NeuronIndex,
@@ -42,7 +42,7 @@ WINDOW, MAX_TOKENS, TOP_K, N_RANDOM, BATCH = 32, 1536, 6, 5, 8
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The first 12 articles of the default corpus as a small text corpus."""
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
         lines = [next(f) for _ in range(12)]
@@ -306,7 +306,7 @@ def test_checkpoints_by_time(tiny_sessions, corpus, tmp_path, seconds, checkpoin
     """Without ``checkpoint_every`` a checkpoint is written once ``checkpoint_seconds`` have passed
     (0: after every batch; an hour: not within this build), and resuming from it, or from nothing,
     still ends with the uninterrupted index."""
-    from explorer.neurons import _load_arrays
+    from explorer.neurons.index import _load_arrays
 
     session = tiny_sessions["llama"]
     req = request(corpus, batch_windows=4, checkpoint_every=None, checkpoint_seconds=seconds)
@@ -331,7 +331,7 @@ def test_checkpoints_by_time(tiny_sessions, corpus, tmp_path, seconds, checkpoin
 def test_a_failing_batch_leaves_no_hooks_on_the_model(tiny_sessions, corpus, tmp_path, monkeypatch):
     """The index reads the neuron sites through hooks that exist only during its own forward: an
     error inside one propagates as itself and leaves the shared model as it was."""
-    from explorer import neurons
+    from explorer.neurons import index
 
     session = tiny_sessions["gpt2"]
     sites = [blk.get_submodule(MLP_OUT["gpt2"]) for blk in session.hf.get_submodule(BLOCKS["gpt2"])]
@@ -431,7 +431,7 @@ def test_hist_bins_and_quantiles():
 @pytest.fixture
 def cli_llama(tiny_sessions, monkeypatch):
     session = tiny_sessions["llama"]
-    monkeypatch.setattr("explorer.cli_neurons.load_session", lambda args: session)
+    monkeypatch.setattr("cli.neurons.load_session", lambda args: session)
     return session
 
 
@@ -499,7 +499,7 @@ def test_cli_bad_neuron_and_missing_query(cli_llama, corpus, tmp_path, capsys):
 def test_fused_statistics_give_the_same_index(tiny_sessions, corpus, tmp_path):
     """The compiled (fused) reductions agree with the plain ones: top-k, samples and histogram
     exactly, sums to float rounding; a last batch smaller than the compiled shape is handled."""
-    from explorer import neurons
+    from explorer.neurons import index
 
     session = tiny_sessions["llama"]
     # 48 windows in batches of 5: the last batch (3 windows) is not the compiled shape

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import explorer.ablation as ablation_mod
+import explorer.interventions.ablation as ablation_mod
 from tiny_models import FAMILIES, make_tiny_model
-from explorer.ablation import AblationError
-from explorer.patching import PatchRequest, PatchResult, patch, patched_metric, restored_fraction
+from explorer.interventions.ablation import AblationError
+from explorer.interventions.patching import PatchRequest, PatchResult, patch, patched_metric, restored_fraction
 
 BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
           "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}

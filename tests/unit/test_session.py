@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_models import FAMILIES, make_tiny_model
-from explorer.errors import (
+from explorer.core.errors import (
     EmptyPromptError,
     ExplorerError,
     ModelNotFoundError,
@@ -16,8 +16,8 @@ from explorer.errors import (
     TokenError,
     UnsupportedModelError,
 )
-from explorer.lens import LensRequest, logit_lens
-from explorer.session import ModelInfo, ModelSession, pick_device, pick_dtype
+from explorer.analyses.lens import LensRequest, logit_lens
+from explorer.core.session import ModelInfo, ModelSession, pick_device, pick_dtype
 
 # What the tiny configs in conftest.py declare, written out independently of the engine:
 # (n_heads, n_kv_heads, d_mlp); every family has 3 layers, d_model 64, head size 16, context 256.
@@ -324,7 +324,7 @@ def test_fast_bfloat16_reads_the_cpu_flags(monkeypatch):
     import builtins
     import io
 
-    from explorer.session import fast_bfloat16
+    from explorer.core.session import fast_bfloat16
 
     real_open = builtins.open
 

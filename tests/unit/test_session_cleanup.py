@@ -9,7 +9,7 @@ import weakref
 from bokeh.client import pull_session
 from panel.tests.util import serve_and_wait, wait_until
 
-from explorer.lens import LensRequest, logit_lens
+from explorer.analyses.lens import LensRequest, logit_lens
 from widgets.app import ExplorerApp, drop_state_watchers, session_options
 
 
@@ -54,7 +54,7 @@ def test_drop_state_watchers_removes_a_pages_reference_watchers(tiny_sessions):
 
 def test_a_closed_history_keeps_nothing_added_later(tiny_sessions):
     """A job that ends after its session closed (a cancelled sweep's partial result) adds nothing."""
-    from explorer.history import History
+    from explorer.persistence.history import History
 
     history = History()
     seen = []

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from explorer.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
-from explorer.snapshot import (
+from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
+from explorer.persistence.snapshot import (
     Entry, SnapshotError, append_to_snapshot, load_snapshot, model_differences, model_identity, save_snapshot,
 )
-from explorer.swap import audit_swap
+from explorer.training.swap import audit_swap
 
 
 def assert_same(a, b):
@@ -169,16 +169,16 @@ def test_every_result_module_is_registered_for_loading():
     import pkgutil
 
     import explorer
-    from explorer.results import Result
-    from explorer.snapshot import RESULT_MODULES
+    from explorer.core.results import Result
+    from explorer.persistence.snapshot import RESULT_MODULES
 
     defining = set()
-    for info in pkgutil.iter_modules(explorer.__path__):
-        if info.name.startswith("_"):  # __main__ runs the CLI on import
+    for info in pkgutil.walk_packages(explorer.__path__, "explorer."):
+        if info.name.rpartition(".")[2].startswith("_"):  # __main__ runs the CLI on import
             continue
-        module = importlib.import_module(f"explorer.{info.name}")
+        module = importlib.import_module(info.name)
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, Result) and obj is not Result \
                     and obj.__module__ == module.__name__:
-                defining.add(info.name)
+                defining.add(info.name.removeprefix("explorer."))
     assert defining <= set(RESULT_MODULES), defining - set(RESULT_MODULES)

@@ -17,15 +17,15 @@ from bokeh.document import Document
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from explorer.ablation import AblationRequest, SweepRequest, ablate, sweep
-from explorer.describe import example_activations, token_pattern
-from explorer.heads import HeadsRequest, attention_patterns, head_scores
-from explorer.jobs import Job
-from explorer.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.neurons import IndexRequest, build_index, prompt_activation
-from explorer.patching import PatchRequest, patch
-from explorer.snapshot import Snapshot, SnapshotError, load_snapshot, model_identity, read_snapshot, save_snapshot
-from explorer.swap import audit_swap
+from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
+from explorer.neurons.describe import example_activations, token_pattern
+from explorer.analyses.heads import HeadsRequest, attention_patterns, head_scores
+from explorer.core.jobs import Job
+from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+from explorer.neurons.index import IndexRequest, build_index, prompt_activation
+from explorer.interventions.patching import PatchRequest, patch
+from explorer.persistence.snapshot import Snapshot, SnapshotError, load_snapshot, model_identity, read_snapshot, save_snapshot
+from explorer.training.swap import audit_swap
 from widgets import export
 from widgets.snapshot_view import SnapshotView
 
@@ -45,7 +45,7 @@ class Raw(bytes):
 def raw(tiny_sessions, tmp_path_factory) -> bytes:
     """A small valid snapshot holding one result of most kinds (nested results included)."""
     s = tiny_sessions["gpt2"]
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
         text = "".join(next(f) for _ in range(3))

@@ -15,22 +15,22 @@ import pytest
 from bokeh.document import Document
 from bokeh.models import ColumnDataSource, Div
 
-from explorer.bias import BiasRequest, bias_probe
-from explorer.ablation import AblationRequest, SweepRequest, ablate, sweep
-from explorer.demonstrations import DemoRequest, OverthinkingRequest, overthinking
-from explorer.describe import example_activations, explain_neuron, search, token_pattern
-from explorer.heads import HeadsRequest, attention_patterns, head_scores
-from explorer.jobs import Job
-from explorer.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.neurons import IndexRequest, build_index, prompt_activation
-from explorer.patching import PatchRequest, patch
-from explorer.results import RESULT_TYPES
-from explorer.session import ModelSession
-from explorer.snapshot import (
+from explorer.training.bias import BiasRequest, bias_probe
+from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
+from explorer.analyses.demonstrations import DemoRequest, OverthinkingRequest, overthinking
+from explorer.neurons.describe import example_activations, explain_neuron, search, token_pattern
+from explorer.analyses.heads import HeadsRequest, attention_patterns, head_scores
+from explorer.core.jobs import Job
+from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+from explorer.neurons.index import IndexRequest, build_index, prompt_activation
+from explorer.interventions.patching import PatchRequest, patch
+from explorer.core.results import RESULT_TYPES
+from explorer.core.session import ModelSession
+from explorer.persistence.snapshot import (
     Entry, SnapshotError, _register_result_types, load_snapshot, model_identity, read_snapshot, save_snapshot,
     snapshot_bytes,
 )
-from explorer.swap import audit_swap
+from explorer.training.swap import audit_swap
 from tiny_models import make_tiny_model
 from widgets import ablation_charts as ac
 from widgets import charts
@@ -53,7 +53,7 @@ def session(tiny_sessions):
 
 @pytest.fixture(scope="module")
 def index(session, tmp_path_factory):
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
         lines = [next(f) for _ in range(6)]
@@ -66,9 +66,9 @@ def index(session, tmp_path_factory):
 @pytest.fixture(scope="module")
 def intervention(session, tmp_path_factory):
     """A two-step run of the tiny model on a few news lines, and its checkpoints compared."""
-    from explorer.checkpoints import compare_checkpoints, run_checkpoint_dirs
-    from explorer.defaults import ensure_default_corpus
-    from explorer.intervene import InterventionConfig, run_intervention
+    from explorer.training.checkpoints import compare_checkpoints, run_checkpoint_dirs
+    from explorer.core.defaults import ensure_default_corpus
+    from explorer.training.intervene import InterventionConfig, run_intervention
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
         lines = [next(f) for _ in range(12)]
@@ -446,7 +446,7 @@ def model_dir(tokenizer, tmp_path_factory):
 
 
 def test_snapshot_option_on_every_analysis_command(model_dir, tmp_path, capsys):
-    from explorer.cli import main
+    from cli.main import main
 
     snap = tmp_path / "cli.zip"
     common = ["--model", str(model_dir), "--device", "cpu", "--snapshot", str(snap)]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from explorer.swap import PAIRS, SwapAudit, audit_swap, swap_text, swap_with_counts
+from explorer.training.swap import PAIRS, SwapAudit, audit_swap, swap_text, swap_with_counts
 
 TRICKY = [
     # (masculine text, expected feminine text)
@@ -127,6 +127,6 @@ def test_cli_swap_prints_only_the_text():
 
 @pytest.fixture(scope="module")
 def default_corpus_lines():
-    from explorer.defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     return ensure_default_corpus().read_text(encoding="utf-8").splitlines()

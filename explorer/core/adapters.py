@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UnsupportedModelError
+from explorer.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def adapter_for(model_type: str) -> Adapter:
         supported = ", ".join(sorted(ADAPTERS))
         raise UnsupportedModelError(
             f"no architecture adapter for model type '{model_type}' (supported: {supported}); "
-            "add one to explorer/adapters.py naming its blocks, final norm and unembedding"
+            "add one to explorer/core/adapters.py naming its blocks, final norm and unembedding"
         ) from None
 
 

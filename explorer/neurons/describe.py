@@ -45,9 +45,9 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .errors import ExplorerError
-from .neurons import NeuronExample, NeuronIndex, _atomic_write_text, neuron_activations
-from .results import Result
+from explorer.core.errors import ExplorerError
+from explorer.neurons.index import NeuronExample, NeuronIndex, _atomic_write_text, neuron_activations
+from explorer.core.results import Result
 
 
 class DescribeError(ExplorerError):
@@ -216,7 +216,7 @@ class Explainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if spec == "default":
-            from .defaults import DEFAULT_MODEL_NAME, ensure_default_model
+            from explorer.core.defaults import DEFAULT_MODEL_NAME, ensure_default_model
 
             name, path = DEFAULT_MODEL_NAME, str(ensure_default_model(progress=lambda *_: None))
             if session is not None and Path(session.path or "-").resolve() == Path(path).resolve():

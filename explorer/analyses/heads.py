@@ -28,9 +28,9 @@ from typing import ClassVar, Iterator
 import numpy as np
 import torch
 
-from .errors import ExplorerError, UnsupportedModelError
-from .results import Result
-from .session import ModelSession
+from explorer.core.errors import ExplorerError, UnsupportedModelError
+from explorer.core.results import Result
+from explorer.core.session import ModelSession
 
 
 class HeadsError(ExplorerError):

@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 
-from .results import Result
+from explorer.core.results import Result
 
 # (masculine, feminine); singular and plural listed separately. Ambiguous words (his, her)
 # are handled by context below and so appear only in one direction here.

@@ -13,7 +13,7 @@ Sites: ``resid`` = the residual stream after block L (the block's output), ``att
 tokens (position i is patched from position i).
 
 The corrupted run is computed once; each layer's patches (one batch row per position) replay
-only blocks L.. from its cached input, as the ablation sweep does (see ``explorer.ablation``).
+only blocks L.. from its cached input, as the ablation sweep does (see ``explorer.interventions.ablation``).
 ``patched_metric`` is the plain nnsight path (one trace, one forward per patch set) used to
 check it.
 """
@@ -25,7 +25,7 @@ from typing import ClassVar, Iterable, Sequence
 import numpy as np
 import torch
 
-from .ablation import (
+from explorer.interventions.ablation import (
     AblationError,
     CleanRun,
     Edit,
@@ -37,9 +37,9 @@ from .ablation import (
     replay,
     run_clean,
 )
-from .lens import layer_labels
-from .results import Result
-from .session import ModelSession
+from explorer.analyses.lens import layer_labels
+from explorer.core.results import Result
+from explorer.core.session import ModelSession
 
 SITES = ("resid", "attn", "mlp")
 

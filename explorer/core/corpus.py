@@ -35,7 +35,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import ExplorerError
+from explorer.core.errors import ExplorerError
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "datasets")
 TEXT_MODES = ("lines", "paragraphs")

@@ -24,14 +24,15 @@ from typing import IO, Any, Iterable
 
 import numpy as np
 
-from .errors import ExplorerError
-from .results import RESULT_TYPES, Result
+from explorer.core.errors import ExplorerError
+from explorer.core.results import RESULT_TYPES, Result
 
 SCHEMA_VERSION = 1
 MAX_UNCOMPRESSED = 4 << 30  # refuse zip bombs: 4 GiB of content at most
 # Modules defining result types: imported before loading so every type is registered.
-RESULT_MODULES = ("session", "lens", "swap", "heads", "ablation", "patching", "neurons", "describe", "demonstrations",
-                  "bias", "intervene", "checkpoints")
+RESULT_MODULES = ("core.session", "analyses.lens", "analyses.heads", "analyses.demonstrations",
+                  "interventions.ablation", "interventions.patching", "neurons.index", "neurons.describe",
+                  "training.swap", "training.bias", "training.intervene", "training.checkpoints")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 

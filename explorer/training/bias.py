@@ -50,10 +50,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ExplorerError
-from .results import Result
+from explorer.core.defaults import ASSETS_DIR
+from explorer.core.errors import ExplorerError
+from explorer.core.results import Result
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = ASSETS_DIR
 OCCUPATIONS_CSV = ASSETS / "occupations.csv"
 TEMPLATES_JSON = ASSETS / "bias" / "templates.json"
 PAIRS_JSON = ASSETS / "bias" / "minimal_pairs.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import sys
 
-from .cli import _log, add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
-from .errors import ExplorerError
+from cli.common import log, add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from explorer.core.errors import ExplorerError
 
 
 def _num(value: float) -> float | None:
@@ -52,7 +52,7 @@ def _print_bias(result) -> None:
 
 
 def cmd_bias(args) -> int:
-    from .bias import BiasRequest, bias_probe, load_crows_pairs
+    from explorer.training.bias import BiasRequest, bias_probe, load_crows_pairs
 
     if args.crows:
         load_crows_pairs(args.crows)  # a bad file fails before the model loads
@@ -86,7 +86,7 @@ class _TqdmContext:
 
 
 def cmd_intervene(args) -> int:
-    from .intervene import InterventionConfig, load_run, run_intervention
+    from explorer.training.intervene import InterventionConfig, load_run, run_intervention
 
     given = {k: v for k, v in {
         "corpus": args.corpus, "steps": args.steps, "eval_every": args.eval_every,
@@ -99,7 +99,7 @@ def cmd_intervene(args) -> int:
     start = 0
     try:
         start = load_run(args.out).step
-        _log(f"resuming the run in {args.out} from step {start}")
+        log(f"resuming the run in {args.out} from step {start}")
     except ExplorerError:
         pass
     ctx = _TqdmContext(config.steps, start)
@@ -107,7 +107,7 @@ def cmd_intervene(args) -> int:
         result = run_intervention(args.model, config, args.out, ctx)
     except KeyboardInterrupt:
         ctx.bar.close()
-        _log(f"interrupted; run the same command again to resume from the last checkpoint in {args.out}")
+        log(f"interrupted; run the same command again to resume from the last checkpoint in {args.out}")
         return 130
     ctx.bar.close()
     if args.json:
@@ -128,7 +128,7 @@ def cmd_intervene(args) -> int:
 
 
 def cmd_checkpoints(args) -> int:
-    from .checkpoints import compare_checkpoints, run_checkpoint_dirs
+    from explorer.training.checkpoints import compare_checkpoints, run_checkpoint_dirs
 
     dirs = list(args.dirs or [])
     if args.run:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import ExplorerError
+from explorer.core.errors import ExplorerError
 
 KINDS = ("head", "neuron", "attn", "mlp", "block")
 SYNTAX = "use L.H for a head, L:N for a neuron, or attn:L, mlp:L, block:L (e.g. 3.1, 5:1024, mlp:2)"

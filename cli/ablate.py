@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from .cli import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
-from .errors import ExplorerError
+from cli.common import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from explorer.core.errors import ExplorerError
 
 
 def add_commands(sub) -> None:
@@ -66,7 +66,7 @@ def _run_job(fn, label: str):
     """
     from tqdm import tqdm
 
-    from .jobs import Job
+    from explorer.core.jobs import Job
 
     bars: list = []
 
@@ -96,7 +96,7 @@ def _read_mean_text(path: str | None) -> str | None:
 
 
 def cmd_ablate(args) -> int:
-    from .ablation import AblationRequest, SweepRequest, ablate, sweep
+    from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
 
     specs = [s for s in (args.heads, args.neurons, args.blocks) if s]
     if args.sweep and specs:
@@ -153,7 +153,7 @@ def _print_sweep(result) -> None:
 
 
 def cmd_patch(args) -> int:
-    from .patching import PatchRequest, patch
+    from explorer.interventions.patching import PatchRequest, patch
 
     session = load_session(args)
     request = PatchRequest(args.clean, args.corrupt, args.target, site=args.site, compare_token=args.compare)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from .results import Result
-from .snapshot import Entry
+from explorer.core.results import Result
+from explorer.persistence.snapshot import Entry
 
 
 class History:

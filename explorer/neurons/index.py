@@ -2,7 +2,7 @@
 
 A neuron is one input feature of a block's MLP down/out projection (``adapter.mlp_out``): the
 activations that the projection reads. ``build_index`` streams a corpus in windows of ``window``
-tokens (``explorer.corpus.token_windows``), runs the model on ``batch_windows`` windows per
+tokens (``explorer.core.corpus.token_windows``), runs the model on ``batch_windows`` windows per
 forward pass and reduces each layer's neuron activations as the forward reaches them (the model
 stops after the last layer's; nothing of a batch is kept but its reductions). On the model's
 device it updates:
@@ -56,10 +56,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .corpus import CorpusError, batched, corpus_fingerprint, detect_format, iter_documents, token_windows
-from .errors import ExplorerError
-from .jobs import JobContext
-from .results import Result
+from explorer.core.corpus import CorpusError, batched, corpus_fingerprint, detect_format, iter_documents, token_windows
+from explorer.core.errors import ExplorerError
+from explorer.core.jobs import JobContext
+from explorer.core.results import Result
 
 FORMAT = "interp-explorer-neuron-index"
 VERSION = 1
@@ -490,7 +490,7 @@ def index_key(session, req: IndexRequest, corpus: dict) -> str:
 
 
 def default_index_dir(key: str) -> Path:
-    from .defaults import cache_dir
+    from explorer.core.defaults import cache_dir
 
     return cache_dir() / "neurons" / key
 
@@ -498,7 +498,7 @@ def default_index_dir(key: str) -> Path:
 def _resolve_corpus(req: IndexRequest) -> IndexRequest:
     if req.corpus_path is not None:
         return req
-    from .defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     return replace(req, corpus_path=str(ensure_default_corpus(progress=lambda *_: None)))
 

@@ -2,8 +2,8 @@
 
 For a list of model directories (an intervention run's checkpoints, or local directories such as
 Pythia revisions), each model is loaded in turn and gets the three bias probes
-(``explorer.bias``) and, when a prompt is given, the logit lens' probability of one target token
-at the prompt's last position after every layer (``explorer.lens``). The target is resolved once
+(``explorer.training.bias``) and, when a prompt is given, the logit lens' probability of one target token
+at the prompt's last position after every layer (``explorer.analyses.lens``). The target is resolved once
 (the first model's final top-1 when not given) and used for every checkpoint, so the curves
 are comparable; every model must have the same number of layers.
 """
@@ -16,11 +16,11 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from .bias import BiasRequest, bias_probe
-from .errors import ExplorerError
-from .jobs import JobContext
-from .lens import LensRequest, logit_lens
-from .results import Result
+from explorer.training.bias import BiasRequest, bias_probe
+from explorer.core.errors import ExplorerError
+from explorer.core.jobs import JobContext
+from explorer.analyses.lens import LensRequest, logit_lens
+from explorer.core.results import Result
 
 _METRICS = ("pronoun_preference", "stereotype_alignment", "minimal_pairs")
 
@@ -83,7 +83,7 @@ def _step(path: Path) -> int:
 
 def run_checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     """An intervention run's checkpoints: the control arm's, then the swapped arm's, oldest first."""
-    from .intervene import ARMS, checkpoint_dirs
+    from explorer.training.intervene import ARMS, checkpoint_dirs
 
     out = Path(out_dir).expanduser()
     if not (out / "run.json").exists():
@@ -95,7 +95,7 @@ def compare_checkpoints(dirs: Sequence[str | Path], *, prompt: str | None = None
                         device: str = "auto", dtype: str = "auto", max_templates: int | None = None,
                         crows_path: str | None = None, ctx: JobContext | None = None) -> CheckpointComparison:
     """Load each model directory in turn; bias probes and (with a prompt) the lens target curve."""
-    from .session import ModelSession
+    from explorer.core.session import ModelSession
 
     if not dirs:
         raise ExplorerError("no checkpoints to compare: give at least one model directory")

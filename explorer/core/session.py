@@ -18,15 +18,15 @@ from typing import Any, Callable, Hashable
 import numpy as np
 import torch
 
-from .adapters import Adapter, adapter_for, check_modules
-from .errors import (
+from explorer.core.adapters import Adapter, adapter_for, check_modules
+from explorer.core.errors import (
     EmptyPromptError,
     ModelNotFoundError,
     PromptTooLongError,
     TokenError,
     UnsupportedModelError,
 )
-from .results import Result
+from explorer.core.results import Result
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,7 +100,7 @@ def fast_bfloat16(device: str | torch.device) -> bool:
 def _resolve_path(model: str | None) -> tuple[str, str]:
     """Return (name, local directory) for a model argument: None (default), a directory, or a cached hub id."""
     if model is None or model == "default":
-        from .defaults import DEFAULT_MODEL_NAME, ensure_default_model
+        from explorer.core.defaults import DEFAULT_MODEL_NAME, ensure_default_model
 
         return DEFAULT_MODEL_NAME, str(ensure_default_model())
     path = Path(model).expanduser()

@@ -1,63 +1,19 @@
-"""Command line: ``python -m explorer <command>``. Bad input gives one line on stderr, exit 2."""
+"""The basic commands: setup, info, lens (and compare), swap, snapshot, serve."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from typing import Sequence
 
-from .errors import ExplorerError
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from cli.common import add_model_args, add_snapshot_arg, load_session, log, maybe_snapshot, print_json
+from explorer.core.errors import ExplorerError
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="local model directory or a hub id already in the local cache "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = float32 on CPU, bfloat16 on a GPU")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model's own Python code to run (off by default)")
-
-
-def load_session(args):
-    from .session import ModelSession
-
-    return ModelSession.load(args.model, device=args.device, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code)
-
-
-def add_snapshot_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", metavar="FILE", default=None,
-                   help="also append the result to this snapshot file (created if missing)")
-
-
-def maybe_snapshot(args, session, result, label: str) -> None:
-    """Append a result to ``--snapshot FILE`` when the command was given one."""
-    if getattr(args, "snapshot", None):
-        from .snapshot import append_to_snapshot, model_identity
-
-        append_to_snapshot(args.snapshot, result, label, model_identity(session))
-        _log(f"appended to {args.snapshot}")
-
-
-def print_json(data) -> None:
-    json.dump(data, sys.stdout, ensure_ascii=False)
-    sys.stdout.write("\n")
-
-
-# ------------------------------------------------------------------- commands
 def cmd_setup(args) -> int:
-    from .defaults import ensure_default_corpus, ensure_default_model
+    from explorer.core.defaults import ensure_default_corpus, ensure_default_model
 
-    model = ensure_default_model(progress=_log)
-    corpus = ensure_default_corpus(progress=_log)
-    _log(f"default model: {model}\ndefault corpus: {corpus}")
+    model = ensure_default_model(progress=log)
+    corpus = ensure_default_corpus(progress=log)
+    log(f"default model: {model}\ndefault corpus: {corpus}")
     return 0
 
 
@@ -93,7 +49,7 @@ def _print_lens_table(result) -> None:
 
 
 def cmd_lens(args) -> int:
-    from .lens import CompareRequest, LensRequest, compare_prompts, logit_lens
+    from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
 
     session = load_session(args)
     if args.compare is not None:
@@ -124,7 +80,7 @@ def cmd_lens(args) -> int:
 
 
 def cmd_swap(args) -> int:
-    from .swap import swap_text
+    from explorer.training.swap import swap_text
 
     text = sys.stdin.read() if args.text == "-" else args.text
     sys.stdout.write(swap_text(text, "f2m" if args.reverse else "m2f") + ("" if text.endswith("\n") else "\n"))
@@ -132,7 +88,7 @@ def cmd_swap(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
-    from .snapshot import load_snapshot
+    from explorer.persistence.snapshot import load_snapshot
 
     snap = load_snapshot(args.file)
     if args.action == "show":
@@ -150,17 +106,17 @@ def cmd_snapshot(args) -> int:
     from widgets.export import export_html  # bokeh lives in widgets/
 
     export_html(snap, args.out)
-    _log(f"wrote {args.out}")
+    log(f"wrote {args.out}")
     return 0
 
 
 def cmd_serve(args) -> int:
-    from .defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
-    ensure_default_corpus(progress=_log)  # the app's neuron index and mean ablations read it
+    ensure_default_corpus(progress=log)  # the app's neuron index and mean ablations read it
     session = load_session(args)  # fetches the default model the first time
     info = session.info()
-    _log(f"{info.name}: {info.architecture}, {info.n_layers} layers, on {info.device} ({info.dtype})")
+    log(f"{info.name}: {info.architecture}, {info.n_layers} layers, on {info.device} ({info.dtype})")
     from widgets.app import serve_app  # the CLI is the one place the engine starts the UI
 
     origins = args.allow_websocket_origin or None
@@ -169,11 +125,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m explorer",
-                                     description="Interp Explorer: interpretability of transformer LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
     p = sub.add_parser("setup", help="fetch and cache the embedded default model and corpus")
     p.set_defaults(fn=cmd_setup)
 
@@ -216,31 +168,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra host:port allowed to open the app (needed with a non-local --address)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
     p.set_defaults(fn=cmd_serve)
-
-    # Feature modules add their own commands: each has add_commands(subparsers).
-    # (one line per module, below)
-    from .cli_ablate import add_commands as _ablate; _ablate(sub)  # noqa: E702
-    from .cli_heads import add_commands as _heads; _heads(sub)  # noqa: E702
-    from .cli_neurons import add_commands as _neurons; _neurons(sub)  # noqa: E702
-    from .cli_intervene import add_commands as _intervene; _intervene(sub)  # noqa: E702
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        return args.fn(args)
-    except ExplorerError as e:
-        _log(f"error: {e}")
-        return 2
-    except KeyboardInterrupt:
-        _log("interrupted")
-        return 130
-    except BrokenPipeError:  # e.g. piped into `head`
-        sys.stderr.close()
-        return 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
-from .errors import ExplorerError
+from cli.common import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from explorer.core.errors import ExplorerError
 
 # Score name -> (heading, largest first?) for the readable table.
 _TABLE = {
@@ -86,7 +86,7 @@ def _print_pattern(pattern, max_pos: int = 16) -> None:
 
 
 def cmd_heads(args) -> int:
-    from .heads import HeadsRequest, head_pattern, head_scores, parse_head
+    from explorer.analyses.heads import HeadsRequest, head_pattern, head_scores, parse_head
 
     seq_len = HeadsRequest.seq_len if args.seq_len is None else args.seq_len  # the dataclass default
     if seq_len < 1:

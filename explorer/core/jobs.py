@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from .errors import ExplorerError
+from explorer.core.errors import ExplorerError
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Ablation: knock out heads, neurons, attention/MLP outputs or whole blocks and measure the effect.
 
-Components and where they act are described in ``explorer.components``. Three modes give the
+Components and where they act are described in ``explorer.core.components``. Three modes give the
 replacement value:
 
 - ``zero``: the activation is set to 0 (a block: its output is set to its input);
@@ -40,11 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .components import Component, ComponentError, Geometry, components_for, geometry, split_specs
-from .errors import EmptyPromptError, ExplorerError
-from .lens import LensRequest, LensResult, layer_labels, reduce_rows
-from .results import Result
-from .session import ModelSession
+from explorer.core.components import Component, ComponentError, Geometry, components_for, geometry, split_specs
+from explorer.core.errors import EmptyPromptError, ExplorerError
+from explorer.analyses.lens import LensRequest, LensResult, layer_labels, reduce_rows
+from explorer.core.results import Result
+from explorer.core.session import ModelSession
 
 MODES = ("zero", "mean", "resample")
 SWEEP_KINDS = ("heads", "blocks", "neurons")
@@ -402,7 +402,7 @@ def run_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = (
 def _corpus_text(text: str | None) -> str:
     if text is not None:
         return text
-    from .defaults import ensure_default_corpus
+    from explorer.core.defaults import ensure_default_corpus
 
     return ensure_default_corpus(progress=lambda *_: None).read_text(encoding="utf-8", errors="replace")
 

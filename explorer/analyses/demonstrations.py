@@ -20,7 +20,7 @@ Definitions (all measured at the prompt's last position, the token before the qu
   (classes − 1). On permuted prompts those same-class demonstrations show the wrong label, so
   a head that copies them pushes the wrong answer. Averaged over the permuted prompts; ranked.
 - **Ablation**: zero each chosen head's slice of the attention output projection's input
-  (``"L.H"`` components in ``zero`` mode, as ``explorer.ablation``) at every position or at the
+  (``"L.H"`` components in ``zero`` mode, as ``explorer.interventions.ablation``) at every position or at the
   last one only, and re-measure the final-layer accuracy gap (correct − permuted);
   ``gap reduction = 1 − gap_ablated / gap_clean``.
 
@@ -41,14 +41,15 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from .components import components_for, geometry
-from .errors import ExplorerError
-from .heads import eager_attention
-from .lens import layer_labels
-from .results import Result
-from .session import ModelSession
+from explorer.core.components import components_for, geometry
+from explorer.core.defaults import ASSETS_DIR
+from explorer.core.errors import ExplorerError
+from explorer.analyses.heads import eager_attention
+from explorer.analyses.lens import layer_labels
+from explorer.core.results import Result
+from explorer.core.session import ModelSession
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "assets" / "demonstrations"
+TASKS_DIR = ASSETS_DIR / "demonstrations"
 CONDITIONS = ("correct", "permuted")
 POSITIONS = ("all", "last")
 

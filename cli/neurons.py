@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
-from .errors import ExplorerError
+from cli.common import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from explorer.core.errors import ExplorerError
 
 
 def add_commands(sub) -> None:
@@ -81,8 +81,8 @@ def add_commands(sub) -> None:
 def cmd_index(args) -> int:
     from tqdm import tqdm
 
-    from .jobs import Job
-    from .neurons import IndexRequest, build_index
+    from explorer.core.jobs import Job
+    from explorer.neurons.index import IndexRequest, build_index
 
     if args.max_tokens < 0:
         raise ExplorerError("--max-tokens must be ≥ 0 (0: the whole corpus)")
@@ -132,8 +132,8 @@ def _context(e, before: int = 12, after: int = 3) -> str:
 
 
 def cmd_show(args) -> int:
-    from .describe import DescriptionStore, token_pattern
-    from .neurons import NeuronIndex
+    from explorer.neurons.describe import DescriptionStore, token_pattern
+    from explorer.neurons.index import NeuronIndex
 
     index = NeuronIndex.open(args.index)
     index.check_neuron(args.layer, args.neuron)
@@ -168,8 +168,8 @@ def cmd_show(args) -> int:
 
 # ------------------------------------------------------------------------------ explain
 def cmd_explain(args) -> int:
-    from .describe import explain_neuron
-    from .neurons import NeuronIndex
+    from explorer.neurons.describe import explain_neuron
+    from explorer.neurons.index import NeuronIndex
 
     index = NeuronIndex.open(args.index)
     index.check_neuron(args.layer, args.neuron)
@@ -196,7 +196,7 @@ def cmd_explain(args) -> int:
 
 # ------------------------------------------------------------------------------ import / search
 def cmd_import(args) -> int:
-    from .describe import import_descriptions
+    from explorer.neurons.describe import import_descriptions
 
     n = import_descriptions(args.index, args.file, kind=args.kind, source=args.source)
     if args.json:
@@ -207,7 +207,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .describe import search
+    from explorer.neurons.describe import search
 
     if not args.query and not args.token:
         raise ExplorerError("neurons search needs --query TEXT or --token TOKEN")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .results import Result
-from .session import DTYPES, ModelSession
+from explorer.core.results import Result
+from explorer.core.session import DTYPES, ModelSession
 
 # Rows unembedded per matmul: big enough to run near the matmul peak, small enough to cap
 # memory (1024 rows × 49k vocab × 4 B ≈ 200 MB per temporary).
@@ -256,7 +256,7 @@ def _result(session, request, ids, stream, target_id, dtype) -> LensResult:
 
 
 def _check_top_k(session: ModelSession, top_k: int) -> None:
-    from .errors import ExplorerError
+    from explorer.core.errors import ExplorerError
 
     if not 1 <= top_k <= min(100, session.unembed_weight().shape[0]):
         raise ExplorerError(f"top-k must be between 1 and 100, got {top_k}")

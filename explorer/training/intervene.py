@@ -2,8 +2,8 @@
 
 After Biderman et al. 2023 (Pythia §3.1): from one starting checkpoint, train two copies of the
 model on the same data in the same order, one on the original text ("control") and one on the
-text with masculine words swapped for feminine ones ("swapped", ``explorer.swap``), and follow
-the bias probes (``explorer.bias``) of both.
+text with masculine words swapped for feminine ones ("swapped", ``explorer.training.swap``), and follow
+the bias probes (``explorer.training.bias``) of both.
 
 The data, built once per run (``build_streams``):
 - the corpus's documents are put in a seeded random order; the first ``heldout_documents`` of
@@ -70,12 +70,12 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import torch
 
-from .bias import EVAL_TEMPLATES, load_minimal_pairs, load_occupations, load_templates, score_bias
-from .corpus import iter_documents, separator_ids
-from .errors import ExplorerError
-from .jobs import Job, JobContext
-from .results import Result
-from .swap import SwapAudit, audit_swap, swap_text
+from explorer.training.bias import EVAL_TEMPLATES, load_minimal_pairs, load_occupations, load_templates, score_bias
+from explorer.core.corpus import iter_documents, separator_ids
+from explorer.core.errors import ExplorerError
+from explorer.core.jobs import Job, JobContext
+from explorer.core.results import Result
+from explorer.training.swap import SwapAudit, audit_swap, swap_text
 
 ARMS = ("control", "swapped")
 # The numbers in every metrics.jsonl line besides step/tokens/time, in chart order.
@@ -117,7 +117,7 @@ class InterventionConfig:
     eval_pairs: int | None = None      # minimal pairs per evaluation (None: all)
     heldout_documents: int = 20
     heldout_windows: int = 16
-    prefix: str = "bos"                # context token of the probes (see explorer.bias)
+    prefix: str = "bos"                # context token of the probes (see explorer.training.bias)
 
     def check(self) -> None:
         """Raise InterventionError naming the first bad setting."""
@@ -199,7 +199,7 @@ class Streams:
 def corpus_documents(config: InterventionConfig) -> list[str]:
     """The corpus's documents (the default news corpus when ``config.corpus`` is None)."""
     if config.corpus is None:
-        from .defaults import ensure_default_corpus
+        from explorer.core.defaults import ensure_default_corpus
 
         path = ensure_default_corpus(progress=lambda *_: None)
     else:
@@ -551,7 +551,7 @@ def _load_model(path: str | Path, device: str):
 
 def _starting_point(model_or_session, device: str):
     """(model in float32 on ``device``, tokenizer, name, path) from a ModelSession or a model argument."""
-    from .session import ModelSession, _resolve_path
+    from explorer.core.session import ModelSession, _resolve_path
 
     if isinstance(model_or_session, ModelSession):
         session = model_or_session
@@ -642,8 +642,8 @@ def run_intervention(model_or_session=None, config: InterventionConfig | None = 
     after every step; when ``ctx.cancelled`` turns true the run stops after the current step,
     checkpoints both arms and returns with status ``cancelled``.
     """
-    from .adapters import adapter_for
-    from .session import pick_device
+    from explorer.core.adapters import adapter_for
+    from explorer.core.session import pick_device
 
     config = config or InterventionConfig()
     config.check()
@@ -817,7 +817,7 @@ def list_runs(root: str | Path) -> list[InterventionResult]:
 
 def default_runs_dir() -> Path:
     """Where the app keeps runs: ``$EXPLORER_CACHE/runs``."""
-    from .defaults import cache_dir
+    from explorer.core.defaults import cache_dir
 
     return cache_dir() / "runs"
 

@@ -1,0 +1,52 @@
+"""What every command shares: the model arguments, loading a session, --snapshot, JSON output, logging."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from explorer.core.errors import ExplorerError
+
+
+def log(msg: str) -> None:
+    """A progress or status line on stderr (stdout carries the result)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local model directory or a hub id already in the local cache "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = float32 on CPU, bfloat16 on a GPU")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code to run (off by default)")
+
+
+def load_session(args):
+    from explorer.core.session import ModelSession
+
+    return ModelSession.load(args.model, device=args.device, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code)
+
+
+def add_snapshot_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", metavar="FILE", default=None,
+                   help="also append the result to this snapshot file (created if missing)")
+
+
+def maybe_snapshot(args, session, result, label: str) -> None:
+    """Append a result to ``--snapshot FILE`` when the command was given one."""
+    if getattr(args, "snapshot", None):
+        from explorer.persistence.snapshot import append_to_snapshot, model_identity
+
+        append_to_snapshot(args.snapshot, result, label, model_identity(session))
+        log(f"appended to {args.snapshot}")
+
+
+def print_json(data) -> None:
+    json.dump(data, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")

@@ -1,0 +1,42 @@
+"""Command line: ``python -m explorer <command>``. Bad input gives one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from cli import ablate, basic, heads, intervene, neurons
+from cli.common import log
+from explorer.core.errors import ExplorerError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m explorer",
+                                     description="Interp Explorer: interpretability of transformer LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # Each module adds its own commands.
+    for module in (basic, ablate, heads, neurons, intervene):
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        return args.fn(args)
+    except ExplorerError as e:
+        log(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 0

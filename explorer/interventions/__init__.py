@@ -1,0 +1,1 @@
+"""Interventions that edit activations and replay the model: ablation and activation patching."""
