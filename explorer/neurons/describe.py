@@ -197,8 +197,15 @@ class Explainer:
         self.tokenizer = tokenizer
         self.name = name
         self.lock = lock if lock is not None else threading.RLock()
-        self.unembedding = Unembedding.of(model, lock=self.lock)  # reads only the rating tokens' rows
         self._digits: tuple[list[int], np.ndarray] | None = None
+        self._unembedding: Unembedding | None = None
+
+    @property
+    def unembedding(self) -> Unembedding:
+        """The explainer model's hidden states → logits (only the rating tokens' rows are read)."""
+        if self._unembedding is None:
+            self._unembedding = Unembedding.of(self.model, lock=self.lock)
+        return self._unembedding
 
     # ------------------------------------------------------------------ loading
     @classmethod
