@@ -479,7 +479,7 @@ def test_cli_index_show_search(cli_llama, tokenizer, corpus, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["neurons", "show", "--index", "/nonexistent/idx", "--layer", "0", "--neuron", "0"], "no neuron index"),
-    (["neurons", "search", "--index", "/nonexistent/idx", "--query", "he"], "no such directory"),
+    (["neurons", "search", "--index", "/nonexistent/idx", "--query", "he"], "index directory not found"),
     (["neurons", "index", "--corpus", "/nonexistent/c.txt", "--out", "/tmp/x"], "corpus not found"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli_llama, capsys, args, message):
