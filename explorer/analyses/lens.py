@@ -238,7 +238,7 @@ def logit_lens(session: ModelSession, request: LensRequest | str | None = None, 
     >>> lens = logit_lens(session, "The capital of France is", top_k=3)
     >>> lens.layer_labels[:2], lens.top_tokens.shape       # embeddings + 30 layers, 5 tokens, top 3
     (('embed', 'L0'), (31, 5, 3))
-    >>> lens.target, lens.top_tokens[-1, -1, 0]            # the model's own answer
+    >>> lens.target, str(lens.top_tokens[-1, -1, 0])       # the model's own answer
     (' Paris', ' Paris')
     """
     request = build_request(LensRequest, request, fields)

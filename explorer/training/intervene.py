@@ -612,7 +612,7 @@ def run_intervention(session: "ModelSession | str | None" = None, request: Inter
 
     >>> from explorer import run_intervention
     >>> run = run_intervention(session, out_dir="run", steps=1, batch_size=1, seq_len=16, train="last:1",
-    ...                        max_documents=30, heldout_documents=5, heldout_windows=1,
+    ...                        max_documents=12, heldout_documents=2, heldout_windows=1,
     ...                        eval_templates=1, eval_pairs=2)
     >>> run.status, run.step, run.control.step.tolist(), len(run.swapped.checkpoints)
     ('done', 1, [0, 1], 1)
