@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Sequence
 
-from explorer.core.errors import ExplorerError
 
 
 def log(msg: str) -> None:
