@@ -56,6 +56,7 @@ from explorer.interventions.edits import (  # the sweep's forward sizes: CHUNK_T
     component_edit,
     first,
     hooked,
+    last_logits,
     metric,
     nnsight_runs,
     replay,
@@ -514,10 +515,9 @@ def attribution_effects(session: ModelSession, ids: torch.Tensor, comps: Sequenc
                     def cap_out(m, args, out, l=l, site=site):
                         acts[site, l] = first(out)
                     handles.append(mod.register_forward_hook(cap_out))
-        x = ids[None].to(session.device)
-        logits = session.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1).logits[0, -1]
+        logits = last_logits(session, ids)
         keys = sorted(acts)
-        grads = dict(zip(keys, torch.autograd.grad(metric(logits.float(), tid, cid), [acts[k] for k in keys])))
+        grads = dict(zip(keys, torch.autograd.grad(metric(logits, tid, cid), [acts[k] for k in keys])))
     out = np.empty(len(comps), dtype=np.float32)
     with torch.no_grad():
         for i, (c, e) in enumerate(zip(comps, edits)):

@@ -235,9 +235,25 @@ def run_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = (
                             out = out - inp[0]
                         acts[site][l] = out.detach().clone()
                     handles.append(block.register_forward_hook(cap_blk, with_kwargs=True))
+        logits = last_logits(session, ids)
+    return CleanRun(ids=ids, calls=calls, logits=logits, acts=acts)
+
+
+def last_logits(session: ModelSession, ids: torch.Tensor) -> torch.Tensor:
+    """One plain forward of a prompt [T] (with whatever hooks are set; call under the lock): the
+    last position's float32 logits, read through ``session.logits`` from the unembedding's input."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(mod, args):
+        seen["normed"] = args[0]
+
+    handle = session.unembedding.unembed.register_forward_pre_hook(grab)
+    try:
         x = ids[None].to(session.device)
-        out = session.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
-    return CleanRun(ids=ids, calls=calls, logits=out.logits[0, -1].float(), acts=acts)
+        session.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
+    finally:
+        handle.remove()
+    return session.logits(seen["normed"][0, -1], normed=True)
 
 
 # ========================================================================= nnsight path
@@ -293,10 +309,11 @@ def nnsight_runs(session: ModelSession, ids: torch.Tensor, edit_sets: Sequence[S
                         out = _nn_block(session, blocks[l], by_layer.get(l, []), streams)
                         if streams:
                             saved[i]["rows"].append(out.save())
-                    saved[i]["logits"] = unembed.output.save()
+                    # The unembedding's input (normed, last position): logits come from session.logits.
+                    saved[i]["normed"] = unembed.input.save()
     results = []
     for s in saved:
-        r = {"logits": s["logits"][0, -1].float()}
+        r = {"logits": session.logits(s["normed"][0, -1], normed=True)}
         if streams:
             r["stream"] = torch.stack([row[0] for row in s["rows"]])
         results.append(r)

@@ -129,3 +129,36 @@ def test_bad_edits_are_named():
         Edit("embed", 0, (Ellipsis,))
     with pytest.raises(EditError, match="exists already"):
         register_op("add", lambda x, v: x)
+
+
+def test_one_place_turns_the_residual_stream_into_logits(tokenizer):
+    """A transform of the final logits (Gemma's soft-capping) put into ``session.unembedding``
+    alone reaches the lens, ablation, sweeps and patching: no analysis unembeds on its own."""
+    from explorer.analyses.lens import logit_lens
+    from explorer.core.session import ModelSession
+    from explorer.interventions.ablation import ablate, sweep
+    from explorer.interventions.patching import patch
+
+    model = make_tiny_model("llama", len(tokenizer))
+    reference = make_tiny_model("llama", len(tokenizer))
+    session = ModelSession(model, tokenizer, name="capped")  # its own session: its cache stays its own
+    cap = 2.0
+    plain_logits = session.unembedding.logits
+
+    def capped(hidden, **kwargs):
+        kwargs.pop("out", None)  # a fresh tensor instead of the lens' buffer
+        return cap * torch.tanh(plain_logits(hidden, **kwargs) / cap)
+
+    session.unembedding.logits = capped
+    ids = session.encode(PROMPT)
+    with torch.no_grad():
+        raw = reference(ids[None]).logits[0, -1].float()
+    want = cap * torch.tanh(raw / cap)
+    tid = session.token_id(" Paris")
+    lens = logit_lens(session, PROMPT, top_k=3, target=" Paris")
+    assert lens.target_probs[-1, -1] == pytest.approx(float(torch.softmax(want, -1)[tid]), abs=1e-5)
+    assert ablate(session, PROMPT, target=" Paris", components="0.1").baseline.logit == pytest.approx(float(want[tid]), abs=1e-4)
+    assert sweep(session, PROMPT, target=" Paris", kind="blocks").baseline_logit == pytest.approx(float(want[tid]), abs=1e-4)
+    patched = patch(session, PROMPT, corrupt="The capital of Spain is", target=" Paris")
+    assert patched.clean_metric == pytest.approx(float(want[tid]), abs=1e-4)
+    assert abs(float(want[tid] - raw[tid])) > 1e-3  # the cap changes the logit: the checks above can fail
