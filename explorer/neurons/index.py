@@ -27,9 +27,10 @@ device it updates:
 State is O(layers × neurons × (top_k + n_random + bins)), whatever the corpus size; the token
 ids of the windows seen are appended to a work file on disk (4 bytes per token) so the kept
 windows can be gathered at the end. Every ``checkpoint_seconds`` (or ``checkpoint_every``
-batches, where set) the state is written atomically (temporary file + ``os.replace``); a build
-that is cancelled, killed or fails resumes from its last checkpoint and ends with exactly the
-index an uninterrupted build gives.
+batches, where set) the state is checkpointed in the build's job directory
+(``explorer.core.jobdir``: written under a temporary name, then renamed); a build that is
+cancelled, killed or fails resumes from its last checkpoint and ends with exactly the index an
+uninterrupted build gives.
 
 Files in the index directory (no pickle anywhere):
 
