@@ -8,7 +8,7 @@ so with ``sized``.
 
 >>> from dataclasses import dataclass
 >>> @dataclass(frozen=True, eq=False)
-... class Curves(Result):
+... class Curves(Result, register=False):      # (register=False: an example, not for snapshots)
 ...     labels: tuple[str, ...] = sized("R")      # one label per row
 ...     values: np.ndarray = array("R T", "float32")
 ...     tokens: np.ndarray = array("T", "str")
@@ -99,9 +99,10 @@ class Result:
     it, ``validate()`` names the first inconsistency. Every subclass is registered by name in
     ``RESULT_TYPES`` so that snapshots can rebuild it."""
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        RESULT_TYPES[cls.__name__] = cls
+        if register:
+            RESULT_TYPES[cls.__name__] = cls
 
     # ------------------------------------------------------------ declarations
     @classmethod
