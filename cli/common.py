@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Sequence
 
-from explorer.core.errors import ExplorerError
 
 
 def log(msg: str) -> None:
@@ -19,11 +16,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local model directory or a hub id already in the local cache "
                         "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = float32 on CPU, bfloat16 on a GPU")
+    add_device_args(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code to run (off by default)")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the model runs (auto: a CUDA GPU, then Apple MPS, then the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the model's number format (auto: float32 on CPU, bfloat16 on a GPU)")
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout instead of a table")
 
 
 def load_session(args):

@@ -1,10 +1,8 @@
 """``python -m explorer heads``: head scores and DLA of a prompt, or one head's pattern."""
 from __future__ import annotations
 
-import argparse
-
-from cli.common import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
-from explorer.core.errors import ExplorerError
+from cli import checks
+from cli.common import add_json_arg, add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
 
 # Score name -> (heading, largest first?) for the readable table.
 _TABLE = {
@@ -86,15 +84,15 @@ def _print_pattern(pattern, max_pos: int = 16) -> None:
 
 
 def cmd_heads(args) -> int:
-    from explorer.analyses.heads import HeadsRequest, head_pattern, head_scores, parse_head
+    from explorer.analyses.heads import HeadsRequest, head_pattern, head_scores
 
     seq_len = HeadsRequest.seq_len if args.seq_len is None else args.seq_len  # the dataclass default
-    if seq_len < 1:
-        raise ExplorerError(f"--seq-len must be at least 1, got {seq_len}")
-    layer_head = parse_head(args.pattern) if args.pattern is not None else None  # fail before loading
+    if args.pattern is not None:
+        checks.check_head(args.model, *args.pattern)  # against config.json, before loading
     session = load_session(args)
-    if layer_head is not None:
-        pattern = head_pattern(session, *layer_head, prompt=args.prompt)
+    if args.pattern is not None:
+        layer, head = args.pattern
+        pattern = head_pattern(session, args.prompt, layer=layer, head=head)
         maybe_snapshot(args, session, pattern, f"pattern L{pattern.layer}H{pattern.head}: {args.prompt[:40]}")
         if args.json:
             print_json(pattern.to_dict())
@@ -111,18 +109,21 @@ def cmd_heads(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("heads", help="attention-head scores and direct logit attribution (or one head's pattern)")
+    p = sub.add_parser("heads", help="attention-head scores and direct logit attribution (or one head's pattern)",
+                       description="Score every attention head (previous-token, induction, duplicate-token, "
+                                   "attention sink, entropy) and split the target's final logit into each "
+                                   "head's direct contribution; or print one head's attention pattern.")
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--target", default=None,
+    p.add_argument("--prompt", required=True, type=checks.text, help="the text to analyse")
+    p.add_argument("--target", default=None, type=checks.token,
                    help="target token for DLA, e.g. ' Paris' or '#1234' (default: the final top-1)")
-    p.add_argument("--pattern", default=None, metavar="L.H",
+    p.add_argument("--pattern", default=None, metavar="L.H", type=checks.head_spec,
                    help="print this head's attention pattern instead of the scores, e.g. 17.4")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=checks.positive_int, default=None,
                    help="random tokens per copy for the induction/duplicate scores (default 24)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
-    p.add_argument("--top", type=int, default=5, help="heads per score in the table")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seed of the random tokens")
+    p.add_argument("--top", type=checks.positive_int, default=5, help="heads per score in the table")
     p.add_argument("--threshold", type=float, default=0.5, help="score a head needs for a role label")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p)
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_heads)

@@ -4,7 +4,17 @@ from __future__ import annotations
 import math
 import sys
 
-from cli.common import log, add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from cli import checks
+from cli.common import (
+    add_device_args,
+    add_json_arg,
+    add_model_args,
+    add_snapshot_arg,
+    load_session,
+    log,
+    maybe_snapshot,
+    print_json,
+)
 from explorer.core.errors import ExplorerError
 
 
@@ -104,7 +114,7 @@ def cmd_intervene(args) -> int:
         pass
     ctx = _TqdmContext(config.steps, start)
     try:
-        result = run_intervention(args.model, config, args.out, ctx)
+        result = run_intervention(args.model, config, out_dir=args.out, ctx=ctx)
     except KeyboardInterrupt:
         ctx.bar.close()
         log(f"interrupted; run the same command again to resume from the last checkpoint in {args.out}")
@@ -152,43 +162,63 @@ def cmd_checkpoints(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bias", help="gender-bias probes: pronoun preference, stereotype alignment, minimal pairs")
+    p = sub.add_parser("bias", help="gender-bias probes: pronoun preference, stereotype alignment, minimal pairs",
+                       description="Score a model's gender bias three ways: log p(' he') − log p(' she') "
+                                   "after occupation templates, its correlation with the occupations' share "
+                                   "of men, and the share of minimal pairs where the stereotyped sentence "
+                                   "is more likely. Each with its standard error.")
     add_model_args(p)
-    p.add_argument("--crows", metavar="PATH", default=None,
+    p.add_argument("--crows", metavar="PATH", default=None, type=checks.existing("CrowS-Pairs file", "file"),
                    help="also score the CrowS-Pairs CSV (its bias_type == gender rows)")
-    p.add_argument("--templates", type=int, default=None, help="use the first N templates only")
+    p.add_argument("--templates", type=checks.positive_int, default=None, help="use the first N templates only")
     p.add_argument("--prefix", default="bos", choices=["bos", "eos", "none"],
                    help="token put before every scored text (default: the tokenizer's BOS)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the probes' numbers")
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_bias)
 
-    p = sub.add_parser("intervene", help="train a control and a pronoun-swapped arm side by side (resumable)")
+    p = sub.add_parser("intervene", help="train a control and a pronoun-swapped arm side by side (resumable)",
+                       description="From one starting model, train a control arm on a corpus and a swapped "
+                                   "arm on the same corpus with masculine words swapped for feminine ones, "
+                                   "in the same order, and follow both arms' held-out loss and bias probes. "
+                                   "Running the same command again resumes from the last checkpoint.")
     add_model_args(p)
-    p.add_argument("--corpus", default=None, help="text, JSONL, parquet or saved dataset (default: the news corpus)")
-    p.add_argument("--text-mode", default=None, choices=["lines", "paragraphs"])
-    p.add_argument("--text-field", default=None)
-    p.add_argument("--max-documents", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--train", default=None, help="all or last:N (default last:4)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--corpus", default=None, type=checks.existing("corpus"),
+                   help="text, JSONL, parquet or saved dataset (default: the news corpus)")
+    p.add_argument("--text-mode", default=None, choices=["lines", "paragraphs"],
+                   help="plain-text corpora: one document per line (default) or per paragraph")
+    p.add_argument("--text-field", default=None, help="JSONL/parquet/datasets field holding the text")
+    p.add_argument("--max-documents", type=checks.positive_int, default=None, help="read at most this many documents")
+    p.add_argument("--steps", type=checks.positive_int, default=None, help="training steps of each arm (default 40)")
+    p.add_argument("--eval-every", type=checks.positive_int, default=None,
+                   help="evaluate both arms every N steps (default 10)")
+    p.add_argument("--checkpoint-every", type=checks.positive_int, default=None,
+                   help="checkpoint both arms every N steps (default 20)")
+    p.add_argument("--train", default=None, help="what trains: all, or last:N blocks (default last:4)")
+    p.add_argument("--batch-size", type=checks.positive_int, default=None, help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=checks.int_between(2, 1_000_000), default=None,
+                   help="tokens per window (default 64)")
+    p.add_argument("--lr", type=checks.positive_float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--seed", type=checks.non_negative_int, default=None,
+                   help="seed of the document order and dropout (default 0)")
     p.add_argument("--out", required=True, help="run directory (the same one again resumes)")
-    p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    add_json_arg(p, "the final result")
     p.set_defaults(fn=cmd_intervene)
 
-    p = sub.add_parser("checkpoints", help="bias metrics and a lens target probability across model directories")
-    p.add_argument("--dirs", nargs="+", default=None, help="model directories (e.g. a run's checkpoints)")
-    p.add_argument("--run", default=None, help="an intervention run directory: all its checkpoints")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--target", default=None, help="lens target token (default: the first model's top-1)")
-    p.add_argument("--templates", type=int, default=None, help="use the first N templates only")
-    p.add_argument("--crows", metavar="PATH", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("checkpoints", help="bias metrics and a lens target probability across model directories",
+                       description="Load each model directory in turn (e.g. an intervention run's "
+                                   "checkpoints) and report its bias probes and, with --prompt, the logit "
+                                   "lens' probability of one target token after every layer.")
+    p.add_argument("--dirs", nargs="+", default=None, type=checks.existing("model directory", "dir"),
+                   help="model directories (e.g. a run's checkpoints)")
+    p.add_argument("--run", default=None, type=checks.existing("run directory", "dir"),
+                   help="an intervention run directory: all its checkpoints")
+    p.add_argument("--prompt", default=None, type=checks.text, help="a prompt for the lens curve")
+    p.add_argument("--target", default=None, type=checks.token,
+                   help="lens target token (default: the first model's top-1)")
+    p.add_argument("--templates", type=checks.positive_int, default=None, help="use the first N templates only")
+    p.add_argument("--crows", metavar="PATH", default=None, type=checks.existing("CrowS-Pairs file", "file"),
+                   help="also score the CrowS-Pairs CSV")
+    add_device_args(p)
+    add_json_arg(p, "the comparison")
     p.set_defaults(fn=cmd_checkpoints)

@@ -11,10 +11,22 @@ from cli.common import log
 from explorer.core.errors import ExplorerError
 
 
+class UsageError(ExplorerError):
+    """A command line that does not parse (an unknown flag, a bad value, a missing argument)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one ``error: ...`` line (exit 2), as every other error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m explorer",
-                                     description="Interp Explorer: interpretability of transformer LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m explorer",
+                    description="Interp Explorer: interpretability of transformer LMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (each command has its own --help)")
 
     # Each module adds its own commands.
     for module in (basic, ablate, heads, neurons, intervene):
@@ -24,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        log(f"error: {e}")
+        return 2
     try:
         from transformers.utils import logging as hf_logging
 

@@ -1,11 +1,11 @@
 """``python -m explorer neurons``: build a neuron index, show, explain, import and search neurons."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from cli.common import add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
+from cli import checks
+from cli.common import add_json_arg, add_model_args, add_snapshot_arg, load_session, maybe_snapshot, print_json
 from explorer.core.errors import ExplorerError
 
 
@@ -14,66 +14,86 @@ def add_commands(sub) -> None:
                        description="Index every MLP neuron's top-activating and random examples over a corpus, "
                                    "then show, explain (written explanation scored by simulation), import "
                                    "descriptions and search them.")
-    nsub = p.add_subparsers(dest="neurons_command", required=True)
+    nsub = p.add_subparsers(dest="neurons_command", required=True, metavar="ACTION",
+                            help="index, show, explain, import or search")
 
-    q = nsub.add_parser("index", help="build (or resume) a neuron index over a corpus")
+    q = nsub.add_parser("index", help="build (or resume) a neuron index over a corpus",
+                        description="Stream a corpus through the model and keep, per MLP neuron, its "
+                                    "top-activating and random example windows and activation statistics. "
+                                    "An interrupted build resumes from its last checkpoint.")
     add_model_args(q)
-    q.add_argument("--corpus", default=None, metavar="PATH",
+    q.add_argument("--corpus", default=None, metavar="PATH", type=checks.existing("corpus"),
                    help="text (one document per line), JSONL, parquet or a saved datasets directory "
                         "(default: the embedded news corpus)")
-    q.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "datasets"])
+    q.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "datasets"],
+                   help="the corpus format (auto: from the file name and contents)")
     q.add_argument("--text-field", default="text", help="JSONL/parquet/datasets field holding the text")
     q.add_argument("--paragraphs", action="store_true",
                    help="plain text: one document per blank-line-separated paragraph (default: per line)")
     q.add_argument("--split", default=None, help="datasets: the split of a DatasetDict (default: train)")
-    q.add_argument("--max-tokens", type=int, default=100_000, help="tokens to index (0: the whole corpus)")
-    q.add_argument("--window", type=int, default=64, help="tokens per example window")
-    q.add_argument("--top-k", type=int, default=20)
-    q.add_argument("--n-random", type=int, default=20)
-    q.add_argument("--batch-windows", type=int, default=16, help="windows per forward pass")
+    q.add_argument("--max-tokens", type=checks.non_negative_int, default=100_000,
+                   help="tokens to index (0: the whole corpus)")
+    q.add_argument("--window", type=checks.int_between(2, 1_000_000), default=64,
+                   help="tokens per example window")
+    q.add_argument("--top-k", type=checks.positive_int, default=20, help="top examples kept per neuron")
+    q.add_argument("--n-random", type=checks.non_negative_int, default=20,
+                   help="random example windows kept (shared by all neurons)")
+    q.add_argument("--batch-windows", type=checks.positive_int, default=16, help="windows per forward pass")
     q.add_argument("--out", default=None, metavar="DIR",
                    help="index directory (default: the cache, keyed by model, corpus and settings)")
-    q.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_json_arg(q, "the manifest")
     q.set_defaults(fn=cmd_index)
 
-    q = nsub.add_parser("show", help="a neuron's top and random examples, token pattern and statistics")
-    q.add_argument("--index", required=True, metavar="DIR")
-    q.add_argument("--layer", type=int, required=True)
-    q.add_argument("--neuron", type=int, required=True)
-    q.add_argument("--top", type=int, default=None, help="show only this many top examples")
-    q.add_argument("--json", action="store_true")
+    q = nsub.add_parser("show", help="a neuron's top and random examples, token pattern and statistics",
+                        description="Print a neuron's examples, token pattern, statistics and descriptions "
+                                    "from an index (no model needed).")
+    q.add_argument("--index", required=True, metavar="DIR", help="the index directory")
+    q.add_argument("--layer", type=checks.non_negative_int, required=True, help="the neuron's layer (from 0)")
+    q.add_argument("--neuron", type=checks.non_negative_int, required=True, help="the neuron's number (from 0)")
+    q.add_argument("--top", type=checks.positive_int, default=None, help="show only this many top examples")
+    add_json_arg(q, "everything shown")
     q.set_defaults(fn=cmd_show)
 
-    q = nsub.add_parser("explain", help="write an explanation with a local instruct model and score it")
+    q = nsub.add_parser("explain", help="write an explanation with a local instruct model and score it",
+                        description="Write a short explanation of a neuron from its top examples with a "
+                                    "local instruct model, and score it by how well the model simulates "
+                                    "the neuron's activations from it (Bills et al. 2023).")
     add_model_args(q)
-    q.add_argument("--index", required=True, metavar="DIR")
-    q.add_argument("--layer", type=int, required=True)
-    q.add_argument("--neuron", type=int, required=True)
+    q.add_argument("--index", required=True, metavar="DIR", help="the index directory")
+    q.add_argument("--layer", type=checks.non_negative_int, required=True, help="the neuron's layer (from 0)")
+    q.add_argument("--neuron", type=checks.non_negative_int, required=True, help="the neuron's number (from 0)")
     q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
                    help="local instruct model directory or cached hub id (default: the attached model)")
-    q.add_argument("--n-explain", type=int, default=10, help="top examples shown to the explainer")
-    q.add_argument("--n-score", type=int, default=10,
+    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
+    q.add_argument("--n-score", type=checks.positive_int, default=10,
                    help="held-out top examples and random examples simulated for the score (each)")
     q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
-    q.add_argument("--json", action="store_true")
+    add_json_arg(q, "the explanation")
     add_snapshot_arg(q)
     q.set_defaults(fn=cmd_explain)
 
-    q = nsub.add_parser("import", help="import neuron records, explanations (OpenAI JSON) or a CSV")
-    q.add_argument("file", help="NeuronRecord JSON, explanations JSON/JSONL, CSV (layer,neuron,description), "
-                                "or a directory of them")
+    q = nsub.add_parser("import", help="import neuron records, explanations (OpenAI JSON) or a CSV",
+                        description="Import neuron descriptions made elsewhere into an index's description "
+                                    "store, so that they show and can be searched.")
+    q.add_argument("file", type=checks.existing("file"),
+                   help="NeuronRecord JSON, explanations JSON/JSONL, CSV (layer,neuron,description), "
+                        "or a directory of them")
     q.add_argument("--index", required=True, metavar="DIR", help="directory holding the descriptions")
-    q.add_argument("--kind", default="auto", choices=["auto", "records", "explanations", "csv"])
+    q.add_argument("--kind", default="auto", choices=["auto", "records", "explanations", "csv"],
+                   help="what the file holds (auto: from its extension and contents)")
     q.add_argument("--source", default=None, help="label for the imported descriptions")
-    q.add_argument("--json", action="store_true")
+    add_json_arg(q, "the count")
     q.set_defaults(fn=cmd_import)
 
-    q = nsub.add_parser("search", help="find neurons by description text or by a token they fire on")
-    q.add_argument("--index", required=True, metavar="DIR")
-    q.add_argument("--query", default=None, help="words that must all appear in a description")
-    q.add_argument("--token", default=None, help="a token the neuron fires on, e.g. ' he' (or he)")
-    q.add_argument("--limit", type=int, default=50)
-    q.add_argument("--json", action="store_true")
+    q = nsub.add_parser("search", help="find neurons by description text or by a token they fire on",
+                        description="Search token patterns, written explanations and imported descriptions.")
+    q.add_argument("--index", required=True, metavar="DIR", type=checks.existing("index directory", "dir"),
+                   help="the index directory")
+    q.add_argument("--query", default=None, type=checks.text, help="words that must all appear in a description")
+    q.add_argument("--token", default=None, type=checks.token,
+                   help="a token the neuron fires on, e.g. ' he' (or he)")
+    q.add_argument("--limit", type=checks.positive_int, default=50, help="results shown, at most")
+    add_json_arg(q, "the results")
     q.set_defaults(fn=cmd_search)
 
 
@@ -84,11 +104,7 @@ def cmd_index(args) -> int:
     from explorer.core.jobs import Job
     from explorer.neurons.index import IndexRequest, build_index
 
-    if args.max_tokens < 0:
-        raise ExplorerError("--max-tokens must be ≥ 0 (0: the whole corpus)")
     corpus = args.corpus
-    if corpus is not None and not Path(corpus).expanduser().exists():
-        raise ExplorerError(f"corpus not found: {corpus}")
     request = IndexRequest(corpus_path=corpus, max_tokens=args.max_tokens or None, window=args.window,
                            top_k=args.top_k, n_random=args.n_random, batch_windows=args.batch_windows,
                            corpus_format=args.format, text_field=args.text_field,
@@ -103,7 +119,7 @@ def cmd_index(args) -> int:
         bar.refresh()
 
     try:
-        index = Job(lambda ctx: build_index(session, request, args.out, ctx), name="neuron-index",
+        index = Job(lambda ctx: build_index(session, request, out_dir=args.out, ctx=ctx), name="neuron-index",
                     on_progress=on_progress).run()
     finally:
         bar.close()
@@ -178,7 +194,7 @@ def cmd_explain(args) -> int:
         if path and Path(path).is_dir():
             args.model = path
     session = load_session(args)
-    result = explain_neuron(index, session, args.layer, args.neuron, explainer=args.explainer,
+    result = explain_neuron(session, index=index, layer=args.layer, neuron=args.neuron, explainer=args.explainer,
                             n_explain=args.n_explain, n_score_top=args.n_score, n_score_random=args.n_score,
                             refresh=args.refresh)
     maybe_snapshot(args, session, result, f"neuron L{args.layer} N{args.neuron} explanation")

@@ -547,7 +547,7 @@ class AblationView(QueuedRuns, pn.viewable.Viewer):
 def _guarded(fn: Callable, session: ModelSession, request: Any, what: str, ctx: JobContext) -> Any:
     """Run an engine job; an unexpected error is logged and reaches the user as an ExplorerError."""
     try:
-        return fn(session, request, ctx)
+        return fn(session, request, ctx=ctx)
     except ExplorerError:
         raise
     except Exception as e:

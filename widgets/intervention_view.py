@@ -559,7 +559,7 @@ class InterventionView(pn.viewable.Viewer):
 def _guarded_run(model, config: InterventionConfig, out: Path, ctx: JobContext) -> InterventionResult:
     """The run; an unexpected error is logged and reaches the user as an ExplorerError."""
     try:
-        return run_intervention(model, config, out, ctx)
+        return run_intervention(model, config, out_dir=out, ctx=ctx)
     except ExplorerError:
         raise
     except Exception as e:

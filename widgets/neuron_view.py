@@ -333,7 +333,7 @@ class NeuronView(pn.viewable.Viewer):
         session = self.session
         self.param.update(building=True, build_percent=0, error="",
                           build_status="Starting: reading the corpus…")
-        return self._build_job.start(lambda ctx: build_index(session, request, out, ctx), name="neuron-index",
+        return self._build_job.start(lambda ctx: build_index(session, request, out_dir=out, ctx=ctx), name="neuron-index",
                                      background=self.background)
 
     @param.depends("cancel", watch=True)
@@ -553,7 +553,7 @@ class NeuronView(pn.viewable.Viewer):
             "examples, then simulates activations to score it (tens of seconds on a CPU)…"))
 
         def run(ctx):
-            return explain_neuron(index, session, layer, neuron)
+            return explain_neuron(session, index=index, layer=layer, neuron=neuron)
 
         return self._explain_job.start(run, name="explain-neuron", background=self.background)
 
@@ -587,7 +587,7 @@ class NeuronView(pn.viewable.Viewer):
             return
         self.prompt_busy = True
         try:
-            result = await asyncio.to_thread(prompt_activation, self.session, self.prompt, layer, neuron)
+            result = await asyncio.to_thread(prompt_activation, self.session, self.prompt, layer=layer, neuron=neuron)
         except ExplorerError as e:
             self.error = f"**Could not run the prompt:** {e}"
             return

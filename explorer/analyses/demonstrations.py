@@ -36,7 +36,7 @@ import string
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,9 +44,12 @@ import torch
 from explorer.core.components import components_for, geometry
 from explorer.core.defaults import ASSETS_DIR
 from explorer.core.errors import ExplorerError
+from explorer.core.modules import submodule
 from explorer.analyses.heads import eager_attention
 from explorer.analyses.lens import layer_labels
-from explorer.core.results import Result
+from explorer.core.jobs import JobContext
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 
 TASKS_DIR = ASSETS_DIR / "demonstrations"
@@ -175,22 +178,16 @@ class PromptSet(Result):
     """The prompts of both conditions. Index 0 of the leading axis is 'correct', 1 'permuted'."""
 
     task: str
-    labels: tuple[str, ...]
-    label_ids: np.ndarray        # [C] int64, the tokens of ' ' + label
-    permutation: np.ndarray      # [C] int64, class c is shown as labels[permutation[c]] when permuted
-    query_index: np.ndarray      # [N] int64, the query's item in the task
-    query_class: np.ndarray      # [N] int64, its true class
-    demo_index: np.ndarray       # [N, k] int64, the demonstrations' items, in prompt order
-    demo_class: np.ndarray       # [N, k] int64, their true classes
-    prompts: np.ndarray          # [2, N] str
-    n_tokens: np.ndarray         # [2, N] int64
-    label_positions: np.ndarray  # [2, N, k] int64, token index of each demonstration's label
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        "label_ids": "int64", "permutation": "int64", "query_index": "int64", "query_class": "int64",
-        "demo_index": "int64", "demo_class": "int64", "prompts": "str", "n_tokens": "int64",
-        "label_positions": "int64",
-    }
+    labels: tuple[str, ...] = sized("C")
+    label_ids: np.ndarray = array("C", "int64")      # the tokens of ' ' + label
+    permutation: np.ndarray = array("C", "int64")    # class c is shown as labels[permutation[c]] when permuted
+    query_index: np.ndarray = array("N", "int64")    # the query's item in the task
+    query_class: np.ndarray = array("N", "int64")    # its true class
+    demo_index: np.ndarray = array("N k", "int64")   # the demonstrations' items, in prompt order
+    demo_class: np.ndarray = array("N k", "int64")   # their true classes
+    prompts: np.ndarray = array("2 N", "str")
+    n_tokens: np.ndarray = array("2 N", "int64")
+    label_positions: np.ndarray = array("2 N k", "int64")  # token index of each demonstration's label
 
     @property
     def n_prompts(self) -> int:
@@ -335,12 +332,6 @@ def _left_pad(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def _envoy(envoy, path: str):
-    for part in path.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy
-
-
 def _head_slices(session: ModelSession, heads: Sequence[str]) -> dict[int, list[slice]]:
     """Layer -> the o_proj input slices of the heads (specs 'L.H', checked against the model)."""
     comps = components_for(session, heads) if heads else ()
@@ -373,22 +364,18 @@ def _trace_batch(session: ModelSession, seqs: Sequence[torch.Tensor], label_ids:
                 for layer in range(len(blocks)):
                     block = blocks[layer]
                     if layer in zero:  # before the attention module returns: in execution order
-                        x = _envoy(block, adapter.attn_out).input
+                        x = submodule(block, adapter.attn_out).input
                         for sl in zero[layer]:
                             if positions == "last":
                                 x[:, -1, sl] = 0
                             else:
                                 x[:, :, sl] = 0
                     if attention:
-                        pats.append(_envoy(block, adapter.attn).output[1][:, :, -1].save())
+                        pats.append(submodule(block, adapter.attn).output[1][:, :, -1].save())
                     out = block.output
                     rows.append((out[0] if isinstance(out, tuple) else out)[:, -1].save())
         stream = torch.stack(list(rows), dim=1)                    # [B, R, d]
-        w = session.unembed_weight()[label_ids.to(dev)]            # [C, d]: only the label rows
-        logits = session.final_norm(stream) @ w.t()
-        bias = session.unembed_bias()
-        if bias is not None:
-            logits = logits + bias[label_ids.to(dev)]
+        logits = session.logits(stream, tokens=label_ids)          # [B, R, C]: only the label rows
         att = torch.stack(list(pats), dim=1).float() if attention else None  # [B, L, H, width]
     return logits.float().cpu(), None if att is None else att.cpu()
 
@@ -452,23 +439,17 @@ class DemoLensResult(Result):
     request: DemoRequest
     model: str
     prompts: PromptSet
-    layer_labels: tuple[str, ...]  # [R] "embed", "L0", ...
-    label_logits: np.ndarray       # [2, N, R, C] float32, norm_f(h) · W_U[label] at the last position
-    attn_same: np.ndarray          # [2, N, L, H] float32, summed attention to same-class labels
-    attn_other: np.ndarray         # [2, N, L, H] float32, summed attention to other-class labels
+    layer_labels: tuple[str, ...] = sized("R")      # "embed", "L0", ...
+    label_logits: np.ndarray = array("2 N R C", "float32")  # norm_f(h) · W_U[label] at the last position
+    attn_same: np.ndarray = array("2 N L H", "float32")     # summed attention to same-class labels
+    attn_other: np.ndarray = array("2 N L H", "float32")    # summed attention to other-class labels
 
-    _dtypes: ClassVar[dict[str, str]] = {"label_logits": "float32", "attn_same": "float32",
-                                         "attn_other": "float32"}
-
-    def validate(self) -> str | None:
+    def relations(self) -> str | None:
         N, C = self.prompts.n_prompts, self.prompts.n_classes
-        expected = (2, N, len(self.layer_labels), C)
-        if self.label_logits.shape != expected:
-            return f"label_logits has shape {self.label_logits.shape}, expected {expected}"
-        for name in ("attn_same", "attn_other"):
-            shape = getattr(self, name).shape
-            if len(shape) != 4 or shape[:2] != (2, N) or shape[2] != len(self.layer_labels) - 1:
-                return f"{name} has shape {shape}, expected (2, {N}, layers, heads)"
+        if self.label_logits.shape[1] != N or self.label_logits.shape[3] != C:
+            return f"label_logits has shape {self.label_logits.shape} for {N} prompts of {C} classes"
+        if self.attn_same.shape[2] != len(self.layer_labels) - 1:
+            return f"attn_same has {self.attn_same.shape[2]} layers, the lens {len(self.layer_labels) - 1}"
         return None
 
     @property
@@ -516,10 +497,19 @@ class DemoLensResult(Result):
         return [(int(i // s.shape[1]), int(i % s.shape[1]), float(flat[i])) for i in order]
 
 
-def demonstration_lens(session: ModelSession, request: DemoRequest | None = None, ctx=None,
-                       task: Task | None = None) -> DemoLensResult:
-    """Per-layer label logits and label attention of both conditions (cached per request)."""
-    request = request or DemoRequest()
+def demonstration_lens(session: ModelSession, request: DemoRequest | str | None = None, /, *,
+                       ctx: JobContext | None = None, task: Task | None = None,
+                       **fields: Any) -> DemoLensResult:
+    """Per-layer label logits and label attention of both conditions (cached per request).
+
+    A string request names the task; ``task`` gives one in memory instead (not cached).
+
+    >>> from explorer import demonstration_lens
+    >>> lens = demonstration_lens(session, "topics", n_prompts=3, n_demos=3)
+    >>> lens.accuracy.shape                  # (correct, permuted) × (embeddings + 30 layers)
+    (2, 31)
+    """
+    request = build_request(DemoRequest, request, fields)
 
     def compute() -> DemoLensResult:
         prompts = build_prompts(session.tokenizer, request, task)
@@ -564,22 +554,16 @@ class OverthinkingResult(Result):
     request: OverthinkingRequest
     model: str
     lens: DemoLensResult
-    top_heads: np.ndarray        # [k] str, 'L.H', best first
-    random_heads: np.ndarray     # [D, k] str
-    ablated_top: np.ndarray      # [2, N, C] float32, final-layer label logits, top heads zeroed
-    ablated_random: np.ndarray   # [D, 2, N, C] float32, each random draw zeroed
+    top_heads: np.ndarray = array("k", "str")             # 'L.H', best first
+    random_heads: np.ndarray = array("D k", "str")
+    ablated_top: np.ndarray = array("2 N C", "float32")     # final-layer label logits, top heads zeroed
+    ablated_random: np.ndarray = array("D 2 N C", "float32")  # each random draw zeroed
 
-    _dtypes: ClassVar[dict[str, str]] = {"top_heads": "str", "random_heads": "str",
-                                         "ablated_top": "float32", "ablated_random": "float32"}
-
-    def validate(self) -> str | None:
+    def relations(self) -> str | None:
         N, C = self.lens.prompts.n_prompts, self.lens.prompts.n_classes
-        if self.ablated_top.shape != (2, N, C):
+        if self.ablated_top.shape[1:] != (N, C):
             return f"ablated_top has shape {self.ablated_top.shape}, expected {(2, N, C)}"
-        D = len(self.random_heads)
-        if self.ablated_random.shape != (D, 2, N, C):
-            return f"ablated_random has shape {self.ablated_random.shape}, expected {(D, 2, N, C)}"
-        return self.lens.validate()
+        return None
 
     def _final(self, logits: np.ndarray) -> np.ndarray:
         """[2, N, C] -> [2] final-layer accuracy (correct, permuted)."""
@@ -638,9 +622,16 @@ def random_head_sets(n_layers: int, n_heads: int, exclude: Sequence[str], k: int
                     dtype=str).reshape(draws, k)
 
 
-def overthinking(session: ModelSession, request: OverthinkingRequest | None = None, ctx=None) -> OverthinkingResult:
-    """Run the experiment (cached per request). ``ctx`` (a JobContext) gets progress per batch."""
-    request = request or OverthinkingRequest()
+def overthinking(session: ModelSession, request: OverthinkingRequest | None = None, /, *,
+                 ctx: JobContext | None = None, **fields: Any) -> OverthinkingResult:
+    """Run the experiment (cached per request). ``ctx`` (a JobContext) gets progress per batch.
+
+    >>> from explorer import DemoRequest, overthinking
+    >>> result = overthinking(session, demo=DemoRequest(n_prompts=3, n_demos=3), n_ablate=2, n_random=1)
+    >>> result.top_heads.shape, result.random_heads.shape   # the 2 top candidates; one random draw of 2
+    ((2,), (1, 2))
+    """
+    request = build_request(OverthinkingRequest, request, fields)
 
     def compute() -> OverthinkingResult:
         if not 1 <= request.n_ablate:

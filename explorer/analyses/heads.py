@@ -23,13 +23,16 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from explorer.core.errors import ExplorerError, UnsupportedModelError
-from explorer.core.results import Result
+from explorer.core.modules import linear_weight, submodule
+from explorer.core.jobs import JobContext
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array
 from explorer.core.session import ModelSession
 
 
@@ -57,6 +60,15 @@ class AttentionRequest:
     prompt: str
 
 
+@dataclass(frozen=True)
+class HeadPatternRequest:
+    """One head (``layer``, ``head``, counted from 0) on a prompt."""
+
+    prompt: str
+    layer: int = 0
+    head: int = 0
+
+
 @dataclass(frozen=True, eq=False)
 class HeadPattern(Result):
     """One head's attention pattern on a prompt: ``pattern[query, key]``."""
@@ -65,16 +77,8 @@ class HeadPattern(Result):
     prompt: str
     layer: int
     head: int
-    tokens: np.ndarray     # [T] str
-    pattern: np.ndarray    # [T, T] float32, rows sum to 1
-
-    _dtypes: ClassVar[dict[str, str]] = {"tokens": "str", "pattern": "float32"}
-
-    def validate(self) -> str | None:
-        t = len(self.tokens)
-        if self.pattern.shape != (t, t):
-            return f"pattern has shape {self.pattern.shape}, expected {(t, t)}"
-        return None
+    tokens: np.ndarray = array("T", "str")
+    pattern: np.ndarray = array("T T", "float32")  # [query, key], rows sum to 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,11 +87,9 @@ class AttentionResult(Result):
 
     request: AttentionRequest
     model: str
-    tokens: np.ndarray     # [T] str, each token decoded on its own
-    token_ids: np.ndarray  # [T] int64
-    patterns: np.ndarray   # [L, H, T, T] float32, [layer, head, query, key]
-
-    _dtypes: ClassVar[dict[str, str]] = {"tokens": "str", "token_ids": "int64", "patterns": "float32"}
+    tokens: np.ndarray = array("T", "str")        # each token decoded on its own
+    token_ids: np.ndarray = array("T", "int64")
+    patterns: np.ndarray = array("L H T T", "float32")  # [layer, head, query, key]
 
     @property
     def n_layers(self) -> int:
@@ -96,14 +98,6 @@ class AttentionResult(Result):
     @property
     def n_heads(self) -> int:
         return self.patterns.shape[1]
-
-    def validate(self) -> str | None:
-        t = len(self.tokens)
-        if self.token_ids.shape != (t,):
-            return f"token_ids has shape {self.token_ids.shape}, expected {(t,)}"
-        if self.patterns.ndim != 4 or self.patterns.shape[2:] != (t, t):
-            return f"patterns has shape {self.patterns.shape}, expected [layers, heads, {t}, {t}]"
-        return None
 
     def head(self, layer: int, head: int) -> HeadPattern:
         check_head(layer, head, self.n_layers, self.n_heads)
@@ -129,22 +123,19 @@ class DLAResult(Result):
 
     request: DLARequest
     model: str
-    tokens: np.ndarray       # [T] str
-    token_ids: np.ndarray    # [T] int64
+    tokens: np.ndarray = array("T", "str")
+    token_ids: np.ndarray = array("T", "int64")
     target: str
     target_id: int
     logit: float             # the model's actual logit of the target at the last position
     embed: float             # the embeddings (token, plus position where the model adds one)
-    heads: np.ndarray        # [L, H] float64, each head through its slice of the output projection
-    attn_bias: np.ndarray    # [L] float64, each attention output projection's bias (0 if none)
-    mlp: np.ndarray          # [L] float64, each MLP's output
+    heads: np.ndarray = array("L H", "float64")   # each head through its slice of the output projection
+    attn_bias: np.ndarray = array("L", "float64")  # each attention output projection's bias (0 if none)
+    mlp: np.ndarray = array("L", "float64")        # each MLP's output
     final_norm_bias: float   # the final LayerNorm's bias (0 for RMSNorm)
     unembed_bias: float      # the unembedding's bias for the target (0 if none)
     norm_kind: str           # "rmsnorm" or "layernorm"
     norm_scale: float        # the final norm's frozen scale: RMS (rmsnorm) or std (layernorm)
-
-    _dtypes: ClassVar[dict[str, str]] = {"tokens": "str", "token_ids": "int64", "heads": "float64",
-                                         "attn_bias": "float64", "mlp": "float64"}
 
     @property
     def total(self) -> float:
@@ -167,16 +158,6 @@ class DLAResult(Result):
         out += [("final norm bias", float(self.final_norm_bias)), ("unembed bias", float(self.unembed_bias))]
         return out
 
-    def validate(self) -> str | None:
-        if self.heads.ndim != 2:
-            return f"heads has shape {self.heads.shape}, expected [layers, heads]"
-        n_layers = self.heads.shape[0]
-        for name in ("attn_bias", "mlp"):
-            if getattr(self, name).shape != (n_layers,):
-                return f"{name} has shape {getattr(self, name).shape}, expected {(n_layers,)}"
-        if self.token_ids.shape != (len(self.tokens),):
-            return f"token_ids has shape {self.token_ids.shape}, expected {(len(self.tokens),)}"
-        return None
 
 
 @dataclass(frozen=True)
@@ -197,22 +178,16 @@ class HeadScores(Result):
 
     request: HeadsRequest
     model: str
-    tokens: np.ndarray          # [T] str, the prompt's tokens
-    token_ids: np.ndarray       # [T] int64
-    random_ids: np.ndarray      # [N] int64, the repeated random sequence (BOS?, r_1..r_n, r_1..r_n)
-    previous_token: np.ndarray  # [L, H] float32, mean attention from position i to i-1
-    induction: np.ndarray       # [L, H] float32, mean attention to the token after the earlier copy
-    duplicate_token: np.ndarray  # [L, H] float32, mean attention to the earlier copy of the same token
-    bos: np.ndarray             # [L, H] float32, mean attention to position 0 (the sink)
-    entropy: np.ndarray         # [L, H] float32, mean attention-row entropy in nats
-    dla: np.ndarray             # [L, H] float64, direct logit attribution to the target
-    attribution: DLAResult      # the full decomposition the dla scores come from
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        "tokens": "str", "token_ids": "int64", "random_ids": "int64", "previous_token": "float32",
-        "induction": "float32", "duplicate_token": "float32", "bos": "float32", "entropy": "float32",
-        "dla": "float64",
-    }
+    tokens: np.ndarray = array("T", "str")          # the prompt's tokens
+    token_ids: np.ndarray = array("T", "int64")
+    random_ids: np.ndarray = array("N", "int64")    # the repeated random sequence (BOS?, r_1..r_n, r_1..r_n)
+    previous_token: np.ndarray = array("L H", "float32")   # mean attention from position i to i-1
+    induction: np.ndarray = array("L H", "float32")        # mean attention to the token after the earlier copy
+    duplicate_token: np.ndarray = array("L H", "float32")  # mean attention to the earlier copy of the same token
+    bos: np.ndarray = array("L H", "float32")        # mean attention to position 0 (the sink)
+    entropy: np.ndarray = array("L H", "float32")    # mean attention-row entropy in nats
+    dla: np.ndarray = array("L H", "float64")        # direct logit attribution to the target
+    attribution: DLAResult                           # the full decomposition the dla scores come from
 
     @property
     def target(self) -> str:
@@ -233,16 +208,10 @@ class HeadScores(Result):
     def scores(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in SCORE_NAMES}
 
-    def validate(self) -> str | None:
-        shape = self.previous_token.shape
-        if len(shape) != 2:
-            return f"previous_token has shape {shape}, expected [layers, heads]"
-        for name in SCORE_NAMES:
-            if getattr(self, name).shape != shape:
-                return f"{name} has shape {getattr(self, name).shape}, expected {shape}"
-        if self.token_ids.shape != (len(self.tokens),):
-            return f"token_ids has shape {self.token_ids.shape}, expected {(len(self.tokens),)}"
-        return self.attribution.validate()
+    def relations(self) -> str | None:
+        if self.attribution.heads.shape != self.dla.shape:
+            return f"the attribution has {self.attribution.heads.shape} heads, the scores {self.dla.shape}"
+        return None
 
     def roles(self, threshold: float | dict[str, float] = 0.5) -> dict[tuple[int, int], tuple[str, ...]]:
         """Role labels of every head with a score at or above the threshold.
@@ -342,17 +311,9 @@ def _n_heads(session: ModelSession) -> int:
     return int(session.hf.config.num_attention_heads)
 
 
-def _out_proj_weight(module) -> torch.Tensor:
-    """The attention output projection as [d_model, in] (Linear layout), whatever its class."""
-    weight = module.weight
-    if type(module).__name__ == "Conv1D":  # GPT-2: weight is [in, out]
-        return weight.t()
-    return weight
-
-
 def _final_norm_params(session: ModelSession):
     """(kind, gain, bias, eps) of the final norm; RMSNorm (Llama, Mistral, Qwen2) or LayerNorm."""
-    norm = session.hf.get_submodule(session.adapter.final_norm)
+    norm = session.unembedding.final_norm
     if isinstance(norm, torch.nn.LayerNorm):
         return "layernorm", norm.weight, norm.bias, float(norm.eps)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
@@ -422,11 +383,11 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
                         for layer in range(n_layers):
                             block = blocks[layer]
                             if first and dla:
-                                acts["z"].append(_envoy(block, adapter.attn_out).input[0, -1].save())
+                                acts["z"].append(submodule(block, adapter.attn_out).input[0, -1].save())
                             if (first and prompt_patterns) or not first:
-                                pats[i].append(_envoy(block, adapter.attn).output[1].save())
+                                pats[i].append(submodule(block, adapter.attn).output[1].save())
                             if first and dla:
-                                out = _envoy(block, adapter.mlp).output
+                                out = submodule(block, adapter.mlp).output
                                 out = out[0] if isinstance(out, tuple) else out
                                 acts["mlp"].append(out[0, -1].save())
                         if first and dla:
@@ -447,12 +408,6 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
     return captured
 
 
-def _envoy(block, path: str):
-    for part in path.split("."):
-        block = block[int(part)] if part.isdigit() else getattr(block, part)
-    return block
-
-
 def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, cap: _Captured,
                  target_id: int | None) -> DLAResult:
     """Split the target's final logit into parts (see the module docstring), on the device."""
@@ -463,7 +418,8 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     # float64 where the device has it, so the parts add up to rounding of the model's own run.
     ct = torch.float32 if session.device.type == "mps" else torch.float64
     final = cap.final.to(ct)
-    w_u = session.unembed_weight()[target_id].to(ct)
+    w_row, b_row = session.unembedding.rows(target_id)     # the linear readout of the target
+    w_u = w_row.to(ct)
     u = gain.to(ct) * w_u
     if kind == "rmsnorm":
         scale = torch.sqrt(final.pow(2).mean() + eps)
@@ -479,7 +435,7 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     # Each head's vector through W_O^T u: per layer one [d, H*dh] matvec (weights stay in place).
     back = torch.stack([
         u.to(w.dtype) @ w
-        for w in (_out_proj_weight(b.get_submodule(session.adapter.attn_out)) for b in blocks)
+        for w in (linear_weight(b.get_submodule(session.adapter.attn_out)) for b in blocks)
     ]).to(ct)                                                 # [L, H*dh]
     heads = (z * back).view(n_layers, n_heads, width // n_heads).sum(-1)
     biases = [b.get_submodule(session.adapter.attn_out).bias for b in blocks]
@@ -489,8 +445,7 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     mlp = cap.mlp.to(ct) @ u
     embed = cap.resid.to(ct) @ u
     nb = (norm_bias.to(ct) @ w_u) if norm_bias is not None else torch.zeros((), dtype=ct)
-    ub = session.unembed_bias()
-    unembed_bias = ub[target_id].to(ct) if ub is not None else torch.zeros((), dtype=ct)
+    unembed_bias = b_row.to(ct) if b_row is not None else torch.zeros((), dtype=ct)
     return DLAResult(
         request=request,
         model=session.name,
@@ -517,10 +472,15 @@ def _attention_result(session: ModelSession, request: AttentionRequest, ids: tor
 
 
 # ----------------------------------------------------------------------------- public API
-def attention_patterns(session: ModelSession, request: AttentionRequest | str) -> AttentionResult:
-    """Every head's attention pattern [L, H, query, key] on a prompt (cached)."""
-    if isinstance(request, str):
-        request = AttentionRequest(request)
+def attention_patterns(session: ModelSession, request: AttentionRequest | str | None = None, /, *,
+                       ctx: JobContext | None = None, **fields: Any) -> AttentionResult:
+    """Every head's attention pattern [L, H, query, key] on a prompt (cached).
+
+    >>> from explorer import attention_patterns
+    >>> attention_patterns(session, "one two one two").patterns.shape   # 30 layers × 9 heads × 4 × 4
+    (30, 9, 4, 4)
+    """
+    request = build_request(AttentionRequest, request, fields)
 
     def compute() -> AttentionResult:
         ids = session.encode(request.prompt)
@@ -530,22 +490,31 @@ def attention_patterns(session: ModelSession, request: AttentionRequest | str) -
     return session.cached(("attention", request), compute)
 
 
-def head_pattern(source: AttentionResult | ModelSession, layer: int, head: int,
-                 prompt: str | None = None) -> HeadPattern:
-    """One head's pattern, from an AttentionResult or from a session and a prompt."""
-    if isinstance(source, ModelSession):
-        if prompt is None:
-            raise HeadsError("head_pattern on a session needs a prompt")
-        check_head(layer, head, source.n_layers, _n_heads(source))
-        source = attention_patterns(source, prompt)
-    return source.head(layer, head)
+def head_pattern(session: ModelSession, request: HeadPatternRequest | str | None = None, /, *,
+                 ctx: JobContext | None = None, **fields: Any) -> HeadPattern:
+    """One head's attention pattern on a prompt (from the cached ``attention_patterns``; an
+    ``AttentionResult`` already at hand gives it with ``.head(layer, head)``).
+
+    >>> from explorer import head_pattern
+    >>> p = head_pattern(session, "one two one two", layer=3, head=1)
+    >>> p.pattern.shape, p.pattern.sum(axis=1).round(3).tolist()     # each query's row sums to 1
+    ((4, 4), [1.0, 1.0, 1.0, 1.0])
+    """
+    request = build_request(HeadPatternRequest, request, fields)
+    check_head(request.layer, request.head, session.n_layers, _n_heads(session))
+    return attention_patterns(session, request.prompt).head(request.layer, request.head)
 
 
-def direct_logit_attribution(session: ModelSession, request: DLARequest | str,
-                             target: str | None = None) -> DLAResult:
-    """The target's final logit at the last position as an exact sum of parts (cached)."""
-    if isinstance(request, str):
-        request = DLARequest(request, target)
+def direct_logit_attribution(session: ModelSession, request: DLARequest | str | None = None, /, *,
+                             ctx: JobContext | None = None, **fields: Any) -> DLAResult:
+    """The target's final logit at the last position as an exact sum of parts (cached).
+
+    >>> from explorer import direct_logit_attribution
+    >>> dla = direct_logit_attribution(session, "The capital of France is", target=" Paris")
+    >>> dla.heads.shape, abs(dla.unexplained) < 1e-3   # [layer, head]; the parts add up to the logit
+    ((30, 9), True)
+    """
+    request = build_request(DLARequest, request, fields)
 
     def compute() -> DLAResult:
         ids = session.encode(request.prompt)
@@ -556,15 +525,20 @@ def direct_logit_attribution(session: ModelSession, request: DLARequest | str,
     return session.cached(("dla", request), compute)
 
 
-def head_scores(session: ModelSession, request: HeadsRequest | str, **kwargs) -> HeadScores:
+def head_scores(session: ModelSession, request: HeadsRequest | str | None = None, /, *,
+                ctx: JobContext | None = None, **fields: Any) -> HeadScores:
     """All head scores and the DLA (cached; also fills the attention and DLA caches).
 
     The induction and duplicate-token scores depend only on (seq_len, seed), not on the prompt,
     so they are cached on their own: the first request runs the prompt and the repeated random
     tokens as two invokes of one trace, later prompts run the prompt alone.
+
+    >>> from explorer import head_scores
+    >>> scores = head_scores(session, "The capital of France is", seq_len=8)
+    >>> scores.induction.shape, scores.target
+    ((30, 9), ' Paris')
     """
-    if isinstance(request, str):
-        request = HeadsRequest(request, **kwargs)
+    request = build_request(HeadsRequest, request, fields)
 
     def compute() -> HeadScores:
         ids = session.encode(request.prompt)

@@ -7,14 +7,15 @@ reduced on the model's device so only small arrays reach the CPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from explorer.core.results import Result
+from explorer.core.jobs import JobContext
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array, sized
 from explorer.core.session import DTYPES, ModelSession
 
 # Rows unembedded per matmul: big enough to run near the matmul peak, small enough to cap
@@ -38,40 +39,22 @@ class LensResult(Result):
 
     request: LensRequest
     model: str
-    tokens: np.ndarray          # [T] str, each prompt token decoded on its own
-    token_ids: np.ndarray       # [T] int64
-    layer_labels: tuple[str, ...]  # [R] "embed", "L0", ...
-    top_ids: np.ndarray         # [R, T, k] int64
-    top_tokens: np.ndarray      # [R, T, k] str
-    top_probs: np.ndarray       # [R, T, k] float32
-    entropy: np.ndarray         # [R, T] float32, nats
-    kl_to_final: np.ndarray     # [R, T] float32, KL(final ‖ row) in nats
-    target: str                 # the target token as text
+    tokens: np.ndarray = array("T", "str")          # each prompt token decoded on its own
+    token_ids: np.ndarray = array("T", "int64")
+    layer_labels: tuple[str, ...] = sized("R")      # "embed", "L0", ...
+    top_ids: np.ndarray = array("R T k", "int64")
+    top_tokens: np.ndarray = array("R T k", "str")
+    top_probs: np.ndarray = array("R T k", "float32")
+    entropy: np.ndarray = array("R T", "float32")      # nats
+    kl_to_final: np.ndarray = array("R T", "float32")  # KL(final ‖ row) in nats
+    target: str                                        # the target token as text
     target_id: int
-    target_probs: np.ndarray    # [R, T] float32
-    target_ranks: np.ndarray    # [R, T] int64, 1 = top token
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        "tokens": "str", "token_ids": "int64", "top_ids": "int64", "top_tokens": "str",
-        "top_probs": "float32", "entropy": "float32", "kl_to_final": "float32",
-        "target_probs": "float32", "target_ranks": "int64",
-    }
+    target_probs: np.ndarray = array("R T", "float32")
+    target_ranks: np.ndarray = array("R T", "int64")   # 1 = top token
 
     @property
     def n_rows(self) -> int:
         return len(self.layer_labels)
-
-    def validate(self) -> str | None:
-        """Name the first inconsistency between the arrays' shapes, or None."""
-        rows, pos = self.n_rows, len(self.tokens)
-        k = self.top_ids.shape[-1] if self.top_ids.ndim == 3 else -1
-        expected = {"token_ids": (pos,), "top_ids": (rows, pos, k), "top_tokens": (rows, pos, k),
-                    "top_probs": (rows, pos, k), "entropy": (rows, pos), "kl_to_final": (rows, pos),
-                    "target_probs": (rows, pos), "target_ranks": (rows, pos)}
-        for name, shape in expected.items():
-            if getattr(self, name).shape != shape:
-                return f"{name} has shape {getattr(self, name).shape}, expected {shape}"
-        return None
 
     @property
     def n_positions(self) -> int:
@@ -110,10 +93,10 @@ class LensComparison(Result):
     def layer_labels(self) -> tuple[str, ...]:
         return self.a.layer_labels
 
-    def validate(self) -> str | None:
+    def relations(self) -> str | None:
         if self.a.n_rows != self.b.n_rows:
             return "the two prompts' lenses have different numbers of rows"
-        return self.a.validate() or self.b.validate()
+        return None
 
     def curves(self) -> tuple[np.ndarray, np.ndarray]:
         """Target probability per row at each prompt's last position."""
@@ -158,30 +141,14 @@ def residual_streams(session: ModelSession, prompts: list[torch.Tensor]) -> list
     return streams
 
 
-def _unembed(session: ModelSession, x: torch.Tensor, dtype: torch.dtype,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 logits of rows ``x`` [n, d] (into ``out`` when given: no fresh vocabulary-sized buffer)."""
-    weight = session.unembed_weight(dtype)
-    bias = session.unembed_bias()
-    x = x.to(weight.dtype)
-    if out is not None and weight.dtype == out.dtype:
-        if bias is None:
-            return torch.mm(x, weight.t(), out=out)
-        return torch.addmm(bias.to(weight.dtype), x, weight.t(), out=out)
-    logits = F.linear(x, weight, None if bias is None else bias.to(weight.dtype)).float()
-    if out is None:
-        return logits
-    return out.copy_(logits)  # a reduced-precision matmul; the reductions stay in float32
-
-
 def _unembed_dtype(session: ModelSession, name: str) -> torch.dtype:
     return session.dtype if name == "auto" else DTYPES[name]
 
 
-def _final_top1(session: ModelSession, stream: torch.Tensor, dtype: torch.dtype) -> int:
+def final_top1(session: ModelSession, stream: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """The model's own top-1 token at the last position of a [R, T, d] stream (its last row)."""
     with torch.no_grad():
-        last = session.final_norm(stream[-1, -1:])
-        return int(_unembed(session, last, dtype).argmax(-1)[0])
+        return int(session.logits(stream[-1, -1:], dtype=dtype).argmax(-1)[0])
 
 
 def reduce_rows(
@@ -208,7 +175,7 @@ def reduce_rows(
         for start in range(0, n_pos, per_chunk):
             x = normed[:, start:start + per_chunk].reshape(-1, d)  # [(R·p), d]
             n, p = x.shape[0], x.shape[0] // n_rows
-            z, e = _unembed(session, x, dtype, out=z_buf[:n]), e_buf[:n]
+            z, e = session.logits(x, normed=True, dtype=dtype, out=z_buf[:n]), e_buf[:n]
             top_z, top_ids = torch.topk(z, top_k, dim=-1)
             t_z = z[:, target_id].clone()
             torch.gt(z, t_z[:, None], out=e)       # a float compare into the spare buffer:
@@ -262,10 +229,19 @@ def _check_top_k(session: ModelSession, top_k: int) -> None:
         raise ExplorerError(f"top-k must be between 1 and 100, got {top_k}")
 
 
-def logit_lens(session: ModelSession, request: LensRequest | str, **kwargs) -> LensResult:
-    """The logit lens of one prompt (cached: repeating a request answers without the model)."""
-    if isinstance(request, str):
-        request = LensRequest(prompt=request, **kwargs)
+def logit_lens(session: ModelSession, request: LensRequest | str | None = None, /, *,
+               ctx: JobContext | None = None, **fields: Any) -> LensResult:
+    """The logit lens of one prompt: every layer's top tokens, entropy, KL to the final layer and
+    the target's probability and rank (cached: repeating a request answers without the model).
+
+    >>> from explorer import logit_lens
+    >>> lens = logit_lens(session, "The capital of France is", top_k=3)
+    >>> lens.layer_labels[:2], lens.top_tokens.shape       # embeddings + 30 layers, 5 tokens, top 3
+    (('embed', 'L0'), (31, 5, 3))
+    >>> lens.target, str(lens.top_tokens[-1, -1, 0])       # the model's own answer
+    (' Paris', ' Paris')
+    """
+    request = build_request(LensRequest, request, fields)
 
     def compute() -> LensResult:
         _check_top_k(session, request.top_k)
@@ -274,14 +250,24 @@ def logit_lens(session: ModelSession, request: LensRequest | str, **kwargs) -> L
         dtype = _unembed_dtype(session, request.unembed_dtype)
         (stream,) = residual_streams(session, [ids])
         if target_id is None:
-            target_id = _final_top1(session, stream, dtype)
+            target_id = final_top1(session, stream, dtype)
         return _result(session, request, ids, stream, target_id, dtype)
 
     return session.cached(("lens", request), compute)
 
 
-def compare_prompts(session: ModelSession, request: CompareRequest) -> LensComparison:
-    """The lens of two prompts from one trace, for one target (default: prompt A's final top-1)."""
+def compare_prompts(session: ModelSession, request: CompareRequest | str | None = None, /, *,
+                    ctx: JobContext | None = None, **fields: Any) -> LensComparison:
+    """The lens of two prompts from one trace, for one target (default: prompt A's final top-1),
+    and where their target curves diverge (cached).
+
+    >>> from explorer import compare_prompts
+    >>> comp = compare_prompts(session, "The capital of France is",
+    ...                        prompt_b="Rome is in Italy. The capital of France is", target=" Paris")
+    >>> len(comp.curves()[0]) == len(comp.layer_labels) == 31
+    True
+    """
+    request = build_request(CompareRequest, request, fields)
 
     def compute() -> LensComparison:
         _check_top_k(session, request.top_k)
@@ -290,7 +276,7 @@ def compare_prompts(session: ModelSession, request: CompareRequest) -> LensCompa
         dtype = _unembed_dtype(session, request.unembed_dtype)
         stream_a, stream_b = residual_streams(session, [ids_a, ids_b])
         if target_id is None:
-            target_id = _final_top1(session, stream_a, dtype)
+            target_id = final_top1(session, stream_a, dtype)
         target = str(session.decode_each([target_id])[0])
         make = lambda prompt, ids, stream: _result(  # noqa: E731
             session,

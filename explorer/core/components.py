@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from explorer.core.errors import ExplorerError
+from explorer.core.modules import in_features
 
 KINDS = ("head", "neuron", "attn", "mlp", "block")
 SYNTAX = "use L.H for a head, L:N for a neuron, or attn:L, mlp:L, block:L (e.g. 3.1, 5:1024, mlp:2)"
@@ -73,20 +74,12 @@ class Geometry:
         return self.n_heads * self.d_head
 
 
-def _in_features(module) -> int:
-    if hasattr(module, "in_features"):
-        return int(module.in_features)
-    if hasattr(module, "nx"):  # GPT-2's Conv1D: weight [in, out]
-        return int(module.nx)
-    return int(module.weight.shape[-1])
-
-
 def geometry(session) -> Geometry:
     """Layers, heads, head size and MLP width of a session's model."""
     cfg = session.hf.config
     block = session.hf_blocks()[0]
     n_heads = int(cfg.num_attention_heads)
-    width = _in_features(block.get_submodule(session.adapter.attn_out))
+    width = in_features(block.get_submodule(session.adapter.attn_out))
     if width % n_heads:
         raise ComponentError(
             f"the attention output projection takes {width} features, not a multiple of {n_heads} heads")
@@ -94,9 +87,31 @@ def geometry(session) -> Geometry:
         n_layers=session.n_layers,
         n_heads=n_heads,
         d_head=width // n_heads,
-        d_mlp=_in_features(block.get_submodule(session.adapter.mlp_out)),
+        d_mlp=in_features(block.get_submodule(session.adapter.mlp_out)),
         d_model=int(cfg.hidden_size),
     )
+
+
+def _first_key(config: dict, *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def geometry_from_config(config: dict) -> Geometry | None:
+    """The sizes a model's ``config.json`` states (read without loading any weights), or None
+    when it does not state them all. Used to check arguments before a model loads; the loaded
+    model's own modules (``geometry``) have the last word."""
+    n_layers = _first_key(config, "num_hidden_layers", "n_layer", "num_layers")
+    n_heads = _first_key(config, "num_attention_heads", "n_head")
+    d_model = _first_key(config, "hidden_size", "n_embd", "d_model")
+    if None in (n_layers, n_heads, d_model):
+        return None
+    d_head = _first_key(config, "head_dim") or d_model // n_heads
+    d_mlp = _first_key(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * d_model
+    return Geometry(n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp, d_model=d_model)
 
 
 def parse_component(spec: str) -> Component:

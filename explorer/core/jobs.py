@@ -120,3 +120,26 @@ class Job(Generic[T]):
         finally:
             if self._on_finish is not None:
                 self._on_finish(self)
+
+
+class Unfinished(Exception):
+    """Raised by a computation that stopped early (cancelled) to carry its partial result out of
+    ``session.cached`` without caching it; see ``cached_unless_cancelled``."""
+
+    def __init__(self, partial: Any) -> None:
+        super().__init__("cancelled")
+        self.partial = partial
+
+
+def cached_unless_cancelled(session, key, compute: Callable[[], T], ctx=None) -> T:
+    """``session.cached(key, compute)`` for a job that may be cancelled: a ``compute`` that raises
+    ``Unfinished(partial)`` returns the partial result, uncached (asking again recomputes); a
+    complete result is cached and reported to ``ctx`` once more as done (a cache hit reports
+    nothing else)."""
+    try:
+        result = session.cached(key, compute)
+    except Unfinished as stop:
+        return stop.partial
+    if ctx is not None:
+        ctx.report(result.done, result.total, partial=result, message="done")
+    return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -26,7 +25,9 @@ from explorer.core.errors import (
     TokenError,
     UnsupportedModelError,
 )
+from explorer.core.modules import submodule
 from explorer.core.results import Result
+from explorer.core.unembed import Unembedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +98,7 @@ def fast_bfloat16(device: str | torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _resolve_path(model: str | None) -> tuple[str, str]:
+def resolve_model(model: str | None) -> tuple[str, str]:
     """Return (name, local directory) for a model argument: None (default), a directory, or a cached hub id."""
     if model is None or model == "default":
         from explorer.core.defaults import DEFAULT_MODEL_NAME, ensure_default_model
@@ -121,6 +122,18 @@ def _resolve_path(model: str | None) -> tuple[str, str]:
     raise ModelNotFoundError(
         f"model '{model}' not found: pass a local model directory or a hub id already in the local cache"
     )
+
+
+def read_config(model: str | None) -> dict:
+    """A model's ``config.json`` as a dict, without loading its weights (or transformers)."""
+    name, path = resolve_model(model)
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"cannot read the config of '{name}': {e}") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModelError(f"the config.json of '{name}' is not a JSON object")
+    return data
 
 
 def _config_hash(config) -> str:
@@ -153,7 +166,8 @@ class ModelSession:
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
         self._vocab_strings: np.ndarray | None = None
-        self._unembed_cache: dict[torch.dtype, torch.Tensor] = {}
+        # Residual stream → logits, in one place (see explorer.core.unembed).
+        self.unembedding = Unembedding.of(model, self.adapter, lock=self.lock)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -168,7 +182,7 @@ class ModelSession:
         """Attach a model: None (the embedded default), a local directory, or a cached hub id."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        name, path = _resolve_path(model)
+        name, path = resolve_model(model)
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as e:  # malformed config, remote code refused, ...
@@ -243,10 +257,7 @@ class ModelSession:
     # ------------------------------------------------------------------ modules
     def module(self, path: str):
         """The nnsight envoy at a dotted path (for use inside a trace)."""
-        envoy = self.lm
-        for part in path.split("."):
-            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-        return envoy
+        return submodule(self.lm, path)
 
     def blocks(self):
         return self.module(self.adapter.blocks)
@@ -255,26 +266,21 @@ class ModelSession:
         """The blocks as the model's own torch modules (for plain hooks and calls, outside a trace)."""
         return self.hf.get_submodule(self.adapter.blocks)
 
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the model's final norm (outside a trace) to residual-stream vectors.
+    def logits(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Float32 logits of residual-stream vectors (final norm, W_U, bias): see
+        ``Unembedding.logits`` for ``tokens``, ``dtype``, ``out`` and ``normed``."""
+        return self.unembedding.logits(hidden, **kwargs)
 
-        Under the lock: nnsight hooks the module, so a call while another thread's trace runs
-        would be taken as that trace's forward reaching the norm (an OutOfOrderError there).
-        """
-        with self.lock:
-            return self.hf.get_submodule(self.adapter.final_norm)(hidden)
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's final norm of residual-stream vectors (outside a trace)."""
+        return self.unembedding.norm(hidden)
 
     def unembed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The unembedding matrix [vocab, d_model], optionally cast once and kept (e.g. bfloat16)."""
-        weight = self.hf.get_submodule(self.adapter.unembed).weight
-        if dtype is None or dtype == weight.dtype:
-            return weight
-        if dtype not in self._unembed_cache:
-            self._unembed_cache[dtype] = weight.detach().to(dtype)
-        return self._unembed_cache[dtype]
+        return self.unembedding.weight(dtype)
 
     def unembed_bias(self) -> torch.Tensor | None:
-        return getattr(self.hf.get_submodule(self.adapter.unembed), "bias", None)
+        return self.unembedding.bias()
 
     # ---------------------------------------------------------------- tokenising
     def encode(self, prompt: str) -> torch.Tensor:

@@ -13,33 +13,34 @@ Sites: ``resid`` = the residual stream after block L (the block's output), ``att
 tokens (position i is patched from position i).
 
 The corrupted run is computed once; each layer's patches (one batch row per position) replay
-only blocks L.. from its cached input, as the ablation sweep does (see ``explorer.interventions.ablation``).
+only blocks L.. from its cached input, as the ablation sweep does (see ``explorer.interventions.edits``).
 ``patched_metric`` is the plain nnsight path (one trace, one forward per patch set) used to
 check it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from explorer.interventions.ablation import (
-    AblationError,
+from explorer.analyses.lens import layer_labels
+from explorer.core.jobs import JobContext, Unfinished, cached_unless_cancelled
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array, sized
+from explorer.core.session import ModelSession
+from explorer.interventions.edits import (
     CleanRun,
     Edit,
-    _Cancelled,
-    _metric,
-    _resolve_tokens,
+    EditError,
     chunks,
+    metric,
     nnsight_runs,
     replay,
+    resolve_tokens,
     run_clean,
 )
-from explorer.analyses.lens import layer_labels
-from explorer.core.results import Result
-from explorer.core.session import ModelSession
 
 SITES = ("resid", "attn", "mlp")
 
@@ -60,37 +61,24 @@ class PatchResult(Result):
 
     request: PatchRequest
     model: str
-    clean_tokens: np.ndarray     # [T] str
-    corrupt_tokens: np.ndarray   # [T] str
+    clean_tokens: np.ndarray = array("T", "str")
+    corrupt_tokens: np.ndarray = array("T", "str")
     target: str
     target_id: int
     compare: str | None
     compare_id: int | None
     site: str
-    layer_labels: tuple[str, ...]  # [L] "L0", ...
+    layer_labels: tuple[str, ...] = sized("L")  # "L0", ...
     clean_metric: float
     corrupt_metric: float
-    patched: np.ndarray          # [L, T] float32
-    restored: np.ndarray         # [L, T] float32
+    patched: np.ndarray = array("L T", "float32")
+    restored: np.ndarray = array("L T", "float32")
     done: int = 0
     total: int = 0
-
-    _dtypes: ClassVar[dict[str, str]] = {"clean_tokens": "str", "corrupt_tokens": "str",
-                                         "patched": "float32", "restored": "float32"}
 
     @property
     def complete(self) -> bool:
         return self.done == self.total
-
-    def validate(self) -> str | None:
-        """Name the first inconsistency between the fields' shapes, or None."""
-        shape = (len(self.layer_labels), len(self.corrupt_tokens))
-        if len(self.clean_tokens) != shape[1]:
-            return "the clean and corrupted prompts differ in length"
-        for name in ("patched", "restored"):
-            if getattr(self, name).shape != shape:
-                return f"{name} has shape {getattr(self, name).shape}, expected {shape}"
-        return None
 
 
 class _Setup:
@@ -98,24 +86,24 @@ class _Setup:
 
     def __init__(self, session: ModelSession, request: PatchRequest) -> None:
         if request.site not in SITES:
-            raise AblationError(f"unknown patching site {request.site!r}: use one of {', '.join(SITES)}")
+            raise EditError(f"unknown patching site {request.site!r}: use one of {', '.join(SITES)}")
         self.clean_ids = session.encode(request.clean)
         self.corrupt_ids = session.encode(request.corrupt)
         if self.clean_ids.numel() != self.corrupt_ids.numel():
-            raise AblationError(
+            raise EditError(
                 f"patching needs clean and corrupted prompts of equal token length: the clean prompt is "
                 f"{self.clean_ids.numel()} tokens, the corrupted one {self.corrupt_ids.numel()}; "
                 "change words so both tokenise to the same length")
-        self.tid, self.cid = _resolve_tokens(session, request.target, request.compare_token)
+        self.tid, self.cid = resolve_tokens(session, request.target, request.compare_token)
         self.site = request.site
         clean = run_clean(session, self.clean_ids, {request.site})
         self.clean_acts = clean.stacked(request.site)          # [L, T, d]
-        self.clean_metric = float(_metric(clean.logits, self.tid, self.cid))
+        self.clean_metric = float(metric(clean.logits, self.tid, self.cid))
         self.corrupt: CleanRun = run_clean(session, self.corrupt_ids)
-        self.corrupt_metric = float(_metric(self.corrupt.logits, self.tid, self.cid))
+        self.corrupt_metric = float(metric(self.corrupt.logits, self.tid, self.cid))
         gap = self.clean_metric - self.corrupt_metric
         if abs(gap) < 1e-6 * max(1.0, abs(self.clean_metric)):
-            raise AblationError(
+            raise EditError(
                 f"the clean and corrupted prompts give the same metric ({self.clean_metric:.4g}): there is "
                 "nothing to restore; pick prompts whose predictions differ")
 
@@ -126,19 +114,21 @@ class _Setup:
         return (metric - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
 
 
-def patch(session: ModelSession, request: PatchRequest, ctx=None) -> PatchResult:
+def patch(session: ModelSession, request: PatchRequest | str | None = None, /, *,
+          ctx: JobContext | None = None, **fields: Any) -> PatchResult:
     """Patch each (layer, position) of the clean run into the corrupted one; ``restored`` [L, T].
 
     ``ctx`` gets ``report(done, total, partial=PatchResult)`` after each batch and is checked
     for ``cancelled`` between batches. Complete results are cached per request.
+
+    >>> from explorer import patch
+    >>> result = patch(session, "The capital of France is", corrupt="The capital of Italy is",
+    ...                target=" Paris", compare_token=" Rome")
+    >>> result.restored.shape, float(result.restored[-1, -1].round(3))  # the last layer restores all
+    ((30, 5), 1.0)
     """
-    try:
-        result = session.cached(("patch", request), lambda: _patch(session, request, ctx))
-    except _Cancelled as c:
-        return c.result
-    if ctx is not None:
-        ctx.report(result.done, result.total, partial=result, message="done")
-    return result
+    request = build_request(PatchRequest, request, fields)
+    return cached_unless_cancelled(session, ("patch", request), lambda: _patch(session, request, ctx), ctx)
 
 
 def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
@@ -166,7 +156,7 @@ def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
         rows = [setup.edits(l, [p]) for _, (l, p) in batch]
         with torch.no_grad(), session.lock:
             logits = replay(session, setup.corrupt, rows)
-        values = _metric(logits, setup.tid, setup.cid).cpu().numpy()
+        values = metric(logits, setup.tid, setup.cid).cpu().numpy()
         for (_, (l, p)), v in zip(batch, values):
             patched[l, p] = v
         done += len(batch)
@@ -174,7 +164,7 @@ def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
             ctx.report(done, total, partial=make(done), message=f"layer {batch[-1][1][0]}")
     result = make(done)
     if done < total:
-        raise _Cancelled(result)
+        raise Unfinished(result)
     return result
 
 
@@ -189,7 +179,7 @@ def patched_metric(session: ModelSession, request: PatchRequest,
     setup = _Setup(session, request)
     edit_sets = [[e for layer, positions in ps for e in setup.edits(layer, positions)] for ps in patch_sets]
     runs = nnsight_runs(session, setup.corrupt_ids, edit_sets)
-    values = [float(_metric(r["logits"], setup.tid, setup.cid)) for r in runs]
+    values = [float(metric(r["logits"], setup.tid, setup.cid)) for r in runs]
     return setup.clean_metric, setup.corrupt_metric, values
 
 

@@ -40,14 +40,19 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from explorer.core.errors import ExplorerError
-from explorer.neurons.index import NeuronExample, NeuronIndex, _atomic_write_text, neuron_activations
-from explorer.core.results import Result
+from explorer.core.errors import ExplorerError, ModelNotFoundError
+from explorer.core.files import atomic_write_text
+from explorer.core.jobs import JobContext
+from explorer.core.requests import build_request
+from explorer.core.session import ModelSession, resolve_model
+from explorer.core.unembed import Unembedding
+from explorer.neurons.index import NeuronExample, NeuronIndex, neuron_activations
+from explorer.core.results import Result, array
 
 
 class DescribeError(ExplorerError):
@@ -62,12 +67,10 @@ class TokenPattern(Result):
     layer: int
     neuron: int
     n_examples: int
-    tokens: np.ndarray        # [M] str
-    counts: np.ndarray        # [M] int64: top examples whose firing token it is
-    mass: np.ndarray          # [M] float64: share of the top examples' positive activation mass
+    tokens: np.ndarray = array("M", "str")
+    counts: np.ndarray = array("M", "int64")    # top examples whose firing token it is
+    mass: np.ndarray = array("M", "float64")    # share of the top examples' positive activation mass
     summary: str
-
-    _dtypes: ClassVar[dict[str, str]] = {"tokens": "str", "counts": "int64", "mass": "float64"}
 
 
 def show_token(text: str) -> str:
@@ -195,6 +198,14 @@ class Explainer:
         self.name = name
         self.lock = lock if lock is not None else threading.RLock()
         self._digits: tuple[list[int], np.ndarray] | None = None
+        self._unembedding: Unembedding | None = None
+
+    @property
+    def unembedding(self) -> Unembedding:
+        """The explainer model's hidden states → logits (only the rating tokens' rows are read)."""
+        if self._unembedding is None:
+            self._unembedding = Unembedding.of(self.model, lock=self.lock)
+        return self._unembedding
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -331,10 +342,6 @@ class Explainer:
         """Expected 0–10 activation of every token of each example (one forward per example)."""
         digit_ids, values = self.rating_tokens()
         device = self._device()
-        lm_head = self.model.get_output_embeddings()
-        w = lm_head.weight[digit_ids].float()
-        bias = getattr(lm_head, "bias", None)
-        b = bias[digit_ids].float() if bias is not None else None
         out = []
         for tokens in examples:
             parts = []
@@ -342,8 +349,7 @@ class Explainer:
                 x = torch.tensor([ids], device=device)
                 with torch.no_grad(), self.lock:
                     hidden = self._last_hidden(x)
-                    h = hidden[0, reads].float()
-                    logits = h @ w.t() + (b if b is not None else 0)
+                    logits = self.unembedding.logits(hidden[0, reads], tokens=digit_ids, normed=True)
                 p = torch.softmax(logits, dim=-1).cpu().double().numpy()
                 parts.append((p * values).sum(-1))
             out.append(np.concatenate(parts).astype(np.float32))
@@ -362,19 +368,10 @@ _LOADED_LOCK = threading.Lock()
 
 
 def _resolve_model(spec: str) -> tuple[str, str]:
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise DescribeError(f"explainer '{spec}' is a directory without config.json: not a model directory")
-        return p.resolve().name, str(p.resolve())
-    if "/" in spec and not spec.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return spec, snapshot_download(spec, local_files_only=True)
-        except Exception:
-            pass
-    raise DescribeError(f"explainer '{spec}' not found: pass a local instruct model directory or a cached hub id")
+    try:
+        return resolve_model(spec)
+    except ModelNotFoundError as e:
+        raise DescribeError(f"explainer: {e} (an instruct model works best)") from None
 
 
 def clean_explanation(text: str) -> str:
@@ -402,11 +399,9 @@ class Explanation(Result):
     n_top: int                    # top examples scored (not shown to the explainer)
     n_random: int                 # random examples scored
     max_activation: float         # the activation that maps to 10 in the explainer's prompt
-    simulated: np.ndarray         # [E, window] float32: expected 0-10 per token, scored examples
-    true: np.ndarray              # [E, window] float32: true activations of those tokens
+    simulated: np.ndarray = array("E W", "float32")  # expected 0-10 per token, scored examples
+    true: np.ndarray = array("E W", "float32")       # true activations of those tokens
     source: str = "explained"     # "explained" or "imported"
-
-    _dtypes: ClassVar[dict[str, str]] = {"simulated": "float32", "true": "float32"}
 
     @property
     def score_text(self) -> str:
@@ -445,15 +440,17 @@ class ExampleActivations(Result):
     layer: int
     neuron: int
     kind: str                          # "top" or "random"
-    positions: np.ndarray              # [E] int64: the example's position (its max, for top examples)
-    activations: np.ndarray            # [E] float32: the index's activation at that position
-    token_ids: np.ndarray              # [E, window] int64
-    tokens: np.ndarray                 # [E, window] str
-    window_index: np.ndarray           # [E] int64: the window's number in the corpus stream
-    token_activations: np.ndarray | None = None   # [E, window] float32
+    positions: np.ndarray = array("E", "int64")      # the example's position (its max, for top examples)
+    activations: np.ndarray = array("E", "float32")  # the index's activation at that position
+    token_ids: np.ndarray = array("E W", "int64")
+    tokens: np.ndarray = array("E W", "str")
+    window_index: np.ndarray = array("E", "int64")   # the window's number in the corpus stream
+    token_activations: np.ndarray | None = array("E W", "float32", default=None)
 
-    _dtypes: ClassVar[dict[str, str]] = {"positions": "int64", "activations": "float32", "token_ids": "int64",
-                                         "tokens": "str", "window_index": "int64", "token_activations": "float32"}
+    def relations(self) -> str | None:
+        if len(self.positions) and (self.positions.min() < 0 or self.positions.max() >= self.tokens.shape[1]):
+            return f"positions outside the {self.tokens.shape[1]}-token windows"
+        return None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -490,16 +487,43 @@ def example_activations(index: NeuronIndex, layer: int, neuron: int,
             _examples_result(layer, neuron, "random", rand, index.window, rand_acts))
 
 
-def explain_neuron(index: NeuronIndex, session, layer: int, neuron: int, *,
-                   explainer: Explainer | str | None = None, n_explain: int = 10, n_score_top: int = 10,
-                   n_score_random: int = 10, max_new_tokens: int = 40, refresh: bool = False,
-                   store: "DescriptionStore | None" = None) -> Explanation:
-    """Explain a neuron with a local instruct model and score the explanation by simulation.
+@dataclass(frozen=True)
+class ExplainRequest:
+    """Which neuron to explain, with what, and on how many examples (see ``explain_neuron``)."""
 
-    ``session`` runs the index's model (for the examples' true activations); ``explainer`` writes
-    and simulates (default: the session's own model). Cached in the index directory by
-    (layer, neuron, explainer) unless ``refresh``.
+    layer: int
+    neuron: int
+    explainer: "str | Explainer | None" = None  # a model directory or cached hub id; None: the session's
+    n_explain: int = 10          # top examples shown to the explainer (even ranks)
+    n_score_top: int = 10        # held-out top examples simulated for the score (odd ranks)
+    n_score_random: int = 10     # random examples simulated for the score
+    max_new_tokens: int = 40     # the explanation's length, at most
+    refresh: bool = False        # explain again even if the store holds an explanation
+
+
+def explain_neuron(session: ModelSession, request: ExplainRequest | None = None, /, *,
+                   ctx: JobContext | None = None, index: NeuronIndex | str | Path,
+                   store: "DescriptionStore | None" = None, **fields: Any) -> Explanation:
+    """Explain a neuron of ``index`` with a local instruct model and score the explanation by simulation.
+
+    ``session`` runs the index's model (for the examples' true activations); the request's
+    ``explainer`` writes and simulates (default: the session's own model). Cached in the index
+    directory (or ``store``) by (layer, neuron, explainer) unless ``refresh``.
+
+    >>> from explorer import build_index, explain_neuron
+    >>> index = build_index(session, max_tokens=256, window=32, top_k=4, n_random=2, out_dir="index")
+    >>> best = index.selective_neurons(1)          # the most selective neuron of each layer
+    >>> e = explain_neuron(session, layer=3, neuron=int(best.neurons[3]), index=index,
+    ...                    n_explain=2, n_score_top=1, n_score_random=1, max_new_tokens=8)
+    >>> e.explainer, e.n_top, e.n_random, e.simulated.shape == e.true.shape
+    ('session:SmolLM2-135M-Instruct', 1, 1, True)
     """
+    request = build_request(ExplainRequest, request, fields)
+    layer, neuron = request.layer, request.neuron
+    n_explain, n_score_top, n_score_random = request.n_explain, request.n_score_top, request.n_score_random
+    max_new_tokens, refresh, explainer = request.max_new_tokens, request.refresh, request.explainer
+    if not isinstance(index, NeuronIndex):
+        index = NeuronIndex.open(index)
     index.check_neuron(layer, neuron)
     if not isinstance(explainer, Explainer):
         explainer = Explainer.load(explainer, session)
@@ -580,7 +604,7 @@ class DescriptionStore:
 
     def _write(self, path: Path, data: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
+        atomic_write_text(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
 
     # explanations (written here)
     def put_explanation(self, e: Explanation) -> None:

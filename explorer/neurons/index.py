@@ -27,9 +27,10 @@ device it updates:
 State is O(layers × neurons × (top_k + n_random + bins)), whatever the corpus size; the token
 ids of the windows seen are appended to a work file on disk (4 bytes per token) so the kept
 windows can be gathered at the end. Every ``checkpoint_seconds`` (or ``checkpoint_every``
-batches, where set) the state is written atomically (temporary file + ``os.replace``); a build
-that is cancelled, killed or fails resumes from its last checkpoint and ends with exactly the
-index an uninterrupted build gives.
+batches, where set) the state is checkpointed in the build's job directory
+(``explorer.core.jobdir``: written under a temporary name, then renamed); a build that is
+cancelled, killed or fails resumes from its last checkpoint and ends with exactly the index an
+uninterrupted build gives.
 
 Files in the index directory (no pickle anywhere):
 
@@ -39,27 +40,34 @@ Files in the index directory (no pickle anywhere):
 - ``index.safetensors``: the arrays (see ``NeuronIndex``); the kept windows' token ids.
 - ``vocab.json``: the decoded string of every token id in the kept windows, so the index is
   readable (tokens shown as text) without the model or its tokenizer.
-- ``.work/``: the checkpoint and the token stream while a build is incomplete.
+- ``.work/``: while a build is incomplete, its job directory (``explorer.core.jobdir``):
+  ``job.json`` (the build's key), ``checkpoints/step-N/state.safetensors`` (the state after
+  N windows) and the token stream.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
+from explorer.core.components import geometry
 from explorer.core.corpus import CorpusError, batched, corpus_fingerprint, detect_format, iter_documents, token_windows
 from explorer.core.errors import ExplorerError
+from explorer.core.files import atomic_write_text, load_arrays, save_arrays
+from explorer.core.jobdir import JobDir
 from explorer.core.jobs import JobContext
-from explorer.core.results import Result
+from explorer.core.modules import submodule
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array
+from explorer.core.session import ModelSession
 
 FORMAT = "interp-explorer-neuron-index"
 VERSION = 1
@@ -67,6 +75,7 @@ QUANTILE_LEVELS = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999)
 _BINS_PER_DECADE = 16
 _DECADES = (-3, 3)
 _MASK = (1 << 64) - 1
+CHECKPOINT_FILE = "state.safetensors"  # in each checkpoint directory of an incomplete build
 
 
 class IndexError_(ExplorerError):
@@ -155,7 +164,7 @@ def neuron_activations(session, layers: list[int], ids: torch.Tensor) -> list[to
     with torch.no_grad(), session.lock:
         with session.lm.trace(ids.to(session.device), logits_to_keep=1) as tracer:
             for layer in order:
-                saved[layer] = _site(blocks[layer], session.adapter.mlp_out).input.save()
+                saved[layer] = submodule(blocks[layer], session.adapter.mlp_out).input.save()
             tracer.stop()
     return [saved[layer].detach().float() for layer in layers]
 
@@ -167,16 +176,32 @@ class PromptActivation(Result):
     prompt: str
     layer: int
     neuron: int
-    token_ids: np.ndarray     # [T] int64
-    tokens: np.ndarray        # [T] str, each token decoded on its own
-    activations: np.ndarray   # [T] float32
-
-    _dtypes: ClassVar[dict[str, str]] = {"token_ids": "int64", "tokens": "str", "activations": "float32"}
+    token_ids: np.ndarray = array("T", "int64")
+    tokens: np.ndarray = array("T", "str")          # each token decoded on its own
+    activations: np.ndarray = array("T", "float32")
 
 
-def prompt_activation(session, prompt: str, layer: int, neuron: int) -> PromptActivation:
-    """The activation of neuron ``neuron`` of block ``layer`` at every token of ``prompt``."""
-    n_layers, d_mlp = session.n_layers, _d_mlp(session)
+@dataclass(frozen=True)
+class ActivationRequest:
+    """One neuron (``layer``, ``neuron``, counted from 0) read on a prompt."""
+
+    prompt: str
+    layer: int = 0
+    neuron: int = 0
+
+
+def prompt_activation(session: ModelSession, request: ActivationRequest | str | None = None, /, *,
+                      ctx: JobContext | None = None, **fields: Any) -> PromptActivation:
+    """The activation of neuron ``neuron`` of block ``layer`` at every token of ``prompt``.
+
+    >>> from explorer import prompt_activation
+    >>> acts = prompt_activation(session, "The nurse said that", layer=3, neuron=17)
+    >>> acts.tokens.tolist(), acts.activations.shape
+    (['The', ' nurse', ' said', ' that'], (4,))
+    """
+    request = build_request(ActivationRequest, request, fields)
+    prompt, layer, neuron = request.prompt, request.layer, request.neuron
+    n_layers, d_mlp = session.n_layers, geometry(session).d_mlp
     if not 0 <= layer < n_layers:
         raise IndexError_(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
     if not 0 <= neuron < d_mlp:
@@ -188,44 +213,11 @@ def prompt_activation(session, prompt: str, layer: int, neuron: int) -> PromptAc
                             activations=acts[0, :, neuron].cpu().numpy().astype(np.float32))
 
 
-def _site(envoy, path: str):
-    for part in path.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy
-
-
-def _d_mlp(session) -> int:
-    block = session.hf_blocks()[0]
-    mod = block.get_submodule(session.adapter.mlp_out)
-    n = getattr(mod, "in_features", None)
-    if n is None:  # GPT-2's Conv1D keeps weight [in, out]
-        n = mod.weight.shape[0]
-    return int(n)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def _load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as e:
-        raise IndexError_(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        return load_arrays(path)
+    except ValueError as e:
+        raise IndexError_(str(e)) from None
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -527,14 +519,16 @@ def _manifest(session, req: IndexRequest, corpus: dict, key: str, state: _State,
 
 
 class _Work:
-    """The incomplete build's files: the token stream, window provenance, checkpoint."""
+    """The incomplete build's files: a job directory (``job.json`` names the build by its key;
+    state checkpoints) holding the token stream and the windows' provenance."""
 
     def __init__(self, out: Path, window: int) -> None:
-        self.dir = out / ".work"
+        self.job = JobDir(out / ".work", manifest="job.json")
+        self.dir = self.job.path
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.job.checkpoints()  # step = windows done; the latest is kept
         self.tokens = self.dir / "tokens.bin"   # int32 [windows, window]
         self.prov = self.dir / "prov.bin"       # int64 [windows, 2]: doc, offset
-        self.ckpt = self.dir / "checkpoint.safetensors"
         self.window = window
 
     def truncate(self, windows: int) -> None:
@@ -557,9 +551,14 @@ class _Work:
 
 
 def _checkpoint(work: _Work, state: _State, key: str) -> None:
-    meta = {"key": key, "windows_done": str(state.windows_done),
+    step = state.windows_done
+    if step in work.checkpoints.steps():
+        return  # the same state (a cancel right after a checkpoint)
+    meta = {"key": key, "windows_done": str(step),
             "cursor_doc": str(state.cursor[0]), "cursor_offset": str(state.cursor[1])}
-    _save_arrays(work.ckpt, state.arrays(), meta)
+    with work.checkpoints.new(step) as tmp:
+        save_arrays(tmp / CHECKPOINT_FILE, state.arrays(), meta)
+    work.checkpoints.drop(before=step)
 
 
 def _finalize(session, out: Path, work: _Work, state: _State, req: IndexRequest, corpus: dict, key: str,
@@ -591,11 +590,11 @@ def _finalize(session, out: Path, work: _Work, state: _State, req: IndexRequest,
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest_path.unlink()
-    _save_arrays(out / "index.safetensors", arrays)
-    _atomic_write_text(out / "vocab.json", json.dumps({"ids": vocab_ids.tolist(), "strings": strings},
+    save_arrays(out / "index.safetensors", arrays)
+    atomic_write_text(out / "vocab.json", json.dumps({"ids": vocab_ids.tolist(), "strings": strings},
                                                       ensure_ascii=False))
     manifest = _manifest(session, req, corpus, key, state, complete, elapsed)
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
 class _LastSite(Exception):
@@ -638,17 +637,23 @@ def _hist_tokens(windows: int, req: IndexRequest) -> int:
     return windows * len(range(0, req.window, req.hist_stride))
 
 
-def build_index(session, request: IndexRequest | None = None, out_dir: str | Path | None = None,
-                ctx: JobContext | None = None) -> "NeuronIndex":
+def build_index(session: ModelSession, request: IndexRequest | str | None = None, /, *,
+                ctx: JobContext | None = None, out_dir: str | Path | None = None,
+                **fields: Any) -> "NeuronIndex":
     """Build (or resume, or reopen) the neuron index of a corpus; see the module docstring.
 
-    ``out_dir`` None uses ``cache_dir()/neurons/<key>`` (key: model, corpus, settings). A
-    complete index there with the same key is opened, not rebuilt. Progress goes to
-    ``ctx.report(tokens_done, tokens_total, message="… tokens/s, ETA …")``; when ``ctx`` is
-    cancelled the build checkpoints, writes a partial index (``complete`` False) and returns it;
-    calling again resumes.
+    A string request is the corpus path. ``out_dir`` None uses ``cache_dir()/neurons/<key>``
+    (key: model, corpus, settings). A complete index there with the same key is opened, not
+    rebuilt. Progress goes to ``ctx.report(tokens_done, tokens_total, message="… tokens/s, ETA
+    …")``; when ``ctx`` is cancelled the build checkpoints, writes a partial index (``complete``
+    False) and returns it; calling again resumes.
+
+    >>> from explorer import build_index
+    >>> index = build_index(session, max_tokens=256, window=32, top_k=4, n_random=2, out_dir="index")
+    >>> index.complete, index.tokens_done, len(index.top_examples(layer=3, neuron=17))
+    (True, 256, 4)
     """
-    req = _resolve_corpus(request or IndexRequest())
+    req = _resolve_corpus(build_request(IndexRequest, request, fields))
     _check_request(session, req)
     corpus = corpus_fingerprint(req.corpus_path)
     key = index_key(session, req, corpus)
@@ -669,19 +674,24 @@ def build_index(session, request: IndexRequest | None = None, out_dir: str | Pat
             raise IndexError_(f"{out} exists and is not a neuron index; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    L, N = session.n_layers, _d_mlp(session)
+    L, N = session.n_layers, geometry(session).d_mlp
     state = _State(L, N, req, session.device)
     work = _Work(out, req.window)
-    if work.ckpt.exists():
-        arrays, meta = _load_arrays(work.ckpt)
-        if meta.get("key") != key:
-            raise IndexError_(f"{out} holds the checkpoint of another build; delete {work.dir} to start over")
+    saved = work.job.read()
+    if saved is not None and saved.get("key") != key:
+        raise IndexError_(f"{out} holds the checkpoint of another build; delete {work.dir} to start over")
+    work.checkpoints.clean()
+    latest = work.checkpoints.latest() if saved is not None else None
+    if latest is not None:
+        arrays, meta = _load_arrays(latest[1] / CHECKPOINT_FILE)
         state.load(arrays)
         state.windows_done = int(meta["windows_done"])
         state.cursor = (int(meta["cursor_doc"]), int(meta["cursor_offset"]))
     else:
         for path in (work.tokens, work.prov):
             path.unlink(missing_ok=True)
+        work.checkpoints.drop(after=-1)
+        work.job.write({"kind": "neuron-index-build", "key": key, "settings": _settings(req)})
     work.truncate(state.windows_done)
 
     docs = iter_documents(req.corpus_path, format=req.corpus_format, text_field=req.text_field,
@@ -744,13 +754,16 @@ class NeuronExample(Result):
     rank: int                 # 0-based rank among the neuron's examples of this kind
     activation: float         # the neuron's activation at ``position`` when the model reads token_ids
     position: int
-    token_ids: np.ndarray     # [window] int64
-    tokens: np.ndarray        # [window] str, each token decoded on its own
+    token_ids: np.ndarray = array("W", "int64")
+    tokens: np.ndarray = array("W", "str")   # each token decoded on its own
     window_index: int         # the window's number in the corpus stream
     doc: int                  # provenance: document and token offset of the window's first token
     offset: int
 
-    _dtypes: ClassVar[dict[str, str]] = {"token_ids": "int64", "tokens": "str"}
+    def relations(self) -> str | None:
+        if not 0 <= self.position < len(self.tokens):
+            return f"position {self.position} is outside the {len(self.tokens)}-token window"
+        return None
 
     @property
     def token(self) -> str:
@@ -770,10 +783,8 @@ class NeuronStats(Result):
     mean: float
     std: float
     frequency: float          # share of tokens with activation > 0
-    quantile_levels: np.ndarray   # [Q] float64
-    quantiles: np.ndarray         # [Q] float64, approximate (histogram of a subsample)
-
-    _dtypes: ClassVar[dict[str, str]] = {"quantile_levels": "float64", "quantiles": "float64"}
+    quantile_levels: np.ndarray = array("Q", "float64")
+    quantiles: np.ndarray = array("Q", "float64")   # approximate (histogram of a subsample)
 
     def quantile(self, q: float) -> float:
         return float(np.interp(q, self.quantile_levels, self.quantiles))
@@ -789,12 +800,15 @@ class NeuronHistogram(Result):
 
     layer: int
     neuron: int
-    counts: np.ndarray        # [len(edges) + 1] int64
-    edges: np.ndarray         # [E] float64, ascending
+    counts: np.ndarray = array("B", "int64")    # B = E + 1 bins
+    edges: np.ndarray = array("E", "float64")   # ascending
     sampled_tokens: int       # tokens in the subsample (the counts' sum)
     stride: int               # the subsample: positions 0, stride, 2·stride, … of every window
 
-    _dtypes: ClassVar[dict[str, str]] = {"counts": "int64", "edges": "float64"}
+    def relations(self) -> str | None:
+        if len(self.counts) != len(self.edges) + 1:
+            return f"counts has {len(self.counts)} bins for {len(self.edges)} edges (expected edges + 1)"
+        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -808,19 +822,15 @@ class SelectiveNeurons(Result):
 
     n_per_layer: int
     tokens: int               # tokens indexed
-    layers: np.ndarray        # [M] int64
-    neurons: np.ndarray       # [M] int64
-    selectivity: np.ndarray   # [M] float64
-    max: np.ndarray           # [M] float64
-    mean: np.ndarray          # [M] float64
-    std: np.ndarray           # [M] float64
-    frequency: np.ndarray     # [M] float64: share of tokens with activation > 0
-    top_token: np.ndarray     # [M] str: the token at the top example's position
+    layers: np.ndarray = array("M", "int64")
+    neurons: np.ndarray = array("M", "int64")
+    selectivity: np.ndarray = array("M", "float64")
+    max: np.ndarray = array("M", "float64")
+    mean: np.ndarray = array("M", "float64")
+    std: np.ndarray = array("M", "float64")
+    frequency: np.ndarray = array("M", "float64")   # share of tokens with activation > 0
+    top_token: np.ndarray = array("M", "str")       # the token at the top example's position
     definition: str = "(max - mean) / std over every indexed token"
-
-    _dtypes: ClassVar[dict[str, str]] = {"layers": "int64", "neurons": "int64", "selectivity": "float64",
-                                         "max": "float64", "mean": "float64", "std": "float64",
-                                         "frequency": "float64", "top_token": "str"}
 
 
 def hist_quantiles(counts: np.ndarray, edges: np.ndarray, lo: float, hi: float,

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import types
 import typing
 import zipfile
@@ -25,6 +24,7 @@ from typing import IO, Any, Iterable
 import numpy as np
 
 from explorer.core.errors import ExplorerError
+from explorer.core.files import atomic_path
 from explorer.core.results import RESULT_TYPES, Result
 
 SCHEMA_VERSION = 1
@@ -76,11 +76,9 @@ def weights_hash(model) -> str:
 def model_identity(session) -> dict:
     """What a snapshot records about the model that made its results."""
     info = session.info()
-    if not hasattr(session, "_weights_hash"):
-        session._weights_hash = weights_hash(session.hf)
     return {"name": info.name, "architecture": info.architecture, "n_layers": info.n_layers,
-            "n_heads": info.n_heads, "n_kv_heads": info.n_kv_heads,
-            "config_hash": info.config_hash, "weights_hash": session._weights_hash}
+            "n_heads": info.n_heads, "n_kv_heads": info.n_kv_heads, "config_hash": info.config_hash,
+            "weights_hash": session.cached(("weights-hash",), lambda: weights_hash(session.hf))}
 
 
 def model_differences(manifest_model: dict, identity: dict) -> list[str]:
@@ -166,15 +164,8 @@ def save_snapshot(path: str | os.PathLike, entries: Iterable[Entry | Result], mo
     """Write results (with labels) and the model's identity to one zip, atomically."""
     path = Path(path)
     items = _entries(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        _write(tmp, items, model)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        _write(str(tmp), items, model)
     return path
 
 
@@ -269,63 +260,6 @@ def _decode(value: Any, zf: zipfile.ZipFile) -> Any:
     return value
 
 
-# Array shapes of the result types that have no ``validate()`` of their own: each dimension is a
-# symbol (the same symbol must mean the same length everywhere in a result) or a literal length.
-SHAPES: dict[str, dict[str, str]] = {
-    "PromptActivation": {"token_ids": "T", "tokens": "T", "activations": "T"},
-    "NeuronExample": {"token_ids": "W", "tokens": "W"},
-    "NeuronStats": {"quantile_levels": "Q", "quantiles": "Q"},
-    "NeuronHistogram": {"counts": "B", "edges": "E"},
-    "SelectiveNeurons": {k: "M" for k in ("layers", "neurons", "selectivity", "max", "mean", "std",
-                                          "frequency", "top_token")},
-    "TokenPattern": {"tokens": "M", "counts": "M", "mass": "M"},
-    "Explanation": {"simulated": "E W", "true": "E W"},
-    "ExampleActivations": {"positions": "E", "activations": "E", "token_ids": "E W", "tokens": "E W",
-                           "window_index": "E", "token_activations": "E W"},
-    "SwapAudit": {"counts": "P"},
-    "PromptSet": {"label_ids": "C", "permutation": "C", "query_index": "N", "query_class": "N",
-                  "demo_index": "N K", "demo_class": "N K", "prompts": "2 N", "n_tokens": "2 N",
-                  "label_positions": "2 N K"},
-}
-
-
-def _extra_problem(result: Result) -> str | None:
-    """Relations between fields that the charts index by (beyond equal lengths)."""
-    kind = type(result).__name__
-    if kind == "NeuronHistogram" and len(result.counts) != len(result.edges) + 1:
-        return f"counts has {len(result.counts)} bins for {len(result.edges)} edges (expected edges + 1)"
-    if kind == "SwapAudit" and len(result.pairs) != len(result.counts):
-        return f"{len(result.pairs)} pairs but {len(result.counts)} counts"
-    if kind == "PromptSet" and len(result.labels) != len(result.label_ids):
-        return f"{len(result.labels)} labels but {len(result.label_ids)} label ids"
-    if kind == "ExampleActivations" and len(result.positions):
-        width = result.tokens.shape[1]
-        if result.positions.min() < 0 or result.positions.max() >= width:
-            return f"positions outside the {width}-token windows"
-    if kind == "NeuronExample" and not 0 <= result.position < len(result.tokens):
-        return f"position {result.position} is outside the {len(result.tokens)}-token window"
-    return None
-
-
-def _shape_problem(result: Result) -> str | None:
-    spec = SHAPES.get(type(result).__name__)
-    if spec is None:
-        return None
-    sizes: dict[str, int] = {}
-    for field, dims in spec.items():
-        array = getattr(result, field)
-        if array is None:
-            continue
-        want = dims.split()
-        if array.ndim != len(want):
-            return f"{field} has {array.ndim} dimensions, expected {len(want)} ({dims})"
-        for symbol, size in zip(want, array.shape):
-            expected = int(symbol) if symbol.isdigit() else sizes.setdefault(symbol, size)
-            if size != expected:
-                return f"{field} has shape {array.shape}, which does not match the others ({dims})"
-    return _extra_problem(result)
-
-
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -383,8 +317,6 @@ def _type_problem(tp: Any, value: Any, where: str) -> str | None:
         for f in dataclasses.fields(tp):
             if problem := _type_problem(hints[f.name], getattr(value, f.name), f"{where}.{f.name}"):
                 return problem
-        if isinstance(value, Result):
-            return _shape_problem(value)
         return None
     else:
         return None  # an annotation this checker does not know: from_dict's own result stands
@@ -392,19 +324,15 @@ def _type_problem(tp: Any, value: Any, where: str) -> str | None:
 
 
 def _check_result(result: Result, name: str) -> None:
-    """Every field of the annotated type, every array of a consistent shape, then ``validate()``."""
+    """Every field of the annotated type (nested results too), then ``validate()``: the arrays'
+    declared shapes (dtypes were restored by ``from_dict``) and the result's own relations."""
     cls = type(result)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if problem := _type_problem(hints[f.name], getattr(result, f.name), f.name):
             raise SnapshotError(f"{name} ({cls.__name__}): {problem}")
-    if problem := _shape_problem(result):
+    if problem := result.validate():
         raise SnapshotError(f"{name} ({cls.__name__}): {problem}")
-    check = getattr(result, "validate", None)
-    if check is not None:
-        problem = check()
-        if problem:
-            raise SnapshotError(f"{name}: {problem}")
 
 
 def _register_result_types() -> None:

@@ -44,7 +44,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,13 @@ import torch.nn.functional as F
 
 from explorer.core.defaults import ASSETS_DIR
 from explorer.core.errors import ExplorerError
-from explorer.core.results import Result
+from explorer.core.jobs import JobContext
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array, sized
+from explorer.core.unembed import Unembedding
+
+if TYPE_CHECKING:
+    from explorer.core.session import ModelSession
 
 ASSETS = ASSETS_DIR
 OCCUPATIONS_CSV = ASSETS / "occupations.csv"
@@ -266,14 +272,15 @@ def next_token_logprobs(model, seqs: list[list[int]], token_ids: Sequence[int],
     """log p(token | sequence) at the end of each sequence, for each of ``token_ids``: [N, K] float64."""
     device = _model_device(model)
     out = np.empty((len(seqs), len(token_ids)), dtype=np.float64)
-    head = model.get_output_embeddings()
+    unembedding = Unembedding.of(model)
     wanted = torch.tensor(list(token_ids), device=device)
     with _EvalMode(model):
         for idx in _batches(seqs, batch_size):
             ids, mask, pos, lengths = _padded(seqs, idx, device)
             hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
             last = hidden[torch.arange(len(idx), device=device), (lengths - 1).to(device)]
-            logp = F.log_softmax(head(last).float(), dim=-1)  # only the last rows are unembedded
+            logits = unembedding.logits(last, normed=True)  # only the last rows are unembedded
+            logp = F.log_softmax(logits, dim=-1)
             out[idx] = logp[:, wanted].double().cpu().numpy()
     return out
 
@@ -302,14 +309,12 @@ class PairScores(Result):
     """Minimal pairs scored: summed log-likelihood of each stereotyped and anti-stereotyped sentence."""
 
     name: str
-    more: tuple[str, ...]
-    less: tuple[str, ...]
-    ll_more: np.ndarray      # [P] float64
-    ll_less: np.ndarray      # [P] float64
+    more: tuple[str, ...] = sized("P")
+    less: tuple[str, ...] = sized("P")
+    ll_more: np.ndarray = array("P", "float64")
+    ll_less: np.ndarray = array("P", "float64")
     pct_stereotype: float    # share of pairs with ll_more > ll_less
     se: float
-
-    _dtypes: ClassVar[dict[str, str]] = {"ll_more": "float64", "ll_less": "float64"}
 
     @property
     def n(self) -> int:
@@ -320,11 +325,6 @@ class PairScores(Result):
         """Mean |LL_more − LL_less| (lm-eval-harness' second CrowS-Pairs number)."""
         return float(np.abs(self.ll_more - self.ll_less).mean()) if self.n else math.nan
 
-    def validate(self) -> str | None:
-        n = len(self.more)
-        if len(self.less) != n or self.ll_more.shape != (n,) or self.ll_less.shape != (n,):
-            return f"pair set {self.name}: {n} pairs but arrays of {self.ll_more.shape}, {self.ll_less.shape}"
-        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,11 +334,11 @@ class BiasResult(Result):
     model: str
     prefix: str
     pronouns: tuple[str, ...]           # (" he", " she")
-    templates: tuple[str, ...]
-    occupations: tuple[str, ...]
-    share_men: np.ndarray               # [O] float64, percent
-    item_preference: np.ndarray         # [T, O] float64: log p(" he") − log p(" she")
-    per_occupation: np.ndarray          # [O] float64: mean over templates
+    templates: tuple[str, ...] = sized("T")
+    occupations: tuple[str, ...] = sized("O")
+    share_men: np.ndarray = array("O", "float64")          # percent
+    item_preference: np.ndarray = array("T O", "float64")  # log p(" he") − log p(" she")
+    per_occupation: np.ndarray = array("O", "float64")     # mean over templates
     pronoun_preference: float
     pronoun_preference_se: float
     stereotype_alignment: float         # Pearson r(per_occupation, share_men)
@@ -346,9 +346,6 @@ class BiasResult(Result):
     stereotype_alignment_ci: tuple[float, float]
     pairs: PairScores
     crows: PairScores | None = None
-
-    _dtypes: ClassVar[dict[str, str]] = {"share_men": "float64", "item_preference": "float64",
-                                         "per_occupation": "float64"}
 
     @property
     def minimal_pairs(self) -> float:
@@ -373,13 +370,6 @@ class BiasResult(Result):
             out["crows_pairs_se"] = self.crows.se
         return out
 
-    def validate(self) -> str | None:
-        t, o = len(self.templates), len(self.occupations)
-        if self.item_preference.shape != (t, o):
-            return f"item_preference has shape {self.item_preference.shape}, expected ({t}, {o})"
-        if self.per_occupation.shape != (o,) or self.share_men.shape != (o,):
-            return f"per_occupation/share_men should have {o} values"
-        return self.pairs.validate() or (self.crows.validate() if self.crows is not None else None)
 
 
 def score_pronouns(model, tokenizer, templates: Sequence[str], occupations: Sequence[str], *,
@@ -440,9 +430,16 @@ class BiasRequest:
     batch_size: int = BATCH_SIZE
 
 
-def bias_probe(session, request: BiasRequest | None = None, **kwargs) -> BiasResult:
-    """All three bias probes of an attached model (cached per request)."""
-    request = request or BiasRequest(**kwargs)
+def bias_probe(session: "ModelSession", request: BiasRequest | None = None, /, *,
+               ctx: JobContext | None = None, **fields: Any) -> BiasResult:
+    """All three bias probes of an attached model (cached per request).
+
+    >>> from explorer import bias_probe
+    >>> bias = bias_probe(session, max_templates=1, max_pairs=4)
+    >>> bias.item_preference.shape[0], bias.pairs.n, sorted(bias.summary())[:2]
+    (1, 4, ['minimal_pairs', 'minimal_pairs_se'])
+    """
+    request = build_request(BiasRequest, request, fields)
     if request.max_templates is not None and request.max_templates < 1:
         raise BiasError(f"max_templates must be at least 1, got {request.max_templates}")
     templates = request.templates or load_templates()

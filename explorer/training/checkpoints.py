@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from explorer.training.bias import BiasRequest, bias_probe
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import JobContext
 from explorer.analyses.lens import LensRequest, logit_lens
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 
 _METRICS = ("pronoun_preference", "stereotype_alignment", "minimal_pairs")
 
@@ -29,27 +29,22 @@ _METRICS = ("pronoun_preference", "stereotype_alignment", "minimal_pairs")
 class CheckpointComparison(Result):
     """Bias metrics ([N] per checkpoint) and the lens target curve ([N, R]) across checkpoints."""
 
-    labels: tuple[str, ...]            # e.g. "control/step-000040"
-    paths: tuple[str, ...]
-    steps: np.ndarray                  # [N] int64, -1 where the name has no step
-    occupations: tuple[str, ...]
-    pronoun_preference: np.ndarray     # [N] float64
-    pronoun_preference_se: np.ndarray
-    stereotype_alignment: np.ndarray
-    stereotype_alignment_se: np.ndarray
-    minimal_pairs: np.ndarray
-    minimal_pairs_se: np.ndarray
-    per_occupation: np.ndarray         # [N, O] float64
-    prompt: str                        # "" when no lens was asked for
+    labels: tuple[str, ...] = sized("N")          # e.g. "control/step-000040"
+    paths: tuple[str, ...] = sized("N")
+    steps: np.ndarray = array("N", "int64")       # -1 where the name has no step
+    occupations: tuple[str, ...] = sized("O")
+    pronoun_preference: np.ndarray = array("N", "float64")
+    pronoun_preference_se: np.ndarray = array("N", "float64")
+    stereotype_alignment: np.ndarray = array("N", "float64")
+    stereotype_alignment_se: np.ndarray = array("N", "float64")
+    minimal_pairs: np.ndarray = array("N", "float64")
+    minimal_pairs_se: np.ndarray = array("N", "float64")
+    per_occupation: np.ndarray = array("N O", "float64")
+    prompt: str                                   # "" when no lens was asked for
     target: str
-    target_ids: np.ndarray             # [N] int64
-    layer_labels: tuple[str, ...]      # [R] "embed", "L0", ... (empty without a prompt)
-    target_probs: np.ndarray           # [N, R] float32, last position
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        "steps": "int64", "target_ids": "int64", "target_probs": "float32", "per_occupation": "float64",
-        **{m: "float64" for m in _METRICS}, **{f"{m}_se": "float64" for m in _METRICS},
-    }
+    target_ids: np.ndarray = array("N", "int64")
+    layer_labels: tuple[str, ...] = sized("R")    # "embed", "L0", ... (empty without a prompt)
+    target_probs: np.ndarray = array("N R", "float32")  # last position
 
     def metric(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(values, standard errors) of a bias metric across the checkpoints."""
@@ -57,16 +52,6 @@ class CheckpointComparison(Result):
             raise ExplorerError(f"unknown metric '{name}' (use {', '.join(_METRICS)})")
         return getattr(self, name), getattr(self, f"{name}_se")
 
-    def validate(self) -> str | None:
-        n = len(self.labels)
-        for key in ("paths", "steps", "target_ids") + _METRICS + tuple(f"{m}_se" for m in _METRICS):
-            if len(getattr(self, key)) != n:
-                return f"{key} has {len(getattr(self, key))} entries for {n} checkpoints"
-        if self.per_occupation.shape != (n, len(self.occupations)):
-            return f"per_occupation has shape {self.per_occupation.shape}, expected ({n}, {len(self.occupations)})"
-        if self.target_probs.shape != (n, len(self.layer_labels)):
-            return f"target_probs has shape {self.target_probs.shape}, expected ({n}, {len(self.layer_labels)})"
-        return None
 
 
 def _label(path: Path) -> str:

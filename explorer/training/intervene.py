@@ -60,12 +60,10 @@ import copy
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -73,9 +71,15 @@ import torch
 from explorer.training.bias import EVAL_TEMPLATES, load_minimal_pairs, load_occupations, load_templates, score_bias
 from explorer.core.corpus import iter_documents, separator_ids
 from explorer.core.errors import ExplorerError
+from explorer.core.files import atomic_write_lines
+from explorer.core.jobdir import Checkpoints, JobDir, JobDirError
 from explorer.core.jobs import Job, JobContext
-from explorer.core.results import Result
+from explorer.core.requests import build_request
+from explorer.core.results import Result, array
 from explorer.training.swap import SwapAudit, audit_swap, swap_text
+
+if TYPE_CHECKING:
+    from explorer.core.session import ModelSession
 
 ARMS = ("control", "swapped")
 # The numbers in every metrics.jsonl line besides step/tokens/time, in chart order.
@@ -267,26 +271,21 @@ class ArmMetrics(Result):
     """One arm's curves: a row per evaluation (``step`` …) and the training loss of every step."""
 
     arm: str
-    step: np.ndarray                      # [E] int64
-    loss: np.ndarray                      # [E] float64, held-out loss (nats/token)
-    train_loss: np.ndarray                # [E] float64, mean training loss since the previous evaluation
-    pronoun_preference: np.ndarray        # [E] float64
-    pronoun_preference_se: np.ndarray
-    stereotype_alignment: np.ndarray
-    stereotype_alignment_se: np.ndarray
-    minimal_pairs: np.ndarray
-    minimal_pairs_se: np.ndarray
-    tokens_seen: np.ndarray               # [E] int64
-    seconds: np.ndarray                   # [E] float64, run time at the evaluation
-    eval_seconds: np.ndarray              # [E] float64, time the evaluation took
-    train_steps: np.ndarray               # [S] int64
-    train_losses: np.ndarray              # [S] float64
+    step: np.ndarray = array("E", "int64")            # one value per evaluation
+    loss: np.ndarray = array("E", "float64")          # held-out loss (nats/token)
+    train_loss: np.ndarray = array("E", "float64")    # mean training loss since the previous evaluation
+    pronoun_preference: np.ndarray = array("E", "float64")
+    pronoun_preference_se: np.ndarray = array("E", "float64")
+    stereotype_alignment: np.ndarray = array("E", "float64")
+    stereotype_alignment_se: np.ndarray = array("E", "float64")
+    minimal_pairs: np.ndarray = array("E", "float64")
+    minimal_pairs_se: np.ndarray = array("E", "float64")
+    tokens_seen: np.ndarray = array("E", "int64")
+    seconds: np.ndarray = array("E", "float64")       # run time at the evaluation
+    eval_seconds: np.ndarray = array("E", "float64")  # time the evaluation took
+    train_steps: np.ndarray = array("S", "int64")     # one value per training step
+    train_losses: np.ndarray = array("S", "float64")
     checkpoints: tuple[str, ...]          # checkpoint directories, oldest first
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        **{k: "float64" for k in METRIC_KEYS}, "step": "int64", "tokens_seen": "int64",
-        "seconds": "float64", "eval_seconds": "float64", "train_steps": "int64", "train_losses": "float64",
-    }
 
     @classmethod
     def from_rows(cls, arm: str, rows: list[dict], steps: list[dict], checkpoints: tuple[str, ...] = ()) -> "ArmMetrics":
@@ -305,14 +304,6 @@ class ArmMetrics(Result):
         values = getattr(self, key)
         return float(values[-1]) if len(values) else math.nan
 
-    def validate(self) -> str | None:
-        n = len(self.step)
-        for key in METRIC_KEYS + ("tokens_seen", "seconds", "eval_seconds"):
-            if getattr(self, key).shape != (n,):
-                return f"{self.arm}: {key} has shape {getattr(self, key).shape}, expected ({n},)"
-        if self.train_losses.shape != self.train_steps.shape:
-            return f"{self.arm}: train_losses and train_steps differ in length"
-        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -358,8 +349,6 @@ class InterventionResult(Result):
         return {"step": int(self.control.step[n - 1]), "control": c, "swapped": s, "difference": diff,
                 "se": se, "z": diff / se if se and not math.isnan(se) else math.nan}
 
-    def validate(self) -> str | None:
-        return self.control.validate() or self.swapped.validate()
 
 
 # ---------------------------------------------------------------------------- the arms
@@ -384,11 +373,11 @@ def select_trainable(model, blocks_path: str, final_norm_path: str, spec: str) -
 class _Arm:
     """One arm: its model copy, optimizer, RNG state and open metric files."""
 
-    def __init__(self, name: str, model, config: InterventionConfig, adapter, root: Path) -> None:
+    def __init__(self, name: str, model, config: InterventionConfig, adapter, store: Checkpoints) -> None:
         self.name, self.model, self.config = name, model, config
-        self.dir = root / name
-        self.ckpt_dir = self.dir / "checkpoints"
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store                       # <out>/<arm>/checkpoints
+        self.dir = store.root.parent
+        store.root.mkdir(parents=True, exist_ok=True)
         named = select_trainable(model, adapter.blocks, adapter.final_norm, config.train)
         self.params = [p for _, p in named]
         decay = [p for p in self.params if p.dim() >= 2]
@@ -466,27 +455,20 @@ class _Arm:
 
     def save_checkpoint(self, step: int, tokenizer, extra: dict) -> Path:
         """Write the model directory and trainer state atomically; return the checkpoint's path."""
-        final = self.ckpt_dir / f"step-{step:06d}"
+        final = self.store.path(step)
         if final.exists():
             return final
-        tmp = self.ckpt_dir / f".tmp-step-{step:06d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)          # safetensors
-        tokenizer.save_pretrained(tmp)           # so the checkpoint loads like any model directory
-        torch.save(self.trainer_state(), tmp / "trainer_state.pt")
-        _write_json(tmp / "state.json", {"step": step, "arm": self.name, **extra})
-        os.replace(tmp, final)                   # a half-written checkpoint is never seen under its name
+        with self.store.new(step) as tmp:        # seen under its name only once complete
+            self.model.save_pretrained(tmp)      # safetensors
+            tokenizer.save_pretrained(tmp)       # so the checkpoint loads like any model directory
+            torch.save(self.trainer_state(), tmp / "trainer_state.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "arm": self.name, **extra},
+                                                       indent=1, allow_nan=False), encoding="utf-8")
         self.checkpoints.append(str(final))
         return final
 
 
 # ----------------------------------------------------------------------------- files
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -513,23 +495,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def checkpoint_dirs(arm_dir: Path) -> list[Path]:
     """Complete checkpoints of an arm, oldest first."""
-    root = Path(arm_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                   and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name[5:])
+    return [p for _, p in Checkpoints(Path(arm_dir) / "checkpoints").list()]
 
 
 def config_from_dict(data: dict) -> InterventionConfig:
@@ -551,7 +519,7 @@ def _load_model(path: str | Path, device: str):
 
 def _starting_point(model_or_session, device: str):
     """(model in float32 on ``device``, tokenizer, name, path) from a ModelSession or a model argument."""
-    from explorer.core.session import ModelSession, _resolve_path
+    from explorer.core.session import ModelSession, resolve_model
 
     if isinstance(model_or_session, ModelSession):
         session = model_or_session
@@ -561,7 +529,7 @@ def _starting_point(model_or_session, device: str):
         return model.float().to(device), session.tokenizer, session.name, session.path
     from transformers import AutoTokenizer
 
-    name, path = _resolve_path(None if model_or_session is None else str(model_or_session))
+    name, path = resolve_model(None if model_or_session is None else str(model_or_session))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _load_model(path, device), tokenizer, name, path
 
@@ -625,34 +593,42 @@ class _NoContext:
 
 
 def _check_resumable(saved: dict, config: InterventionConfig, out: Path) -> None:
-    old = config_from_dict(saved)
-    changed = [f.name for f in fields(InterventionConfig)
-               if getattr(old, f.name) != getattr(config, f.name) and f.name not in _RESUMABLE]
+    changed = JobDir.differences(asdict(config_from_dict(saved)), asdict(config), ignore=_RESUMABLE)
     if changed:
         raise InterventionError(f"{out} holds a run with other settings ({', '.join(changed)}); "
                                 "use another --out directory or the same settings")
 
 
-def run_intervention(model_or_session=None, config: InterventionConfig | None = None,
-                     out_dir: str | Path = "intervention-run", ctx: JobContext | None = None) -> InterventionResult:
+def run_intervention(session: "ModelSession | str | None" = None, request: InterventionConfig | None = None,
+                     /, *, ctx: JobContext | None = None, out_dir: str | Path = "intervention-run",
+                     **fields: Any) -> InterventionResult:
     """Train the control and swapped arms (resuming from ``out_dir`` when it holds a run).
 
-    ``model_or_session``: a ModelSession, a model directory or cached hub id, or None for the
-    embedded default. Progress goes to ``ctx.report(step, steps, partial=InterventionResult, message)``
-    after every step; when ``ctx.cancelled`` turns true the run stops after the current step,
-    checkpoints both arms and returns with status ``cancelled``.
+    ``session``: a ModelSession (its model is copied), a model directory or cached hub id, or
+    None for the embedded default. The request is an ``InterventionConfig`` (its fields may be
+    given as keywords). Progress goes to ``ctx.report(step, steps, partial=InterventionResult,
+    message)`` after every step; when ``ctx.cancelled`` turns true the run stops after the
+    current step, checkpoints both arms and returns with status ``cancelled``.
+
+    >>> from explorer import run_intervention
+    >>> run = run_intervention(session, out_dir="run", steps=1, batch_size=1, seq_len=16, train="last:1",
+    ...                        max_documents=12, heldout_documents=2, heldout_windows=1,
+    ...                        eval_templates=1, eval_pairs=2)
+    >>> run.status, run.step, run.control.step.tolist(), len(run.swapped.checkpoints)
+    ('done', 1, [0, 1], 1)
     """
     from explorer.core.adapters import adapter_for
     from explorer.core.session import pick_device
 
-    config = config or InterventionConfig()
+    model_or_session = session
+    config = build_request(InterventionConfig, request, fields)
     config.check()
     ctx = ctx or _NoContext()
-    out = Path(out_dir).expanduser()
+    job = JobDir(out_dir, manifest="run.json")
+    out = job.path
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(pick_device(config.device))
-    run_file = out / "run.json"
-    saved = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else None
+    saved = job.read()
     if saved is not None:
         _check_resumable(saved.get("config", {}), config, out)
 
@@ -668,48 +644,43 @@ def run_intervention(model_or_session=None, config: InterventionConfig | None = 
     # Resume from the newest step that both arms checkpointed; otherwise start fresh.
     common = None
     if saved is not None:
-        steps_by_arm = [{_step_of(p) for p in checkpoint_dirs(out / a)} for a in ARMS]
-        both = steps_by_arm[0] & steps_by_arm[1]
+        both = set.intersection(*(job.checkpoints(a).steps() for a in ARMS))
         common = max(both) if both else None
     arms = []
     for arm_name in ARMS:
         model = base if arm_name == "swapped" and common is None else None
         if common is not None:
-            model = _load_model(out / arm_name / "checkpoints" / f"step-{common:06d}", str(device))
+            model = _load_model(job.checkpoints(arm_name).path(common), str(device))
         elif model is None:
             model = copy.deepcopy(base)
-        arms.append(_Arm(arm_name, model, config, adapter, out))
+        arms.append(_Arm(arm_name, model, config, adapter, job.checkpoints(arm_name)))
     del base
     start_step, elapsed = 0, 0.0
     for arm in arms:
-        for tmp in arm.ckpt_dir.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during a save
+        arm.store.clean()  # left by a kill during a save
         metrics_file, steps_file = arm.dir / "metrics.jsonl", arm.dir / "steps.jsonl"
         if common is None:
             for f in (metrics_file, steps_file):
                 f.unlink(missing_ok=True)
-            for old in checkpoint_dirs(arm.dir):
-                shutil.rmtree(old)  # checkpoints of a run that never reached a common step
+            arm.store.drop(after=-1)  # checkpoints of a run that never reached a common step
             continue
-        ckpt = arm.ckpt_dir / f"step-{common:06d}"
+        ckpt = arm.store.path(common)
         arm.load_trainer_state(ckpt / "trainer_state.pt")
         state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         start_step, elapsed = common, float(state.get("seconds", 0.0))
         # Lines written after the checkpoint are recomputed, so the files continue consistently.
         arm.rows = [r for r in read_jsonl(metrics_file) if r["step"] <= common]
         arm.steps = [r for r in read_jsonl(steps_file) if r["step"] <= common]
-        _rewrite_jsonl(metrics_file, arm.rows)
-        _rewrite_jsonl(steps_file, arm.steps)
-        arm.checkpoints = [str(p) for p in checkpoint_dirs(arm.dir) if _step_of(p) <= common]
-        for later in checkpoint_dirs(arm.dir):
-            if _step_of(later) > common:
-                shutil.rmtree(later)
+        atomic_write_lines(metrics_file, arm.rows)
+        atomic_write_lines(steps_file, arm.steps)
+        arm.store.drop(after=common)
+        arm.checkpoints = [str(p) for _, p in arm.store.list()]
 
     meta = {"version": 1, "model": name, "model_path": path, "config": asdict(config),
             "fingerprint": streams.fingerprint, "n_windows": streams.n_windows,
             "n_heldout_windows": int(len(streams.heldout)), "device": str(device),
             "audit": streams.audit.to_dict(), "status": "running", "step": start_step, "error": ""}
-    _write_json(run_file, meta)
+    job.write(meta)
 
     def result(status: str, step: int, error: str = "") -> InterventionResult:
         metrics = [ArmMetrics.from_rows(a.name, a.rows, a.steps, tuple(a.checkpoints)) for a in arms]
@@ -738,7 +709,7 @@ def run_intervention(model_or_session=None, config: InterventionConfig | None = 
                                                   "tokens_seen": step * tokens_per_step})
 
     def finish(status: str, step: int, error: str = "") -> InterventionResult:
-        _write_json(run_file, {**meta, "status": status, "step": step, "error": error})
+        job.write({**meta, "status": status, "step": step, "error": error})
         return result(status, step, error)
 
     step = start_step
@@ -773,31 +744,32 @@ def run_intervention(model_or_session=None, config: InterventionConfig | None = 
                 checkpoint(step)
                 return finish("cancelled", step)
     except BaseException as e:
-        _write_json(run_file, {**meta, "status": "failed", "step": step, "error": f"{type(e).__name__}: {e}"})
+        job.write({**meta, "status": "failed", "step": step, "error": f"{type(e).__name__}: {e}"})
         raise
     return finish("done", step)
 
 
 def intervention_job(model_or_session, config: InterventionConfig, out_dir: str | Path, **job_kwargs) -> Job:
     """The run as a ``Job`` (worker thread, progress callbacks, cancel) for the app."""
-    return Job(lambda ctx: run_intervention(model_or_session, config, out_dir, ctx), name="intervene", **job_kwargs)
+    return Job(lambda ctx: run_intervention(model_or_session, config, out_dir=out_dir, ctx=ctx),
+               name="intervene", **job_kwargs)
 
 
 # ------------------------------------------------------------------------------ reading
 def load_run(out_dir: str | Path) -> InterventionResult:
     """A run directory's state as a result (finished, cancelled or still running elsewhere)."""
-    out = Path(out_dir).expanduser()
-    run_file = out / "run.json"
-    if not run_file.exists():
+    job = JobDir(out_dir, manifest="run.json")
+    out = job.path
+    if not job.exists():
         raise InterventionError(f"{out} is not an intervention run (no run.json)")
     try:
-        meta = json.loads(run_file.read_text(encoding="utf-8"))
+        meta = job.read()
         config = config_from_dict(meta["config"])
         audit = SwapAudit.from_dict(meta["audit"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InterventionError(f"{run_file} is not readable ({e})") from None
+    except (JobDirError, ValueError, KeyError, TypeError) as e:
+        raise InterventionError(f"{job.manifest_path} is not readable ({e})") from None
     metrics = [ArmMetrics.from_rows(a, read_jsonl(out / a / "metrics.jsonl"), read_jsonl(out / a / "steps.jsonl"),
-                                    tuple(str(p) for p in checkpoint_dirs(out / a))) for a in ARMS]
+                                    tuple(str(p) for _, p in job.checkpoints(a).list())) for a in ARMS]
     return InterventionResult(out_dir=str(out), model=meta.get("model", ""), config=config,
                               status=meta.get("status", "unknown"), step=int(meta.get("step", 0)),
                               control=metrics[0], swapped=metrics[1], audit=audit,
@@ -825,5 +797,5 @@ def default_runs_dir() -> Path:
 def iter_checkpoints(out_dir: str | Path, arms: tuple[str, ...] = ARMS) -> Iterator[tuple[str, int, Path]]:
     """(arm, step, directory) of every checkpoint of a run, arm by arm, oldest first."""
     for arm in arms:
-        for p in checkpoint_dirs(Path(out_dir) / arm):
-            yield arm, _step_of(p), p
+        for step, p in JobDir(out_dir).checkpoints(arm).list():
+            yield arm, step, p

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 
 # (masculine, feminine); singular and plural listed separately. Ambiguous words (his, her)
 # are handled by context below and so appear only in one direction here.
@@ -137,13 +137,11 @@ class SwapAudit(Result):
     direction: str
     n_documents: int
     n_changed_documents: int
-    pairs: tuple[str, ...]          # "he→she", ... sorted by count, highest first
-    counts: np.ndarray              # [n_pairs] int64
+    pairs: tuple[str, ...] = sized("P")      # "he→she", ... sorted by count, highest first
+    counts: np.ndarray = array("P", "int64")
     tokens_before: int              # -1 when no tokenizer was given
     tokens_after: int
     samples: tuple[str, ...]        # the first changes, each in its context
-
-    _dtypes: ClassVar[dict[str, str]] = {"counts": "int64"}
 
     @property
     def total(self) -> int:

@@ -24,7 +24,7 @@ STEPS = 6
 def short_run(default_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("swap-run")
     config = InterventionConfig(steps=STEPS, eval_every=STEPS, checkpoint_every=STEPS, device="cpu")
-    return out, run_intervention(default_session, config, out)
+    return out, run_intervention(default_session, config, out_dir=out)
 
 
 def test_the_swap_moves_the_pronoun_prior_toward_she(short_run):

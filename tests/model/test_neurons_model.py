@@ -25,7 +25,7 @@ pytestmark = pytest.mark.model
 def index(default_session, tmp_path_factory):
     t0 = time.monotonic()
     idx = build_index(default_session, IndexRequest(max_tokens=3072, window=64, top_k=20, n_random=20,
-                                                    batch_windows=16), tmp_path_factory.mktemp("neurons"))
+                                                    batch_windows=16), out_dir=tmp_path_factory.mktemp("neurons"))
     elapsed = time.monotonic() - t0
     print(f"\nindexed {idx.tokens_done} tokens × 30 layers × 1536 neurons in {elapsed:.1f} s "
           f"({idx.tokens_done / elapsed:.0f} tokens/s)")
@@ -73,7 +73,7 @@ def test_explain_a_pronoun_neuron_end_to_end(index, default_session, capsys):
     pattern = token_pattern(index, hit.layer, hit.neuron)
     assert pattern.tokens[0] == " he"
     t0 = time.monotonic()
-    e = explain_neuron(index, default_session, hit.layer, hit.neuron, n_explain=6, n_score_top=4,
+    e = explain_neuron(default_session, index=index, layer=hit.layer, neuron=hit.neuron, n_explain=6, n_score_top=4,
                        n_score_random=4, max_new_tokens=24)
     elapsed = time.monotonic() - t0
     with capsys.disabled():

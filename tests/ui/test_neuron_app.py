@@ -30,7 +30,7 @@ TIMEOUT = 180_000  # ms: builds and per-token activations run the default model 
 def index(default_session, tmp_path_factory):
     t0 = time.monotonic()
     idx = build_index(default_session, IndexRequest(max_tokens=1024, top_k=8, n_random=4),
-                      tmp_path_factory.mktemp("ui-neurons"))
+                      out_dir=tmp_path_factory.mktemp("ui-neurons"))
     print(f"\nindexed {idx.tokens_done} tokens in {time.monotonic() - t0:.1f} s")
     return idx
 

@@ -454,7 +454,7 @@ def test_sweep_reports_partials_and_cancel_keeps_finished(tiny_sessions, monkeyp
     monkeypatch.setattr(ablation_mod, "MERGE_TOKENS", 0)
     request = SweepRequest(PROMPT, " Rome", kind="heads")  # 5 tokens: 2 heads per forward
     ctx = FakeContext(cancel_after=2)
-    part = sweep(session, request, ctx)
+    part = sweep(session, request, ctx=ctx)
     assert len(ctx.reports) == 2 and not part.complete
     assert part.done == 4 and part.total == 12
     finished = ~np.isnan(part.effects)
@@ -466,7 +466,7 @@ def test_sweep_reports_partials_and_cancel_keeps_finished(tiny_sessions, monkeyp
     np.testing.assert_allclose(part.effects[finished], full.effects[finished], atol=1e-6)
     # A finished sweep is cached, and a context still hears that it is done.
     ctx2 = FakeContext(cancel_after=99)
-    assert sweep(session, request, ctx2) is full and ctx2.reports[-1][:2] == (12, 12)
+    assert sweep(session, request, ctx=ctx2) is full and ctx2.reports[-1][:2] == (12, 12)
 
 
 def test_sweep_as_job_cancel(tiny_sessions, monkeypatch):
@@ -480,7 +480,7 @@ def test_sweep_as_job_cancel(tiny_sessions, monkeypatch):
         if progress.done >= 3:
             jobs[0].cancel()
 
-    jobs.append(Job(lambda ctx: sweep(session, request, ctx), name="sweep", on_progress=on_progress))
+    jobs.append(Job(lambda ctx: sweep(session, request, ctx=ctx), name="sweep", on_progress=on_progress))
     job = jobs[0]
     assert session.encode(request.prompt).numel() == 5
     result = job.run()
@@ -492,7 +492,7 @@ def test_sweep_round_trip_with_nan(tiny_sessions, monkeypatch):
     session = tiny_sessions["mistral"]
     monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 5)
     ctx = FakeContext(cancel_after=1)
-    part = sweep(session, SweepRequest(PROMPT, TARGET, kind="neurons", top_n=5), ctx)
+    part = sweep(session, SweepRequest(PROMPT, TARGET, kind="neurons", top_n=5), ctx=ctx)
     assert part.done == 1 and np.isnan(part.effects).sum() == 4
     for result in (part, sweep(session, SweepRequest(PROMPT, TARGET, kind="neurons", top_n=5))):
         back = SweepResult.from_dict(json.loads(json.dumps(result.to_dict())))

@@ -54,9 +54,9 @@ def test_exactly_the_limit_works_everywhere(short):
     assert len(scores.tokens) == LIMIT and len(scores.random_ids) in (LIMIT, LIMIT - 1)
     result = ablate(short, AblationRequest(at, " a", ("1.0",)))
     assert result.lens_ablated.n_positions == LIMIT
-    patched = Job(lambda ctx: patch(short, PatchRequest(at, other, " a"), ctx)).run()
+    patched = Job(lambda ctx: patch(short, PatchRequest(at, other, " a"), ctx=ctx)).run()
     assert patched.restored.shape[1] == LIMIT
-    assert len(prompt_activation(short, at, 1, 0).activations) == LIMIT
+    assert len(prompt_activation(short, at, layer=1, neuron=0).activations) == LIMIT
 
 
 def test_one_token_more_is_a_clear_error(short):
@@ -68,8 +68,8 @@ def test_one_token_more_is_a_clear_error(short):
         lambda: compare_prompts(short, CompareRequest("a", over)),
         lambda: head_scores(short, HeadsRequest(over, seq_len=2)),
         lambda: ablate(short, AblationRequest(over, " a", ("1.0",))),
-        lambda: Job(lambda ctx: patch(short, PatchRequest(over, over, " a"), ctx)).run(),
-        lambda: prompt_activation(short, over, 1, 0),
+        lambda: Job(lambda ctx: patch(short, PatchRequest(over, over, " a"), ctx=ctx)).run(),
+        lambda: prompt_activation(short, over, layer=1, neuron=0),
     ]
     for i, call in enumerate(calls):
         with pytest.raises(ExplorerError) as info:  # a job (patching) re-raises its error as ExplorerError

@@ -40,13 +40,13 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def index(tiny_sessions, corpus, tmp_path_factory):
     req = IndexRequest(corpus_path=str(corpus), max_tokens=1024, window=32, top_k=8, n_random=4, batch_windows=8)
-    return build_index(tiny_sessions["llama"], req, tmp_path_factory.mktemp("idx"))
+    return build_index(tiny_sessions["llama"], req, out_dir=tmp_path_factory.mktemp("idx"))
 
 
 @pytest.fixture
 def fresh_index(tiny_sessions, corpus, tmp_path):
     req = IndexRequest(corpus_path=str(corpus), max_tokens=512, window=32, top_k=6, n_random=3, batch_windows=8)
-    return build_index(tiny_sessions["llama"], req, tmp_path / "idx")
+    return build_index(tiny_sessions["llama"], req, out_dir=tmp_path / "idx")
 
 
 # ------------------------------------------------------------------ token patterns
@@ -137,7 +137,7 @@ def _truth(index, session, layer, neuron):
 def test_perfect_simulation_scores_one(fresh_index, tiny_sessions):
     session = tiny_sessions["llama"]
     oracle = OracleExplainer(_truth(fresh_index, session, 2, 4), lambda t: 3 * t + 1)
-    e = explain_neuron(fresh_index, session, 2, 4, explainer=oracle, n_explain=3, n_score_top=3, n_score_random=3)
+    e = explain_neuron(session, index=fresh_index, layer=2, neuron=4, explainer=oracle, n_explain=3, n_score_top=3, n_score_random=3)
     assert e.score == pytest.approx(1.0, abs=1e-5) and e.score_text.startswith("1.00")
     assert e.n_top == 3 and e.n_random == 3 and e.simulated.shape == e.true.shape == (6, 32)
     assert e.explanation == "the oracle's explanation" and "top-and-random" in e.score_note
@@ -147,29 +147,29 @@ def test_perfect_simulation_scores_one(fresh_index, tiny_sessions):
     # cached next to the index, keyed by (layer, neuron, explainer); a second call does not explain again
     stored = json.loads((fresh_index.path / "explanations.json").read_text())
     assert list(stored) == ["2:4:oracle"]
-    again = explain_neuron(fresh_index, session, 2, 4, explainer=oracle)
+    again = explain_neuron(session, index=fresh_index, layer=2, neuron=4, explainer=oracle)
     assert len(oracle.prompts) == 1 and again.score == pytest.approx(e.score)
     assert np.array_equal(again.simulated, e.simulated)
-    explain_neuron(fresh_index, session, 2, 4, explainer=oracle, refresh=True, n_explain=2)
+    explain_neuron(session, index=fresh_index, layer=2, neuron=4, explainer=oracle, refresh=True, n_explain=2)
     assert len(oracle.prompts) == 2
 
 
 def test_constant_simulation_is_undefined_not_a_crash(fresh_index, tiny_sessions):
     session = tiny_sessions["llama"]
     oracle = OracleExplainer(_truth(fresh_index, session, 0, 1), lambda t: np.full_like(t, 5.0))
-    e = explain_neuron(fresh_index, session, 0, 1, explainer=oracle)
+    e = explain_neuron(session, index=fresh_index, layer=0, neuron=1, explainer=oracle)
     assert e.score is None and e.score_text == "undefined" and "constant" in e.score_note
     back = Explanation.from_dict(json.loads(json.dumps(e.to_dict())))
     assert back.score is None and back.explanation == e.explanation
     empty = OracleExplainer({}, None, text="")
-    e = explain_neuron(fresh_index, session, 0, 2, explainer=empty)
+    e = explain_neuron(session, index=fresh_index, layer=0, neuron=2, explainer=empty)
     assert e.score is None and "no explanation" in e.score_note
 
 
 def test_real_explainer_end_to_end_on_a_tiny_model(fresh_index, tiny_sessions):
     """The session's own (random, tiny) model explains and simulates: garbage, but well-formed."""
     session = tiny_sessions["llama"]
-    e = explain_neuron(fresh_index, session, 1, 2, n_explain=2, n_score_top=2, n_score_random=2, max_new_tokens=6)
+    e = explain_neuron(session, index=fresh_index, layer=1, neuron=2, n_explain=2, n_score_top=2, n_score_random=2, max_new_tokens=6)
     assert e.explainer == "session:tiny-llama" and isinstance(e.explanation, str)
     assert e.simulated.shape == (4, 32) and np.all((e.simulated >= 0) & (e.simulated <= 9))
     assert e.score is None or -1.0 <= e.score <= 1.0
@@ -195,7 +195,7 @@ def test_explaining_with_another_model_than_the_index_is_refused(fresh_index, ti
     with pytest.raises(DescribeError, match="attach the index's model"):
         check_session(fresh_index, tiny_sessions["gpt2"])
     with pytest.raises(DescribeError, match="not found"):
-        explain_neuron(fresh_index, tiny_sessions["llama"], 0, 0, explainer="/nonexistent/model")
+        explain_neuron(tiny_sessions["llama"], index=fresh_index, layer=0, neuron=0, explainer="/nonexistent/model")
 
 
 # ------------------------------------------------------------------ import
@@ -302,7 +302,7 @@ def test_search_index_patterns_by_token_and_text(index):
 def test_search_mixes_explanations_and_patterns(fresh_index, tiny_sessions):
     session = tiny_sessions["llama"]
     oracle = OracleExplainer(_truth(fresh_index, session, 1, 1), lambda t: t, text="quotation marks and dialogue")
-    explain_neuron(fresh_index, session, 1, 1, explainer=oracle)
+    explain_neuron(session, index=fresh_index, layer=1, neuron=1, explainer=oracle)
     hits = search(fresh_index.path, query="dialogue")
     assert [(h.layer, h.neuron, h.kind, h.source) for h in hits] == [(1, 1, "explanation", "oracle")]
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)

@@ -214,10 +214,10 @@ def test_gqa_gives_per_query_head_patterns(pairs):
 def test_head_pattern_from_result_and_session(pairs):
     session, plain = pairs["tiny", "gpt2"]
     result = attention_patterns(session, PROMPTS[0])
-    one = head_pattern(result, 2, 3)
+    one = result.head(2, 3)
     assert isinstance(one, HeadPattern) and (one.layer, one.head) == (2, 3)
     np.testing.assert_array_equal(one.pattern, result.patterns[2, 3])
-    again = head_pattern(session, 2, 3, prompt=PROMPTS[0])
+    again = head_pattern(session, PROMPTS[0], layer=2, head=3)
     np.testing.assert_array_equal(again.pattern, one.pattern)
     ref = reference_attentions(plain, session.encode(PROMPTS[0]))
     np.testing.assert_allclose(one.pattern, ref[2, 3], atol=PATTERN_TOL)
@@ -227,14 +227,16 @@ def test_head_pattern_from_result_and_session(pairs):
 def test_head_pattern_out_of_range(pairs, layer, head):
     session, _ = pairs["tiny", "llama"]
     with pytest.raises(HeadsError, match="does not exist"):
-        head_pattern(session, layer, head, prompt=PROMPTS[0])
+        head_pattern(session, PROMPTS[0], layer=layer, head=head)
     with pytest.raises(HeadsError):
-        head_pattern(attention_patterns(session, PROMPTS[0]), layer, head)
+        attention_patterns(session, PROMPTS[0]).head(layer, head)
 
 
 def test_head_pattern_on_session_needs_prompt(pairs):
-    with pytest.raises(HeadsError, match="prompt"):
-        head_pattern(pairs["tiny", "llama"][0], 0, 0)
+    from explorer.core.requests import RequestError
+
+    with pytest.raises(RequestError, match="prompt"):
+        head_pattern(pairs["tiny", "llama"][0], layer=0, head=0)
 
 
 @pytest.mark.parametrize("text, expected", [("3.5", (3, 5)), ("L3H5", (3, 5)), ("l12h0", (12, 0)),

@@ -172,7 +172,7 @@ class Recorder:
 def full_run(model_dirs, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run-full")
     ctx = Recorder()
-    result = run_intervention(str(model_dirs["gpt2"]), _config(corpus), out, ctx)
+    result = run_intervention(str(model_dirs["gpt2"]), _config(corpus), out_dir=out, ctx=ctx)
     return out, result, ctx
 
 
@@ -281,18 +281,18 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(full_run, model_d
     out = tmp_path / "run"
     ctx = {"cancel": Recorder(cancel_at=3), "cancel-at-start": Recorder(cancel_at=0), "crash": Recorder(raise_at=5)}[how]
     if how.startswith("cancel"):
-        first = run_intervention(str(model_dirs["gpt2"]), config, out, ctx)
+        first = run_intervention(str(model_dirs["gpt2"]), config, out_dir=out, ctx=ctx)
         at = ctx.cancel_at
         assert first.status == "cancelled" and first.step == at
         assert checkpoint_dirs(out / "control")[-1].name == f"step-{at:06d}"  # checkpointed where it stopped
     else:
         with pytest.raises(RuntimeError, match="simulated crash"):
-            run_intervention(str(model_dirs["gpt2"]), config, out, ctx)
+            run_intervention(str(model_dirs["gpt2"]), config, out_dir=out, ctx=ctx)
         assert json.loads((out / "run.json").read_text())["status"] == "failed"
         # The crash came after step 5's work, past the step-4 checkpoint: those lines are redone.
         assert read_jsonl(out / "control" / "steps.jsonl")[-1]["step"] == 5
         assert load_run(out).status == "failed"
-    resumed = run_intervention(str(model_dirs["gpt2"]), config, out, Recorder())
+    resumed = run_intervention(str(model_dirs["gpt2"]), config, out_dir=out, ctx=Recorder())
     assert resumed.status == "done" and resumed.step == 6
     for arm in ARMS:
         got, want = _metric_rows(out, arm), _metric_rows(out_full, arm)
@@ -316,7 +316,7 @@ def test_arms_are_identical_when_the_corpus_has_nothing_to_swap(model_dirs, tmp_
     corpus = tmp_path / "neutral.txt"
     corpus.write_text("\n".join(f"The weather on day {i} was cold, and the rain fell on the theme park {i % 7}."
                                 for i in range(40)) + "\n", encoding="utf-8")
-    result = run_intervention(str(model_dirs["gpt2"]), _config(corpus, steps=4, checkpoint_every=4), tmp_path / "run")
+    result = run_intervention(str(model_dirs["gpt2"]), _config(corpus, steps=4, checkpoint_every=4), out_dir=tmp_path / "run")
     assert result.audit.total == 0
     np.testing.assert_array_equal(result.control.train_losses, result.swapped.train_losses)
     np.testing.assert_array_equal(result.control.pronoun_preference, result.swapped.pronoun_preference)
@@ -338,7 +338,7 @@ def test_a_run_from_a_session_and_as_a_job(tiny_sessions, corpus, tmp_path):
 def test_resume_refuses_other_settings_or_data(full_run, model_dirs, corpus, tmp_path):
     out, _, _ = full_run
     with pytest.raises(InterventionError, match="other settings.*lr"):
-        run_intervention(str(model_dirs["gpt2"]), _config(corpus, lr=1e-2), out)
+        run_intervention(str(model_dirs["gpt2"]), _config(corpus, lr=1e-2), out_dir=out)
     # The same corpus path with other content is other data: refused, not silently mixed.
     copy_dir = tmp_path / "copy"
     shutil.copytree(out, copy_dir)
@@ -348,7 +348,7 @@ def test_resume_refuses_other_settings_or_data(full_run, model_dirs, corpus, tmp
     meta["config"]["corpus"] = str(changed)
     (copy_dir / "run.json").write_text(json.dumps(meta))
     with pytest.raises(InterventionError, match="other data"):
-        run_intervention(str(model_dirs["gpt2"]), _config(changed), copy_dir)
+        run_intervention(str(model_dirs["gpt2"]), _config(changed), out_dir=copy_dir)
 
 
 def test_results_round_trip_and_reload(full_run, tmp_path):

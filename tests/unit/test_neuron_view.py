@@ -133,7 +133,7 @@ def test_build_in_the_view_opens_the_same_index_as_the_engine(built, session, co
     assert view.build_percent == 100 and view.build_status.startswith(f"Built: {index.tokens_done:,} tokens")
     # the progress bar's lines: tokens done of the total, tokens/s and time left
     assert any(re.search(r"\d[\d,]* / 1,024 tokens · [\d,]+ tokens/s, ETA \d+m\d\ds", s) for s in lines), lines
-    direct = build_index(session, IndexRequest(corpus_path=str(corpus), **SETTINGS), tmp_path / "direct")
+    direct = build_index(session, IndexRequest(corpus_path=str(corpus), **SETTINGS), out_dir=tmp_path / "direct")
     for name, array in direct.arrays.items():
         assert np.array_equal(array, index.arrays[name]), name
     # the overview is there at once, and recorded
@@ -428,9 +428,9 @@ def test_prompt_activation_errors(session):
     from explorer.core.errors import ExplorerError
 
     with pytest.raises(ExplorerError, match="layer 3 is out of range"):
-        prompt_activation(session, "hello", 3, 0)
+        prompt_activation(session, "hello", layer=3, neuron=0)
     with pytest.raises(ExplorerError, match="neuron 128 is out of range"):
-        prompt_activation(session, "hello", 0, 128)
+        prompt_activation(session, "hello", layer=0, neuron=128)
 
 
 def test_new_results_round_trip(built, session):
@@ -438,7 +438,7 @@ def test_new_results_round_trip(built, session):
     top, rand = example_activations(index, 1, 5, session)
     stored, _ = example_activations(index, 1, 5)
     results = [top, rand, stored, index.histogram(1, 5), index.selective_neurons(3),
-               prompt_activation(session, "The nurse said", 1, 5)]
+               prompt_activation(session, "The nurse said", layer=1, neuron=5)]
     for r in results:
         back = type(r).from_dict(json.loads(json.dumps(r.to_dict())))
         for name, value in vars(r).items():
@@ -487,7 +487,7 @@ def test_a_build_cancelled_before_its_first_batch_says_so(session, corpus, tmp_p
     from explorer.core.jobs import Job
 
     request = IndexRequest(corpus_path=str(corpus), **SETTINGS)
-    job = Job(lambda ctx: build_index(session, request, tmp_path / "i", ctx))
+    job = Job(lambda ctx: build_index(session, request, out_dir=tmp_path / "i", ctx=ctx))
     job.cancel()
     with pytest.raises(ExplorerError, match="cancelled before its first batch"):
         job.run()

@@ -93,7 +93,7 @@ def built(tiny_sessions, tokenizer, corpus, tmp_path_factory):
     out = {}
     for family in ("llama", "gpt2", "gpt_neox"):
         session = tiny_sessions[family]
-        index = build_index(session, request(corpus), tmp_path_factory.mktemp(family))
+        index = build_index(session, request(corpus), out_dir=tmp_path_factory.mktemp(family))
         windows = reference_windows(tokenizer, corpus)
         out[family] = (index, windows, plain_acts(family, tokenizer, session, windows))
     return out
@@ -259,7 +259,7 @@ def _arrays_equal(a: NeuronIndex, b: NeuronIndex) -> None:
 
 def test_cancel_then_resume_equals_uninterrupted(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
-    whole = build_index(session, request(corpus), tmp_path / "whole")
+    whole = build_index(session, request(corpus), out_dir=tmp_path / "whole")
     reports = []
 
     def on_progress(progress, _):
@@ -267,14 +267,14 @@ def test_cancel_then_resume_equals_uninterrupted(tiny_sessions, corpus, tmp_path
         if len(reports) == 3:
             job.cancel()
 
-    job = Job(lambda ctx: build_index(session, request(corpus), tmp_path / "cut", ctx), on_progress=on_progress)
+    job = Job(lambda ctx: build_index(session, request(corpus), out_dir=tmp_path / "cut", ctx=ctx), on_progress=on_progress)
     partial = job.run()
     assert job.status == "cancelled"
     assert not partial.complete and 0 < partial.tokens_done < whole.tokens_done
-    assert (tmp_path / "cut" / ".work" / "checkpoint.safetensors").exists()
+    assert list((tmp_path / "cut" / ".work" / "checkpoints").glob("step-*/state.safetensors"))
     assert all("tokens/s" in p.message and "ETA" in p.message for p in reports[:3])
     assert reports[0].total == MAX_TOKENS // WINDOW * WINDOW
-    resumed = Job(lambda ctx: build_index(session, request(corpus), tmp_path / "cut", ctx)).run()
+    resumed = Job(lambda ctx: build_index(session, request(corpus), out_dir=tmp_path / "cut", ctx=ctx)).run()
     assert resumed.complete
     _arrays_equal(whole, resumed)
     assert not (tmp_path / "cut" / ".work").exists()
@@ -283,7 +283,7 @@ def test_cancel_then_resume_equals_uninterrupted(tiny_sessions, corpus, tmp_path
 def test_failure_midway_then_resume_equals_uninterrupted(tiny_sessions, corpus, tmp_path):
     """A build that dies between checkpoints redoes the batches after its last checkpoint."""
     session = tiny_sessions["gpt_neox"]
-    whole = build_index(session, request(corpus, batch_windows=4), tmp_path / "whole")
+    whole = build_index(session, request(corpus, batch_windows=4), out_dir=tmp_path / "whole")
     calls = []
 
     def on_progress(progress, _):
@@ -292,12 +292,12 @@ def test_failure_midway_then_resume_equals_uninterrupted(tiny_sessions, corpus, 
             raise RuntimeError("killed")
 
     with pytest.raises(ExplorerError, match="killed"):
-        Job(lambda ctx: build_index(session, request(corpus, batch_windows=4), tmp_path / "cut", ctx),
+        Job(lambda ctx: build_index(session, request(corpus, batch_windows=4), out_dir=tmp_path / "cut", ctx=ctx),
             on_progress=on_progress).run()
     assert not (tmp_path / "cut" / "manifest.json").exists()
     tokens = tmp_path / "cut" / ".work" / "tokens.bin"
     assert tokens.stat().st_size == 5 * 4 * WINDOW * 4  # five batches of four windows, int32
-    resumed = build_index(session, request(corpus, batch_windows=4), tmp_path / "cut")
+    resumed = build_index(session, request(corpus, batch_windows=4), out_dir=tmp_path / "cut")
     _arrays_equal(whole, resumed)
 
 
@@ -306,11 +306,11 @@ def test_checkpoints_by_time(tiny_sessions, corpus, tmp_path, seconds, checkpoin
     """Without ``checkpoint_every`` a checkpoint is written once ``checkpoint_seconds`` have passed
     (0: after every batch; an hour: not within this build), and resuming from it, or from nothing,
     still ends with the uninterrupted index."""
-    from explorer.neurons.index import _load_arrays
+    from explorer.core.files import load_arrays as _load_arrays
 
     session = tiny_sessions["llama"]
     req = request(corpus, batch_windows=4, checkpoint_every=None, checkpoint_seconds=seconds)
-    whole = build_index(session, req, tmp_path / "whole")
+    whole = build_index(session, req, out_dir=tmp_path / "whole")
     calls = []
 
     def on_progress(progress, _):
@@ -319,13 +319,14 @@ def test_checkpoints_by_time(tiny_sessions, corpus, tmp_path, seconds, checkpoin
             raise RuntimeError("killed")
 
     with pytest.raises(ExplorerError, match="killed"):
-        Job(lambda ctx: build_index(session, req, tmp_path / "cut", ctx), on_progress=on_progress).run()
-    ckpt = tmp_path / "cut" / ".work" / "checkpoint.safetensors"
+        Job(lambda ctx: build_index(session, req, out_dir=tmp_path / "cut", ctx=ctx), on_progress=on_progress).run()
+    ckpts = list((tmp_path / "cut" / ".work" / "checkpoints").glob("step-*/state.safetensors"))
     if checkpointed:
-        assert int(_load_arrays(ckpt)[1]["windows_done"]) == checkpointed * 4
+        assert len(ckpts) == 1  # only the latest is kept
+        assert int(_load_arrays(ckpts[0])[1]["windows_done"]) == checkpointed * 4
     else:
-        assert not ckpt.exists()
-    _arrays_equal(whole, build_index(session, req, tmp_path / "cut"))
+        assert not ckpts
+    _arrays_equal(whole, build_index(session, req, out_dir=tmp_path / "cut"))
 
 
 def test_a_failing_batch_leaves_no_hooks_on_the_model(tiny_sessions, corpus, tmp_path, monkeypatch):
@@ -338,40 +339,40 @@ def test_a_failing_batch_leaves_no_hooks_on_the_model(tiny_sessions, corpus, tmp
     ids = torch.arange(8)[None]
     with torch.no_grad():
         before = session.hf(ids).logits
-    add_layer = neurons._State.add_layer
+    add_layer = index._State.add_layer
 
     def failing(self, layer, a):
         if layer == 1:
             raise ExplorerError("failed in layer 1")
         add_layer(self, layer, a)
 
-    monkeypatch.setattr(neurons._State, "add_layer", failing)
+    monkeypatch.setattr(index._State, "add_layer", failing)
     with pytest.raises(ExplorerError, match="failed in layer 1"):
-        build_index(session, request(corpus), tmp_path / "failed")
+        build_index(session, request(corpus), out_dir=tmp_path / "failed")
     assert all(not m._forward_pre_hooks for m in sites)
     with torch.no_grad():
         assert torch.equal(session.hf(ids).logits, before)
     monkeypatch.undo()
-    build_index(session, request(corpus), tmp_path / "ok")
+    build_index(session, request(corpus), out_dir=tmp_path / "ok")
     assert all(not m._forward_pre_hooks for m in sites)
 
 
 def test_complete_index_is_reopened_and_mismatches_refused(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
-    first = build_index(session, request(corpus), tmp_path / "idx")
+    first = build_index(session, request(corpus), out_dir=tmp_path / "idx")
     t0 = time.monotonic()
-    again = build_index(session, request(corpus), tmp_path / "idx")
+    again = build_index(session, request(corpus), out_dir=tmp_path / "idx")
     assert time.monotonic() - t0 < 1.0
     assert again.manifest["created"] == first.manifest["created"]
     with pytest.raises(NeuronIndexError, match="another model, corpus or settings"):
-        build_index(session, request(corpus, top_k=3), tmp_path / "idx")
+        build_index(session, request(corpus, top_k=3), out_dir=tmp_path / "idx")
     with pytest.raises(NeuronIndexError, match="another model, corpus or settings"):
-        build_index(tiny_sessions["gpt2"], request(corpus), tmp_path / "idx")
+        build_index(tiny_sessions["gpt2"], request(corpus), out_dir=tmp_path / "idx")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(NeuronIndexError, match="not a neuron index"):
-        build_index(session, request(corpus), other)
+        build_index(session, request(corpus), out_dir=other)
 
 
 def test_default_directory_is_keyed_in_the_cache(tiny_sessions, corpus, tmp_path, monkeypatch):
@@ -385,8 +386,8 @@ def test_default_directory_is_keyed_in_the_cache(tiny_sessions, corpus, tmp_path
 
 def test_state_is_bounded_by_settings_not_tokens(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
-    small = build_index(session, request(corpus, max_tokens=512), tmp_path / "s")
-    large = build_index(session, request(corpus, max_tokens=2048), tmp_path / "l")
+    small = build_index(session, request(corpus, max_tokens=512), out_dir=tmp_path / "s")
+    large = build_index(session, request(corpus, max_tokens=2048), out_dir=tmp_path / "l")
     for k in ("top_act", "rand_act", "hist", "n_pos"):
         assert small.arrays[k].shape == large.arrays[k].shape
     L, N = large.n_layers, large.d_mlp
@@ -396,19 +397,19 @@ def test_state_is_bounded_by_settings_not_tokens(tiny_sessions, corpus, tmp_path
 def test_bad_requests(tiny_sessions, corpus, tmp_path):
     session = tiny_sessions["llama"]
     with pytest.raises(ExplorerError, match="less than one window"):
-        build_index(session, request(corpus, max_tokens=8), tmp_path / "a")
+        build_index(session, request(corpus, max_tokens=8), out_dir=tmp_path / "a")
     with pytest.raises(ExplorerError, match="window must be"):
-        build_index(session, request(corpus, window=1), tmp_path / "b")
+        build_index(session, request(corpus, window=1), out_dir=tmp_path / "b")
     short = tmp_path / "short.txt"
     short.write_text("only a few words\n")
     with pytest.raises(CorpusError, match="fewer than 32 tokens"):
-        build_index(session, request(short), tmp_path / "c")
+        build_index(session, request(short), out_dir=tmp_path / "c")
     with pytest.raises(CorpusError, match="corpus not found"):
-        build_index(session, request(tmp_path / "missing.txt"), tmp_path / "d")
+        build_index(session, request(tmp_path / "missing.txt"), out_dir=tmp_path / "d")
     with pytest.raises(ExplorerError, match="checkpoint_every must be"):
-        build_index(session, request(corpus, checkpoint_every=0), tmp_path / "e")
+        build_index(session, request(corpus, checkpoint_every=0), out_dir=tmp_path / "e")
     with pytest.raises(ExplorerError, match="checkpoint_seconds must be"):
-        build_index(session, request(corpus, checkpoint_seconds=-1.0), tmp_path / "f")
+        build_index(session, request(corpus, checkpoint_seconds=-1.0), out_dir=tmp_path / "f")
 
 
 # ------------------------------------------------------------------ histogram helpers
@@ -478,7 +479,7 @@ def test_cli_index_show_search(cli_llama, tokenizer, corpus, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["neurons", "show", "--index", "/nonexistent/idx", "--layer", "0", "--neuron", "0"], "no neuron index"),
-    (["neurons", "search", "--index", "/nonexistent/idx", "--query", "he"], "no such directory"),
+    (["neurons", "search", "--index", "/nonexistent/idx", "--query", "he"], "index directory not found"),
     (["neurons", "index", "--corpus", "/nonexistent/c.txt", "--out", "/tmp/x"], "corpus not found"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli_llama, capsys, args, message):
@@ -503,10 +504,10 @@ def test_fused_statistics_give_the_same_index(tiny_sessions, corpus, tmp_path):
 
     session = tiny_sessions["llama"]
     # 48 windows in batches of 5: the last batch (3 windows) is not the compiled shape
-    plain = build_index(session, request(corpus, fused="off", batch_windows=5), tmp_path / "plain")
-    fused = build_index(session, request(corpus, fused="on", batch_windows=5), tmp_path / "fused")
+    plain = build_index(session, request(corpus, fused="off", batch_windows=5), out_dir=tmp_path / "plain")
+    fused = build_index(session, request(corpus, fused="on", batch_windows=5), out_dir=tmp_path / "fused")
     assert fused.tokens_done == plain.tokens_done == MAX_TOKENS // WINDOW * WINDOW
-    assert neurons._FUSED[str(session.device)] is not neurons.layer_reductions  # really compiled
+    assert index._FUSED[str(session.device)] is not index.layer_reductions  # really compiled
     for name in ("top_act", "top_row", "top_pos", "rand_act", "n_pos", "hist", "act_min"):
         np.testing.assert_array_equal(fused.arrays[name], plain.arrays[name], err_msg=name)
     for name in ("act_sum", "act_sumsq"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import explorer.interventions.ablation as ablation_mod
+import explorer.interventions.edits as edits_mod
 from tiny_models import FAMILIES, make_tiny_model
 from explorer.interventions.ablation import AblationError
 from explorer.interventions.patching import PatchRequest, PatchResult, patch, patched_metric, restored_fraction
@@ -106,8 +106,8 @@ def test_patch_matches_reference_hooks(tiny_session, plain, site):
 
 
 def test_batched_patch_equals_sequential_nnsight(tiny_session, monkeypatch):
-    monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 15)  # 3 positions per forward, layers merged
-    monkeypatch.setattr(ablation_mod, "MERGE_TOKENS", 12)
+    monkeypatch.setattr(edits_mod, "CHUNK_TOKENS", 15)  # 3 positions per forward, layers merged
+    monkeypatch.setattr(edits_mod, "MERGE_TOKENS", 12)
     for site in ("resid", "mlp"):
         request = PatchRequest(CLEAN, CORRUPT, TARGET, site=site)
         result = patch(tiny_session, request)
@@ -163,11 +163,11 @@ class CancelAfter:
 
 def test_cancel_keeps_finished_cells_and_round_trip(tiny_sessions, monkeypatch):
     session = tiny_sessions["qwen2"]
-    monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 10)  # 2 positions per forward: 2 + 2 + 1 a layer
-    monkeypatch.setattr(ablation_mod, "MERGE_TOKENS", 0)
+    monkeypatch.setattr(edits_mod, "CHUNK_TOKENS", 10)  # 2 positions per forward: 2 + 2 + 1 a layer
+    monkeypatch.setattr(edits_mod, "MERGE_TOKENS", 0)
     request = PatchRequest(CLEAN, CORRUPT, TARGET, site="attn", compare_token=" Rome")
     ctx = CancelAfter(3)
-    part = patch(session, request, ctx)
+    part = patch(session, request, ctx=ctx)
     assert (part.done, part.total) == (5, 15) and not part.complete
     assert np.isfinite(part.patched[0]).all() and np.isnan(part.restored[1:]).all()
     assert [r[0] for r in ctx.reports] == [2, 4, 5] and isinstance(ctx.reports[0][2], PatchResult)

@@ -52,7 +52,7 @@ def raw(tiny_sessions, tmp_path_factory) -> bytes:
     corpus = tmp_path_factory.mktemp("c") / "c.txt"
     corpus.write_text(text, encoding="utf-8")
     index = build_index(s, IndexRequest(corpus_path=str(corpus), max_tokens=128, window=8, top_k=3, n_random=2,
-                                        batch_windows=8), tmp_path_factory.mktemp("i") / "idx")
+                                        batch_windows=8), out_dir=tmp_path_factory.mktemp("i") / "idx")
     top, _ = example_activations(index, 1, 2, s)
     attention = attention_patterns(s, "a b a b")
     results = [
@@ -61,9 +61,9 @@ def raw(tiny_sessions, tmp_path_factory) -> bytes:
         head_scores(s, HeadsRequest("a b a b", seq_len=3)),
         attention.head(1, 0),
         ablate(s, AblationRequest(PROMPT, " Paris", ("1.0",))),
-        Job(lambda ctx: sweep(s, SweepRequest(PROMPT, " Paris", kind="blocks"), ctx)).run(),
-        Job(lambda ctx: patch(s, PatchRequest("one two", "three four", " five"), ctx)).run(),
-        prompt_activation(s, "he said", 1, 2),
+        Job(lambda ctx: sweep(s, SweepRequest(PROMPT, " Paris", kind="blocks"), ctx=ctx)).run(),
+        Job(lambda ctx: patch(s, PatchRequest("one two", "three four", " five"), ctx=ctx)).run(),
+        prompt_activation(s, "he said", layer=1, neuron=2),
         index.histogram(1, 2), index.stats(1, 2), token_pattern(index, 1, 2), top,
         audit_swap(["He left."]), s.info(),
     ]

@@ -60,7 +60,7 @@ def index(session, tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus") / "c.txt"
     corpus.write_text("".join(lines), encoding="utf-8")
     request = IndexRequest(corpus_path=str(corpus), max_tokens=512, window=16, top_k=4, n_random=3, batch_windows=8)
-    return build_index(session, request, tmp_path_factory.mktemp("idx") / "idx")
+    return build_index(session, request, out_dir=tmp_path_factory.mktemp("idx") / "idx")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def intervention(session, tmp_path_factory):
     config = InterventionConfig(corpus=str(corpus), steps=2, batch_size=2, seq_len=16, warmup=1, train="last:1",
                                 eval_every=1, checkpoint_every=2, heldout_documents=2, heldout_windows=2,
                                 eval_templates=1, eval_pairs=3, device="cpu")
-    run = run_intervention(session, config, tmp_path_factory.mktemp("swap-run"))
+    run = run_intervention(session, config, out_dir=tmp_path_factory.mktemp("swap-run"))
     comparison = compare_checkpoints(run_checkpoint_dirs(run.out_dir), prompt="The nurse said that", target=" she",
                                      device="cpu", dtype="float32", max_templates=1)
     return run, comparison
@@ -101,10 +101,10 @@ def entries(session, index, intervention):
         ("head pattern L1H2", attention.head(1, 2)),
         ("dla", scores.attribution),
         ("ablation 1.2, 0:5", ablate(session, AblationRequest(PROMPT, " Paris", ("1.2", "0:5")))),
-        ("heads sweep", Job(lambda ctx: sweep(session, SweepRequest(PROMPT, " Paris", kind="heads"), ctx)).run()),
+        ("heads sweep", Job(lambda ctx: sweep(session, SweepRequest(PROMPT, " Paris", kind="heads"), ctx=ctx)).run()),
         ("patching", Job(lambda ctx: patch(session, PatchRequest(PROMPT, "The capital of Italy is", " Paris"),
-                                           ctx)).run()),
-        ("neuron on a prompt", prompt_activation(session, "The nurse said that", 1, 3)),
+                                           ctx=ctx)).run()),
+        ("neuron on a prompt", prompt_activation(session, "The nurse said that", layer=1, neuron=3)),
         ("neuron stats", index.stats(1, 3)),
         ("neuron histogram", index.histogram(1, 3)),
         ("selective neurons", index.selective_neurons(3)),
@@ -113,7 +113,7 @@ def entries(session, index, intervention):
         ("top examples", top),
         ("random examples", rand),
         ("search hit", search(index, token=example.token, limit=3)[0]),
-        ("explanation", explain_neuron(index, session, 1, 3, n_explain=2, n_score_top=2, n_score_random=2,
+        ("explanation", explain_neuron(session, index=index, layer=1, neuron=3, n_explain=2, n_score_top=2, n_score_random=2,
                                        max_new_tokens=6)),
         ("swap audit", audit_swap(["He said his son left.", "nothing"])),
         ("bias probes", bias),

@@ -1,0 +1,112 @@
+"""From the residual stream to logits: the final norm, the unembedding matrix W_U and its bias.
+
+``Unembedding`` is the one place that turns hidden states into logits for every analysis (the
+logit lens, ablation and patching replays, the demonstrations' label logits, direct logit
+attribution, the explainer's rating tokens, the bias probes). A family whose final logits are
+transformed after the unembedding (Gemma's final-logit soft-capping, ``cap·tanh(z/cap)``)
+changes ``logits`` here and nowhere else. ``rows`` gives the raw W_U rows and biases for
+analyses that decompose the pre-transform logit into linear parts (DLA).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from explorer.core.adapters import Adapter, adapter_for
+from explorer.core.errors import UnsupportedModelError
+
+
+class Unembedding:
+    """Residual-stream vectors → logits for one model (a Hugging Face causal LM).
+
+    ``final_norm`` is the module applied before the unembedding (None when the hidden states
+    given are already normed, e.g. a base model's ``last_hidden_state``); ``lock`` guards calls
+    of the norm (see ``norm``).
+    """
+
+    def __init__(self, unembed: torch.nn.Module, final_norm: torch.nn.Module | None = None,
+                 lock: threading.RLock | None = None) -> None:
+        if getattr(unembed, "weight", None) is None:
+            raise UnsupportedModelError(f"the unembedding {type(unembed).__name__} has no weight matrix")
+        self.unembed = unembed
+        self.final_norm = final_norm
+        self.lock = lock if lock is not None else threading.RLock()
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, model, adapter: Adapter | None = None, lock: threading.RLock | None = None) -> "Unembedding":
+        """The unembedding of a model, from its family's adapter (found from its config when not
+        given); a model of no known family gets its output embeddings without a final norm."""
+        if adapter is None:
+            try:
+                adapter = adapter_for(getattr(model.config, "model_type", "?"))
+            except UnsupportedModelError:
+                return cls(model.get_output_embeddings(), None, lock)
+        return cls(model.get_submodule(adapter.unembed), model.get_submodule(adapter.final_norm), lock)
+
+    # ------------------------------------------------------------------ parts
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_U [vocab, d_model], optionally cast once and kept (e.g. bfloat16 for a faster lens)."""
+        weight = self.unembed.weight
+        if dtype is None or dtype == weight.dtype:
+            return weight
+        if dtype not in self._cast:
+            self._cast[dtype] = weight.detach().to(dtype)
+        return self._cast[dtype]
+
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.unembed, "bias", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembed.weight.shape[0])
+
+    def rows(self, tokens: int | Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The W_U rows and bias entries of some tokens (the raw linear readout, before any
+        transform ``logits`` applies): for decompositions of a logit into parts."""
+        idx = torch.as_tensor(tokens, device=self.unembed.weight.device)
+        bias = self.bias()
+        return self.weight()[idx], None if bias is None else bias[idx]
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm of residual-stream vectors (outside a trace).
+
+        Under the lock: nnsight hooks the module, so a call while another thread's trace runs
+        would be taken as that trace's forward reaching the norm (an OutOfOrderError there).
+        """
+        if self.final_norm is None:
+            return hidden
+        with self.lock:
+            return self.final_norm(hidden)
+
+    # ----------------------------------------------------------------- logits
+    def logits(self, hidden: torch.Tensor, *, tokens: Sequence[int] | torch.Tensor | None = None,
+               dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               normed: bool = False) -> torch.Tensor:
+        """Float32 logits [..., vocab] of residual-stream vectors ``hidden`` [..., d_model].
+
+        ``normed``: ``hidden`` has been through the final norm already. ``tokens``: only these
+        tokens' logits [..., len(tokens)] (only their W_U rows are read). ``dtype``: the matmul's
+        precision (W_U cast once; the result is float32 either way). ``out``: a float32 buffer
+        [n, vocab] for 2-d ``hidden`` to write into (no fresh vocabulary-sized allocation).
+        """
+        x = hidden if normed else self.norm(hidden)
+        if tokens is not None:
+            weight, bias = self.rows(tokens)
+            z = x.to(weight.dtype) @ weight.t()
+            return (z if bias is None else z + bias).float()
+        weight = self.weight(dtype)
+        bias = self.bias()
+        bias = None if bias is None else bias.to(weight.dtype)
+        x = x.to(weight.dtype)
+        if out is not None and weight.dtype == out.dtype:
+            if bias is None:
+                return torch.mm(x, weight.t(), out=out)
+            return torch.addmm(bias, x, weight.t(), out=out)
+        logits = F.linear(x, weight, bias).float()
+        if out is None:
+            return logits
+        return out.copy_(logits)  # a reduced-precision matmul; the reductions stay in float32
