@@ -13,14 +13,38 @@ import math
 
 import numpy as np
 from bokeh.layouts import column
-from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, Range1d, TapTool
+from bokeh.models import (
+    CDSView,
+    ColorBar,
+    ColumnDataSource,
+    FactorRange,
+    HoverTool,
+    IndexFilter,
+    LinearColorMapper,
+    Range1d,
+    Span,
+    TapTool,
+)
 from bokeh.palettes import RdBu11, interp_palette
 from bokeh.plotting import figure
 
 from explorer.interventions.ablation import AblationResult, SweepResult
 from explorer.interventions.patching import PatchResult
 
-from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, _row_ticks, _style, lens_heatmap, position_labels, quote_token, shorten
+from .chart_style import (
+    TEXT_DARK,
+    PositionAxis,
+    add_note,
+    bounded,
+    chart_window,
+    layer_factors,
+    layer_label,
+    layer_ticks,
+    position_axis,
+    style_figure,
+    text_colors,
+)
+from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, frame_rows, lens_heatmap, quote_token, shorten
 
 # Names of the models tests and the view look up.
 LENS_BASELINE = "ablation-lens-baseline"
@@ -46,11 +70,6 @@ def metric_name(target: str, compare: str | None) -> str:
     """The sweep/patching metric in words: logit(' Paris') or logit(' Paris') − logit(' Rome')."""
     text = f"logit({quote_token(target)})"
     return text if compare is None else f"{text} − logit({quote_token(compare)})"
-
-
-def _text_color(t: float) -> str:
-    """Cell text colour on the diverging palette: white on its dark ends (|t| near 1)."""
-    return "#ffffff" if abs(t) > 0.6 else "#1a1a1a"
 
 
 def _cell_text(value: float, fmt: str) -> str:
@@ -147,7 +166,7 @@ def target_pair(result: AblationResult):
     ), name=TARGET_PAIR_SOURCE)
     target = quote_token(result.target)
     x_range = Range1d(-0.5, n - 0.5)
-    ticker, overrides = _row_ticks(n, labels)
+    ticker, overrides = layer_ticks(n, labels)
     tips = [("layer", "@layer"), ("p baseline", "@p_base{0.0000}"), ("p ablated", "@p_abl{0.0000}"),
             ("rank baseline", "@r_base"), ("rank ablated", "@r_abl")]
     prob = figure(name=f"{TARGET_PAIR}-prob", height=220, sizing_mode="stretch_width", x_range=x_range,
@@ -171,7 +190,7 @@ def target_pair(result: AblationResult):
     rank.yaxis.axis_label = "rank"
     rank.xaxis.axis_label = "layer"
     for fig in (prob, rank):
-        _style(fig)
+        style_figure(fig)
         fig.add_tools(HoverTool(tooltips=tips, mode="vline"))
         fig.xaxis.ticker = ticker
         fig.xaxis.major_label_overrides = overrides
@@ -179,6 +198,33 @@ def target_pair(result: AblationResult):
 
 
 # -------------------------------------------------------------------- sweeps
+SWEEP_TOP_N = 30          # a ranked sweep chart draws the 30 largest |effects|
+SWEEP_FILTER = "ablation-sweep-filter"
+SWEEP_NOTE = "ablation-sweep-note"
+BAR_PX = 22               # ranked chart: height per bar
+GRID_MAX_HEADS = 32       # a heads heatmap wider than this (or taller than GRID_MAX_LAYERS) is ranked instead
+GRID_MAX_LAYERS = 48
+
+
+def sweep_ranked(result: SweepResult) -> bool:
+    """Whether the sweep is drawn as ranked bars (neurons; heads or blocks of a model whose
+    [layer × head] heatmap would outgrow the page) rather than as a heatmap."""
+    kind = result.request.kind
+    if kind == "neurons" or result.effects.ndim != 2:
+        return True
+    n_layers, n_cols = result.effects.shape
+    return n_layers > GRID_MAX_LAYERS or (kind == "heads" and n_cols > GRID_MAX_HEADS)
+
+
+def sweep_hint(result: SweepResult | None = None, kind: str | None = None) -> str:
+    """What a click on the sweep chart does, in words that match the chart (a bar or a cell)."""
+    if result is not None:
+        what = "bar" if sweep_ranked(result) else "cell"
+    else:
+        what = "bar" if kind == "neurons" else "cell"
+    return f"Click a {what} to put that component into the single-ablation field."
+
+
 def sweep_data(result: SweepResult) -> dict[str, list]:
     """One entry per component (``effects``' flat order): position, effect (NaN = not done), labels."""
     flat = np.asarray(result.effects, dtype=float).reshape(-1)
@@ -187,11 +233,12 @@ def sweep_data(result: SweepResult) -> dict[str, list]:
     n_cols = result.effects.shape[1] if result.effects.ndim == 2 else 1
     data: dict[str, list] = {k: [] for k in ("x", "y", "spec", "effect", "ablated", "text", "text_color",
                                              "activation", "status")}
+    colors = text_colors(DIVERGING, -half, half, flat.tolist(), NAN_COLOR)
     for i, (spec, v) in enumerate(zip(result.components, flat)):
         if kind == "heads":
-            x, y = str(i % n_cols), f"L{i // n_cols}"
+            x, y = str(i % n_cols), layer_label(i // n_cols)
         elif kind == "blocks":
-            x, y = ("attn", "mlp")[i % 2], f"L{i // 2}"
+            x, y = ("attn", "mlp")[i % 2], layer_label(i // 2)
         else:
             x, y = spec, ""
         done = math.isfinite(v)
@@ -201,7 +248,7 @@ def sweep_data(result: SweepResult) -> dict[str, list]:
         data["effect"].append(v)
         data["ablated"].append(result.baseline_metric + v)
         data["text"].append(_cell_text(v, "{:+.2f}") if done else "")
-        data["text_color"].append(_text_color(v / half) if done else "#1a1a1a")
+        data["text_color"].append(colors[i])
         data["activation"].append(float(result.activations[i]) if result.activations is not None else math.nan)
         data["status"].append("done" if done else "not done yet")
     return data
@@ -217,13 +264,88 @@ def _sweep_title(result: SweepResult) -> str:
             f"(ablated − baseline, {method}){done}")
 
 
-def sweep_chart(result: SweepResult):
-    """The sweep's effects: a [layer × head] or [layer × attn/mlp] heatmap, or a bar per neuron.
+def ranked_indices(result: SweepResult, n: int = SWEEP_TOP_N) -> list[int]:
+    """Indices (into ``components``) of the n finished components with the largest |effect|, largest
+    first (the engine's ``SweepResult.top`` order)."""
+    index = {spec: i for i, spec in enumerate(result.components)}
+    return [index[spec] for spec, _ in result.top(n)]
 
-    Tapping a cell (or bar) selects it in the source named ``SWEEP_SOURCE``; its ``spec``
-    column names the component.
+
+def sweep_note(result: SweepResult, n: int = SWEEP_TOP_N) -> str:
+    """The ranked chart's note: how many bars of how many, and the rest summarised."""
+    flat = np.asarray(result.effects, dtype=float).reshape(-1)
+    top = ranked_indices(result, n)
+    unit = UNITS[result.request.kind]
+    rest = np.delete(flat, top)
+    finished = rest[np.isfinite(rest)]
+    waiting = len(rest) - len(finished)
+    text = f"The {len(top)} largest |effects| of {len(flat):,} {unit}."
+    if len(finished):
+        text += (f" The other {len(finished):,}: from {finished.min():+.3f} to {finished.max():+.3f}, "
+                 f"sum {finished.sum():+.3f}.")
+    if waiting:
+        text += f" {waiting:,} not done yet."
+    return text
+
+
+def _ranked_factors(result: SweepResult, top: list[int]) -> list[str]:
+    """The bars' factors bottom to top: the largest |effect| on top."""
+    return [result.components[i] for i in reversed(top)] or ["(none finished yet)"]
+
+
+def _ranked_extent(result: SweepResult, top: list[int]) -> tuple[float, float]:
+    values = [float(result.effects.reshape(-1)[i]) for i in top] or [0.0]
+    lo, hi = min(0.0, min(values)), max(0.0, max(values))
+    pad = 0.18 * ((hi - lo) or 1.0)  # room for the value labels at the bars' ends
+    return lo - (pad if lo < 0 else 0.02 * pad), hi + (pad if hi > 0 else 0.02 * pad)
+
+
+def _ranked_chart(result: SweepResult, source: ColumnDataSource, fill: dict, n: int):
+    top = ranked_indices(result, n)
+    unit = UNITS[result.request.kind]
+    lo, hi = _ranked_extent(result, top)
+    rows = max(len(top), 1)
+    fig = figure(name=SWEEP_CHART, y_range=FactorRange(factors=_ranked_factors(result, top)),
+                 x_range=Range1d(lo, hi), height=bounded(BAR_PX * min(rows, n) + 150), min_width=480,
+                 sizing_mode="stretch_width", tools="reset,save", toolbar_location="right",
+                 title=_sweep_title(result))
+    view = CDSView(filter=IndexFilter(indices=top, name=SWEEP_FILTER))
+    glyph = fig.hbar(y="spec", right="effect", left=0, height=0.72, source=source, view=view, fill_color=fill,
+                     line_color=None, nonselection_fill_alpha=1.0, selection_line_color="#000000",
+                     selection_line_width=2)
+    # Each bar's value at its end, outside the bar: dark text on the white plot.
+    fig.text(x="effect", y="spec", text="label", source=source, view=CDSView(filter=view.filter),
+             text_align="align", text_baseline="middle", x_offset="offset", text_font_size="10px",
+             text_color=TEXT_DARK)
+    fig.add_layout(Span(location=0, dimension="height", line_color="#666666", line_width=1))
+    fig.yaxis.major_label_text_font_size = "11px"
+    fig.yaxis.axis_label = {"neurons": "neuron (layer:index)", "heads": "head (layer.head)",
+                            "blocks": "block output"}[result.request.kind]
+    fig.xaxis.axis_label = f"effect on the metric (ablated − baseline), {unit} ranked by |effect|"
+    add_note(fig, sweep_note(result, n), "below", name=SWEEP_NOTE).tags = [n]
+    return fig, glyph
+
+
+def _bar_labels(data: dict[str, list]) -> None:
+    """Value labels for the ranked bars: text, alignment and offset per component."""
+    data["label"] = [f"{v:+.3f}" if math.isfinite(v) else "" for v in data["effect"]]
+    data["align"] = ["left" if not v < 0 else "right" for v in data["effect"]]
+    data["offset"] = [4 if not v < 0 else -4 for v in data["effect"]]
+
+
+def sweep_chart(result: SweepResult, top_n: int = SWEEP_TOP_N):
+    """The sweep's effects: a [layer × head] or [layer × attn/mlp] heatmap (the last layer on top),
+    or, for neurons and for models whose heatmap would outgrow the page, a ranked chart: the
+    ``top_n`` largest |effects| as horizontal bars, the rest summarised in a note under it.
+
+    Every component's row stays in the source named ``SWEEP_SOURCE`` (a ranked chart draws only
+    its top rows, through the view's ``IndexFilter`` named ``SWEEP_FILTER``); tapping a cell or a
+    bar selects that row, whose ``spec`` names the component.
     """
     data = sweep_data(result)
+    ranked = sweep_ranked(result)
+    if ranked:
+        _bar_labels(data)
     source = ColumnDataSource(data, name=SWEEP_SOURCE)
     half = _symmetric(np.asarray(data["effect"]), 1e-6)
     mapper = LinearColorMapper(palette=list(DIVERGING), low=-half, high=half, nan_color=NAN_COLOR,
@@ -232,26 +354,19 @@ def sweep_chart(result: SweepResult):
     tips = [("component", "@spec"), ("effect", "@effect{+0.000}"), ("metric after", "@ablated{0.000}"),
             ("", "@status")]
     kind = result.request.kind
-    if kind == "neurons":
-        fig = figure(name=SWEEP_CHART, x_range=list(data["spec"]), height=320, sizing_mode="stretch_width",
-                     min_width=max(400, 14 * len(data["spec"]) + 120), tools="xpan,xwheel_zoom,reset,save",
-                     toolbar_location="right", title=_sweep_title(result))
-        glyph = fig.vbar(x="x", top="effect", width=0.8, source=source, fill_color=fill, line_color=None,
-                         nonselection_fill_alpha=1.0, selection_line_color="#222222", selection_line_width=2)
-        fig.xaxis.major_label_orientation = math.pi / 3
-        fig.xaxis.axis_label = "neuron (layer:index), most active on the prompt first"
-        fig.yaxis.axis_label = "effect on the metric"
-        tips.insert(1, ("peak activation", "@activation{0.000}"))
+    if ranked:
+        fig, glyph = _ranked_chart(result, source, fill, top_n)
+        if kind == "neurons":
+            tips.insert(1, ("peak activation", "@activation{0.000}"))
     else:
         n_layers = result.effects.shape[0]
         xs = [str(h) for h in range(result.effects.shape[1])] if kind == "heads" else ["attn", "mlp"]
-        # L0 on top: the sweep fills from layer 0, so the finished cells are the first ones seen
-        fig = figure(name=SWEEP_CHART, x_range=xs, y_range=[f"L{l}" for l in reversed(range(n_layers))],
-                     height=ROW_PX * n_layers + 110, sizing_mode="stretch_width", min_width=360,
+        fig = figure(name=SWEEP_CHART, x_range=xs, y_range=layer_factors(layer_label(i) for i in range(n_layers)),
+                     height=bounded(ROW_PX * n_layers + 110), sizing_mode="stretch_width", min_width=360,
                      tools="reset,save", toolbar_location="right", title=_sweep_title(result))
         glyph = fig.rect("x", "y", 1, 1, source=source, fill_color=fill, line_color="#ffffff", line_width=0.5,
                          nonselection_fill_alpha=1.0, nonselection_line_alpha=1.0,
-                         selection_line_color="#222222", selection_line_width=2)
+                         selection_line_color="#000000", selection_line_width=2)
         fig.text("x", "y", text="text", source=source, text_align="center", text_baseline="middle",
                  text_font_size="9px", text_color="text_color")
         fig.grid.visible = False
@@ -259,7 +374,7 @@ def sweep_chart(result: SweepResult):
         fig.axis.major_tick_line_color = None
         fig.xaxis.axis_label = "head" if kind == "heads" else "block output"
         fig.yaxis.axis_label = "layer"
-    _style(fig)
+    style_figure(fig)
     fig.add_tools(HoverTool(renderers=[glyph], tooltips=tips))
     fig.add_tools(TapTool(renderers=[glyph]))
     fig.add_layout(ColorBar(color_mapper=mapper, title="effect", title_text_font_size="10px",
@@ -279,11 +394,26 @@ def update_sweep_chart(fig, result: SweepResult) -> None:
     Call on the document's event loop (or with no served document).
     """
     data = sweep_data(result)
+    ranked = fig.select_one({"name": SWEEP_FILTER})
+    if ranked is not None:
+        _bar_labels(data)
     fig.select_one({"name": SWEEP_SOURCE}).data = data
     mapper = fig.select_one({"name": SWEEP_MAPPER})
     half = _symmetric(np.asarray(data["effect"]), 1e-6)
     mapper.update(low=-half, high=half)
     fig.title.text = _sweep_title(result)
+    if ranked is not None:
+        n = _top_n(fig)
+        top = ranked_indices(result, n)
+        ranked.indices = top
+        fig.y_range.factors = _ranked_factors(result, top)
+        fig.x_range.update(**dict(zip(("start", "end"), _ranked_extent(result, top))))
+        fig.select_one({"name": SWEEP_NOTE}).text = sweep_note(result, n)
+
+
+def _top_n(fig) -> int:
+    """The top-N a ranked chart was built with (kept in its note's tags)."""
+    return int(fig.select_one({"name": SWEEP_NOTE}).tags[0])
 
 
 def sweep_top_html(result: SweepResult, n: int = 8) -> str:
@@ -298,27 +428,41 @@ def sweep_top_html(result: SweepResult, n: int = 8) -> str:
 
 
 # ------------------------------------------------------------------ patching
-def patch_data(result: PatchResult) -> dict[str, list]:
-    """One entry per (layer, position), row-major: the restored fraction (NaN = not done) and labels."""
+PATCH_HELD = 256   # a long prompt's patching heatmap holds this many positions
+PATCH_SHOWN = 16
+
+
+def patch_axis(result: PatchResult, window: tuple[int, int] | None = None) -> PositionAxis:
+    """The positions a patching heatmap holds and shows (the last ones of a long prompt)."""
+    return position_axis(result.corrupt_tokens, held=PATCH_HELD, shown=PATCH_SHOWN, window=window)
+
+
+def patch_data(result: PatchResult, axis: PositionAxis | None = None) -> dict[str, list]:
+    """One entry per (layer, position) that ``axis`` holds, row-major: the restored fraction
+    (NaN = not done) and labels."""
+    axis = axis or patch_axis(result)
     restored = np.asarray(result.restored, dtype=float)
     half = _symmetric(restored, 1.0)
-    xs = position_labels(result.corrupt_tokens)
+    xs = axis.coords()
+    positions = list(axis.positions)
+    clean = [html.escape(quote_token(result.clean_tokens[p])) for p in positions]
+    corrupt = [html.escape(quote_token(result.corrupt_tokens[p])) for p in positions]
     data: dict[str, list] = {k: [] for k in ("x", "y", "layer", "pos", "restored", "patched", "text",
                                              "text_color", "clean_token", "corrupt_token")}
     for l, label in enumerate(result.layer_labels):
-        for p in range(len(xs)):
-            v = float(restored[l, p])
-            done = math.isfinite(v)
-            data["x"].append(xs[p])
+        values = [float(restored[l, p]) for p in positions]
+        data["text_color"] += text_colors(DIVERGING, -half, half, values, NAN_COLOR)
+        for i, p in enumerate(positions):
+            v = values[i]
+            data["x"].append(xs[i])
             data["y"].append(label)
             data["layer"].append(l)
             data["pos"].append(p)
             data["restored"].append(v)
             data["patched"].append(float(result.patched[l, p]))
-            data["text"].append(_cell_text(v, "{:.2f}") if done else "")
-            data["text_color"].append(_text_color(v / half) if done else "#1a1a1a")
-            data["clean_token"].append(html.escape(quote_token(result.clean_tokens[p])))
-            data["corrupt_token"].append(html.escape(quote_token(result.corrupt_tokens[p])))
+            data["text"].append(_cell_text(v, "{:.2f}") if math.isfinite(v) else "")
+            data["clean_token"].append(clean[i])
+            data["corrupt_token"].append(corrupt[i])
     return data
 
 
@@ -329,20 +473,25 @@ def _patch_title(result: PatchResult) -> str:
             f"{site} (clean {result.clean_metric:.2f}, corrupted {result.corrupt_metric:.2f}){done}")
 
 
-def patch_chart(result: PatchResult):
-    """[layer × position] heatmap of the restored fraction; the corrupted prompt's tokens on the x axis."""
-    data = patch_data(result)
+def patch_chart(result: PatchResult, window: tuple[int, int] | None = None):
+    """[layer × position] heatmap of the restored fraction (the last layer on top); the corrupted
+    prompt's tokens on the x axis. A long prompt gets a position window (``patch_axis``: the last
+    ``PATCH_HELD`` positions, or ``window`` = (start, stop)), panned, with a note under it."""
+    axis = patch_axis(result, window)
+    data = patch_data(result, axis)
     source = ColumnDataSource(data, name=PATCH_SOURCE)
-    half = _symmetric(np.asarray(data["restored"]), 1.0)
+    half = _symmetric(np.asarray(result.restored, dtype=float), 1.0)
     mapper = LinearColorMapper(palette=list(DIVERGING), low=-half, high=half, nan_color=NAN_COLOR,
                                name=PATCH_MAPPER)
-    xs = position_labels(result.corrupt_tokens)
     n_layers = len(result.layer_labels)
-    fig = figure(name=PATCH_CHART, x_range=xs, y_range=list(reversed(result.layer_labels)),  # L0 on top
-                 height=ROW_PX * n_layers + 120, min_width=70 * len(xs) + 170, sizing_mode="stretch_width",
-                 tools="pan,box_zoom,wheel_zoom,reset,save", toolbar_location="right",
-                 title=_patch_title(result))
-    _style(fig)
+    columns = axis.view_stop - axis.view_start
+    fig = figure(name=PATCH_CHART, x_range=axis.axis_range(max_shown=3 * PATCH_SHOWN),
+                 y_range=layer_factors(result.layer_labels),
+                 frame_height=frame_rows(n_layers),
+                 min_width=bounded(70 * columns + 170), sizing_mode="stretch_width",
+                 tools="xpan,xwheel_zoom,reset,save" if axis.windowed else "pan,box_zoom,wheel_zoom,reset,save",
+                 toolbar_location="right", title=_patch_title(result))
+    style_figure(fig)
     cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "restored", "transform": mapper},
                      line_color="#ffffff", line_width=0.5)
     fig.text("x", "y", text="text", source=source, text_align="center", text_baseline="middle",
@@ -355,7 +504,8 @@ def patch_chart(result: PatchResult):
     fig.grid.visible = False
     fig.axis.axis_line_color = None
     fig.axis.major_tick_line_color = None
-    fig.xaxis.major_label_orientation = 0.0 if len(xs) <= 14 else math.pi / 4
+    axis.style_axis(fig.xaxis)
+    axis.annotate(fig)
     fig.xaxis.axis_label = "corrupted prompt position: token"
     fig.yaxis.axis_label = "layer"
     fig.tags = [patch_key(result)]
@@ -367,9 +517,12 @@ def patch_key(result: PatchResult) -> str:
 
 
 def update_patch_chart(fig, result: PatchResult) -> None:
-    """Show a newer partial (or the final) patching result in an existing figure (on the loop)."""
-    data = patch_data(result)
+    """Show a newer partial (or the final) patching result in an existing figure (on the loop),
+    over the positions the figure holds."""
+    shown = chart_window(fig)
+    axis = patch_axis(result, None if shown is None else (shown[0], shown[1]))
+    data = patch_data(result, axis)
     fig.select_one({"name": PATCH_SOURCE}).data = data
-    half = _symmetric(np.asarray(data["restored"]), 1.0)
+    half = _symmetric(np.asarray(result.restored, dtype=float), 1.0)
     fig.select_one({"name": PATCH_MAPPER}).update(low=-half, high=half)
     fig.title.text = _patch_title(result)

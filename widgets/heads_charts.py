@@ -28,14 +28,24 @@ from bokeh.models import (
     Range1d,
     StringFormatter,
     TableColumn,
-    Title,
 )
 from bokeh.palettes import Category10, RdBu, Viridis256, interp_palette
 from bokeh.plotting import figure
 
 from explorer.analyses.heads import HeadPattern, HeadScores
 
-from .charts import _style, position_labels, quote_token, show_token
+from .chart_style import (
+    MAX_CANVAS_PX,
+    PositionAxis,
+    add_note,
+    bounded,
+    head_spec,
+    layer_tick_formatter,
+    position_axis,
+    style_figure,
+    text_colors,
+)
+from .charts import position_labels, quote_token, show_token
 
 # Names of the models tests and the view look up.
 GRID = "heads-grid"
@@ -73,13 +83,13 @@ MIN_LINE_WEIGHT = 0.01  # the line view leaves out weaker attention (invisible a
 
 # ------------------------------------------------------------------ head names
 def head_label(layer: int, head: int) -> str:
-    """'L17H4', as the CLI and the ablation components write a head."""
-    return f"L{layer}H{head}"
+    """'17.4': a head as its component spec, in every chart, table and caption (``head_spec``)."""
+    return head_spec(layer, head)
 
 
 def chip_label(layer: int, head: int) -> str:
-    """'17.4', the head's chip in the view's multi-select."""
-    return f"{layer}.{head}"
+    """'17.4', the head's chip in the view's multi-select (the same text as ``head_label``)."""
+    return head_spec(layer, head)
 
 
 def kv_group(head: int, n_heads: int, n_kv_heads: int | None) -> int:
@@ -110,21 +120,14 @@ def _grid_colors(score: str, values: np.ndarray) -> tuple[tuple[str, ...], float
     return tuple(Viridis256), 0.0, 1.0
 
 
-def _text_color(score: str, value: float, low: float, high: float) -> str:
-    """Readable letters: white on dark cells (low Viridis, both ends of the diverging palette)."""
-    t = 0.0 if high <= low else min(1.0, max(0.0, (value - low) / (high - low)))
-    if score == "dla":
-        return "#ffffff" if abs(t - 0.5) > 0.33 else "#1a1a1a"
-    return "#ffffff" if t < 0.55 else "#1a1a1a"
-
-
 def grid_data(result: HeadScores, score: str = "induction", threshold: float = 0.5,
               n_kv_heads: int | None = None) -> dict[str, list]:
     """The grid's columns, one entry per head, layer-major (layer 0 head 0, layer 0 head 1, ...)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
     values = np.asarray(getattr(result, score), dtype=float)
-    _, low, high = _grid_colors(score, values)
+    palette, low, high = _grid_colors(score, values)
+    colors = iter(text_colors(palette, low, high, values.ravel().tolist()))
     roles = result.roles(threshold)
     n_layers, n_heads = values.shape
     data: dict[str, list] = {k: [] for k in (
@@ -144,7 +147,7 @@ def grid_data(result: HeadScores, score: str = "induction", threshold: float = 0
                 data[name].append(float(getattr(result, name)[layer, head]))
             data["role"].append(role_text(head_roles))
             data["marks"].append("".join(ROLE_LETTERS[r] for r in head_roles))
-            data["text_color"].append(_text_color(score, v, low, high))
+            data["text_color"].append(next(colors))
     return data
 
 
@@ -178,19 +181,21 @@ def heads_grid(result: HeadScores, score: str = "induction", threshold: float = 
     source = ColumnDataSource(data, name=GRID_SOURCE)
 
     label, title = SCORES[score]
+    # Cells shrink (to 4 px) before the grid outgrows a canvas; the subtitle needs ~480 px.
+    row_px = max(4, min(GRID_ROW_PX, (MAX_CANVAS_PX - 130) // max(1, n_layers)))
+    column_px = max(4, min(GRID_COLUMN_PX, (MAX_CANVAS_PX - 190) // max(1, n_heads)))
     fig = figure(
         name=GRID,
         x_range=[str(h) for h in range(n_heads)],
-        y_range=[str(layer) for layer in range(n_layers)],
-        height=GRID_ROW_PX * n_layers + 130,
-        width=GRID_COLUMN_PX * n_heads + 190,
+        y_range=[str(layer) for layer in range(n_layers)],  # bottom to top: the last layer on top
+        height=bounded(row_px * n_layers + 130),
+        width=bounded(max(480, column_px * n_heads + 190)),
         tools="reset,save",
         toolbar_location="right",
         title=f"{label} per head · {result.model}",
     )
-    _style(fig)
-    fig.add_layout(Title(text=f"letters: score ≥ {threshold:.2f} — {ROLE_LEGEND}", text_font_size="10px",
-                         text_font_style="normal", text_color="#555555"), "above")
+    style_figure(fig)
+    add_note(fig, f"letters: score ≥ {threshold:.2f} — {ROLE_LEGEND}", "above")
     cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "value", "transform": mapper},
                      line_color="#ffffff", line_width=0.5)
     fig.text("x", "y", text="marks", source=source, text_align="center", text_baseline="middle",
@@ -208,6 +213,7 @@ def heads_grid(result: HeadScores, score: str = "induction", threshold: float = 
     fig.axis.major_tick_line_color = None
     fig.xaxis.axis_label = "head"
     fig.yaxis.axis_label = "layer"
+    fig.yaxis.formatter = layer_tick_formatter()  # factors '17' read 'L17', as on every layer axis
     return fig
 
 
@@ -259,18 +265,49 @@ def _ramp(color: str, n: int = 64) -> list[str]:
     return list(interp_palette(("#ffffff", color), n))
 
 
-def pattern_data(pattern: HeadPattern) -> dict[str, list]:
-    """One entry per (query, key) cell, query-major: ``weight`` reshapes to ``pattern.pattern``."""
-    t = len(pattern.tokens)
-    labels = position_labels(pattern.tokens)
-    shown = [html.escape(quote_token(tok)) for tok in pattern.tokens]
-    q, k = np.divmod(np.arange(t * t), t)
-    return {
+PATTERN_HELD = 64    # a long prompt's pattern holds the last 64 queries × keys (4,160 cells)
+PATTERN_SHOWN = 20   # and shows 20 × 20 of them at a time
+LINES_HELD = 64
+LINES_SHOWN = 24
+
+
+def pattern_axis(tokens, held: int = PATTERN_HELD, shown: int = PATTERN_SHOWN,
+                 window: tuple[int, int] | None = None) -> PositionAxis:
+    """The positions a pattern chart holds: every one of a short prompt, else a window of the last
+    ``held`` queries and the same keys (earlier keys are summed into one column)."""
+    return position_axis(tokens, held=held, shown=shown, window=window)
+
+
+def _earlier_label(start: int) -> str:
+    return f"0–{start - 1} (sum)" if start > 1 else "0 (sum)"
+
+
+def pattern_data(pattern: HeadPattern, axis: PositionAxis | None = None) -> dict[str, list]:
+    """One entry per (query, key) cell, query-major: for a short prompt ``weight`` reshapes to
+    ``pattern.pattern``. A windowed ``axis`` holds its queries × keys, plus (when the window starts
+    after 0) one cell per query at x = start − 1 with the summed attention to every earlier key."""
+    axis = axis or pattern_axis(pattern.tokens)
+    start, stop = axis.start, axis.stop
+    shown = {i: html.escape(quote_token(pattern.tokens[i])) for i in axis.positions}
+    q, k = np.divmod(np.arange((stop - start) ** 2), stop - start)
+    q, k = q + start, k + start
+    data = {
         "q": q.tolist(), "k": k.tolist(),
-        "x": [labels[i] for i in k], "y": [labels[i] for i in q],
+        "x": [axis.coord(i) for i in k], "y": [axis.coord(i) for i in q],
         "q_tok": [f"{i}: {shown[i]}" for i in q], "k_tok": [f"{i}: {shown[i]}" for i in k],
-        "weight": [float(w) for w in pattern.pattern.ravel()],
+        "weight": [float(w) for w in pattern.pattern[start:stop, start:stop].ravel()],
     }
+    if start > 0 and not axis.categorical:
+        before = pattern.pattern[start:stop, :start].sum(axis=1, dtype=np.float64)
+        rows = list(range(start, stop))
+        data["q"] += rows
+        data["k"] += [-1] * len(rows)
+        data["x"] += [start - 1] * len(rows)
+        data["y"] += rows
+        data["q_tok"] += [f"{i}: {shown[i]}" for i in rows]
+        data["k_tok"] += [f"keys {_earlier_label(start)}"] * len(rows)
+        data["weight"] += [float(w) for w in before]
+    return data
 
 
 def pattern_source_name(layer: int, head: int) -> str:
@@ -278,31 +315,58 @@ def pattern_source_name(layer: int, head: int) -> str:
 
 
 def pattern_figure(pattern: HeadPattern, color: str = HEAD_COLORS[0], n_heads: int | None = None,
-                   n_kv_heads: int | None = None):
-    """One head's attention: queries on y (top to bottom), keys on x, colour = weight in [0, 1]."""
-    t = len(pattern.tokens)
-    labels = position_labels(pattern.tokens)
-    side = min(max(22 * t, 160), 440)
-    source = ColumnDataSource(pattern_data(pattern), name=pattern_source_name(pattern.layer, pattern.head))
+                   n_kv_heads: int | None = None, window: tuple[int, int] | None = None):
+    """One head's attention: queries on y (top to bottom), keys on x, colour = weight in [0, 1].
+
+    A prompt longer than ``FULL_AXIS_POSITIONS`` gets a window (see ``pattern_axis``): the chart
+    holds ``PATTERN_HELD`` queries and keys (``window`` = (start, stop), else the last ones),
+    shows ``PATTERN_SHOWN`` at a time, pans in both directions, and sums the attention to keys
+    before the window into one column; a note under it says which.
+    """
+    axis = pattern_axis(pattern.tokens, window=window)
+    n = axis.view_stop - axis.view_start
+    side = min(max(22 * n, 160), 440)
+    source = ColumnDataSource(pattern_data(pattern, axis), name=pattern_source_name(pattern.layer, pattern.head))
     mapper = LinearColorMapper(palette=_ramp(color), low=0.0, high=1.0)
     kv = "" if n_heads is None else f" · KV group {kv_group(pattern.head, n_heads, n_kv_heads)}"
+    earlier = axis.windowed and axis.start > 0
+    if axis.categorical:
+        x_range, y_range = axis.axis_range(), axis.axis_range(reverse=True)
+    else:  # keys may pan one column further left, onto the earlier keys' sum
+        lo = axis.start - (1.5 if earlier else 0.5)
+        x_range = Range1d(axis.view_start - 0.5, axis.view_stop - 0.5, bounds=(lo, axis.stop - 0.5),
+                          min_interval=3, max_interval=float(PATTERN_HELD + 1))
+        y_range = axis.axis_range(reverse=True, max_shown=PATTERN_HELD)
     fig = figure(
         name=f"heads-pattern-{pattern.layer}.{pattern.head}",
-        x_range=labels, y_range=list(reversed(labels)),
-        width=side + 150, height=side + 120,
-        tools="hover,save", toolbar_location=None,
-        title=f"{head_label(pattern.layer, pattern.head)}{kv}: query (row) → key (column)",
+        x_range=x_range, y_range=y_range,
+        frame_width=side, frame_height=side,
+        tools="pan,reset,hover,save" if axis.windowed else "hover,save",
+        toolbar_location="right" if axis.windowed else None,
+        title=f"Head {head_label(pattern.layer, pattern.head)}{kv}: query (row) → key (column)",
         tooltips=[("query", "@q_tok{safe}"), ("key", "@k_tok{safe}"), ("weight", "@weight{0.0000}")],
     )
-    _style(fig)
-    fig.title.text_color = color
+    style_figure(fig)
+    # The head's colour frames the chart (a coloured title would fail text contrast for most of them).
+    fig.outline_line_color = color
+    fig.outline_line_width = 3
     fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "weight", "transform": mapper},
              line_color="#eeeeee", line_width=0.5)
     fig.add_layout(ColorBar(color_mapper=mapper, width=8, padding=4, major_label_text_font_size="9px"), "right")
     fig.grid.visible = False
     fig.axis.axis_line_color = None
     fig.axis.major_tick_line_color = None
+    axis.style_axis(fig.yaxis)
+    axis.style_axis(fig.xaxis)
+    fig.yaxis.major_label_orientation = 0.0
     fig.xaxis.major_label_orientation = math.pi / 2
+    if earlier:
+        fig.xaxis.ticker.ticks = [axis.start - 1, *fig.xaxis.ticker.ticks]
+        fig.xaxis.major_label_overrides = {axis.start - 1: _earlier_label(axis.start),
+                                           **fig.xaxis.major_label_overrides}
+    axis.annotate(fig)
+    if earlier:
+        add_note(fig, f"Column '{_earlier_label(axis.start)}': each query's attention to every earlier key.")
     fig.xaxis.axis_label = "key"
     fig.yaxis.axis_label = "query"
     return fig
@@ -319,12 +383,26 @@ def pattern_heatmaps(patterns: Sequence[HeadPattern], n_heads: int | None = None
     return grid
 
 
-def line_data(pattern: HeadPattern, min_weight: float = MIN_LINE_WEIGHT) -> dict[str, list]:
+def line_data(pattern: HeadPattern, min_weight: float = MIN_LINE_WEIGHT,
+              axis: PositionAxis | None = None) -> dict[str, list]:
     """One segment per (query, key) with weight ≥ ``min_weight``: from the query on the left
-    (x=0, row y=-query) to the key on the right (x=1, y=-key)."""
-    q, k = np.nonzero(pattern.pattern >= min_weight)
-    shown = [html.escape(quote_token(tok)) for tok in pattern.tokens]
-    weights = pattern.pattern[q, k].astype(float)
+    (x=0, row y=-query) to the key on the right (x=1, y=-key). A windowed ``axis`` keeps its
+    queries and keys, and sends each query's summed attention to the keys before the window to
+    one row at y = -(start − 1)."""
+    axis = axis or pattern_axis(pattern.tokens, LINES_HELD, LINES_SHOWN)
+    start, stop = axis.start, axis.stop
+    block = np.asarray(pattern.pattern[start:stop, start:stop])
+    q, k = np.nonzero(block >= min_weight)
+    weights = block[q, k].astype(float)
+    q, k = q + start, k + start
+    if start > 0 and not axis.categorical:
+        before = pattern.pattern[start:stop, :start].sum(axis=1, dtype=np.float64)
+        rows = np.nonzero(before >= min_weight)[0]
+        q = np.concatenate([q, rows + start])
+        k = np.concatenate([k, np.full(len(rows), start - 1)])
+        weights = np.concatenate([weights, before[rows]])
+    shown = {i: html.escape(quote_token(pattern.tokens[i])) for i in axis.positions}
+    earlier = f"keys {_earlier_label(start)}"
     return {
         "x0": [0.0] * len(q), "x1": [1.0] * len(q),
         "y0": (-q).astype(float).tolist(), "y1": (-k).astype(float).tolist(),
@@ -332,7 +410,8 @@ def line_data(pattern: HeadPattern, min_weight: float = MIN_LINE_WEIGHT) -> dict
         "alpha": np.clip(weights, 0.05, 1.0).tolist(),
         "width": (0.5 + 4.0 * weights).tolist(),
         "head": [head_label(pattern.layer, pattern.head)] * len(q),
-        "q_tok": [f"{i}: {shown[i]}" for i in q], "k_tok": [f"{i}: {shown[i]}" for i in k],
+        "q_tok": [f"{i}: {shown[i]}" for i in q],
+        "k_tok": [f"{i}: {shown[i]}" if i >= start else earlier for i in k],
     }
 
 
@@ -341,24 +420,44 @@ def line_source_name(layer: int, head: int) -> str:
 
 
 def pattern_lines(patterns: Sequence[HeadPattern], n_heads: int | None = None,
-                  n_kv_heads: int | None = None, min_weight: float = MIN_LINE_WEIGHT):
+                  n_kv_heads: int | None = None, min_weight: float = MIN_LINE_WEIGHT,
+                  window: tuple[int, int] | None = None):
     """BertViz's head view: query tokens on the left, key tokens on the right, a line from each
     query to each key it attends to, alpha and width by the weight, one colour per head (the
-    legend hides a head on click). Weights below ``min_weight`` are not drawn."""
+    legend hides a head on click). Weights below ``min_weight`` are not drawn.
+
+    A prompt longer than ``FULL_AXIS_POSITIONS`` gets a window (see ``pattern_axis``):
+    ``LINES_HELD`` tokens held, ``LINES_SHOWN`` in view, panned up and down; the attention to
+    earlier tokens goes, summed, to one row above the window.
+    """
     if not patterns:
         raise ValueError("pattern_lines needs at least one head pattern")
     tokens = patterns[0].tokens
-    t = len(tokens)
-    fig = figure(name=LINES, width=420, height=max(220, 20 * t + 110),
-                 x_range=Range1d(-1.0, 2.0), y_range=Range1d(-(t - 1) - 0.9, 0.9),
-                 tools="save", toolbar_location=None,
+    axis = pattern_axis(tokens, LINES_HELD, LINES_SHOWN, window)
+    earlier = axis.windowed and axis.start > 0
+    rows = axis.view_stop - axis.view_start
+    if axis.categorical:
+        y_range = Range1d(-(axis.stop - 1) - 0.9, -axis.start + 0.9)
+    else:
+        top = -(axis.start - 1 if earlier else axis.start) + 0.9
+        y_range = Range1d(-(axis.view_stop - 1) - 0.9, -axis.view_start + 0.9,
+                          bounds=(-(axis.stop - 1) - 0.9, top), min_interval=4, max_interval=float(LINES_HELD + 2))
+    fig = figure(name=LINES, width=420 if axis.categorical else 460, frame_height=max(120, 20 * rows + 20),
+                 x_range=Range1d(-1.0, 2.0), y_range=y_range,
+                 tools="ypan,reset,save" if axis.windowed else "save",
+                 toolbar_location="right" if axis.windowed else None,
                  title="query tokens (left) attend to key tokens (right)")
-    _style(fig)
-    labels = [show_token(tok) for tok in tokens]
-    ys = [-float(i) for i in range(t)]
-    fig.text([-0.04] * t, ys, text=labels, text_align="right", text_baseline="middle",
+    style_figure(fig)
+    # A window's rows carry their positions ('8190: the'): the reader can't count 8,000 rows.
+    labels = [show_token(tokens[i]) for i in axis.positions] if axis.categorical else list(axis.labels)
+    ys = [-float(i) for i in axis.positions]
+    fig.text([-0.04] * len(ys), ys, text=labels, text_align="right", text_baseline="middle",
              text_font_size="11px", text_color="#222222")
-    fig.text([1.04] * t, ys, text=labels, text_align="left", text_baseline="middle",
+    key_labels, key_ys = list(labels), list(ys)
+    if earlier:
+        key_labels.insert(0, _earlier_label(axis.start))
+        key_ys.insert(0, -float(axis.start - 1))
+    fig.text([1.04] * len(key_ys), key_ys, text=key_labels, text_align="left", text_baseline="middle",
              text_font_size="11px", text_color="#222222")
     # The legend below the plot (created before the glyphs, which then join it): one entry per head.
     fig.add_layout(Legend(orientation="horizontal", click_policy="hide", label_text_font_size="10px",
@@ -366,7 +465,7 @@ def pattern_lines(patterns: Sequence[HeadPattern], n_heads: int | None = None,
     renderers = []
     for i, pattern in enumerate(patterns):
         kv = "" if n_heads is None else f" (KV group {kv_group(pattern.head, n_heads, n_kv_heads)})"
-        source = ColumnDataSource(line_data(pattern, min_weight),
+        source = ColumnDataSource(line_data(pattern, min_weight, axis),
                                   name=line_source_name(pattern.layer, pattern.head))
         renderers.append(fig.segment("x0", "y0", "x1", "y1", source=source, line_color=head_color(i),
                                      line_alpha="alpha", line_width="width",
@@ -377,6 +476,9 @@ def pattern_lines(patterns: Sequence[HeadPattern], n_heads: int | None = None,
     fig.axis.visible = False
     fig.grid.visible = False
     fig.outline_line_color = None
+    axis.annotate(fig)
+    if earlier:
+        add_note(fig, f"Lines to '{_earlier_label(axis.start)}': attention to every earlier token, summed.")
     return fig
 
 
