@@ -10,9 +10,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from explorer.analyses.heads import DLARequest, DLAResult, HeadPattern, HeadScores, HeadsRequest
-from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult
-from explorer.interventions.ablation import AblationRequest, AblationResult, SweepRequest, SweepResult, TargetStats
+from explorer.analyses.heads import (
+    DLARequest,
+    DLAResult,
+    HeadPattern,
+    HeadScores,
+    HeadsRequest,
+)
+from explorer.analyses.lens import (
+    CompareRequest,
+    LensComparison,
+    LensRequest,
+    LensResult,
+)
+from explorer.interventions.ablation import (
+    AblationRequest,
+    AblationResult,
+    SweepRequest,
+    SweepResult,
+    TargetStats,
+)
 from explorer.interventions.patching import PatchRequest, PatchResult
 from explorer.neurons.index import NeuronHistogram, PromptActivation, SelectiveNeurons
 from explorer.training.bias import PairScores

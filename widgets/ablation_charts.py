@@ -44,7 +44,15 @@ from .chart_style import (
     style_figure,
     text_colors,
 )
-from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, frame_rows, lens_heatmap, quote_token, shorten
+from .charts import (
+    COLOR_A,
+    COLOR_B,
+    HEATMAP_SOURCE,
+    frame_rows,
+    lens_heatmap,
+    quote_token,
+    shorten,
+)
 
 # Names of the models tests and the view look up.
 LENS_BASELINE = "ablation-lens-baseline"
@@ -159,11 +167,11 @@ def target_pair(result: AblationResult):
         raise ValueError("this ablation result has no logit lens (it was run with lens=False)")
     labels = list(base.layer_labels)
     n = len(labels)
-    source = ColumnDataSource(dict(
-        row=list(range(n)), layer=labels,
-        p_base=[float(v) for v in base.target_probs[:, -1]], p_abl=[float(v) for v in abl.target_probs[:, -1]],
-        r_base=[int(v) for v in base.target_ranks[:, -1]], r_abl=[int(v) for v in abl.target_ranks[:, -1]],
-    ), name=TARGET_PAIR_SOURCE)
+    source = ColumnDataSource({
+        "row": list(range(n)), "layer": labels,
+        "p_base": [float(v) for v in base.target_probs[:, -1]], "p_abl": [float(v) for v in abl.target_probs[:, -1]],
+        "r_base": [int(v) for v in base.target_ranks[:, -1]], "r_abl": [int(v) for v in abl.target_ranks[:, -1]],
+    }, name=TARGET_PAIR_SOURCE)
     target = quote_token(result.target)
     x_range = Range1d(-0.5, n - 0.5)
     ticker, overrides = layer_ticks(n, labels)

@@ -231,12 +231,12 @@ def target_curve(result: LensResult, position: int):
     pos = min(max(int(position), 0), result.n_positions - 1)
     n_rows = result.n_rows
     labels = list(result.layer_labels)
-    source = ColumnDataSource(dict(
-        row=list(range(n_rows)), layer=labels,
-        prob=[float(v) for v in result.target_probs[:, pos]],
-        rank=[int(v) for v in result.target_ranks[:, pos]],
-        top1=[quote_token(t) for t in result.top_tokens[:, pos, 0]],
-    ), name="lens-target-source")
+    source = ColumnDataSource({
+        "row": list(range(n_rows)), "layer": labels,
+        "prob": [float(v) for v in result.target_probs[:, pos]],
+        "rank": [int(v) for v in result.target_ranks[:, pos]],
+        "top1": [quote_token(t) for t in result.top_tokens[:, pos, 0]],
+    }, name="lens-target-source")
     ticker, overrides = layer_ticks(n_rows, labels)
     target = quote_token(result.target)
     where = f"position {pos}: {quote_token(result.tokens[pos])}"
@@ -294,11 +294,11 @@ def comparison_chart(comparison: LensComparison, threshold: float):
     labels = list(comparison.layer_labels)
     n_rows = len(labels)
     row = comparison.divergence_row(threshold)
-    source = ColumnDataSource(dict(
-        row=list(range(n_rows)), layer=labels, a=[float(v) for v in pa], b=[float(v) for v in pb],
-        diff=[float(v) for v in diff],
-        color=[COLOR_B if d >= 0 else COLOR_A for d in diff],
-    ), name="lens-compare-source")
+    source = ColumnDataSource({
+        "row": list(range(n_rows)), "layer": labels, "a": [float(v) for v in pa], "b": [float(v) for v in pb],
+        "diff": [float(v) for v in diff],
+        "color": [COLOR_B if d >= 0 else COLOR_A for d in diff],
+    }, name="lens-compare-source")
     ticker, overrides = layer_ticks(n_rows, labels, max_ticks=16)
     target = quote_token(comparison.a.target)
     x_range = Range1d(-0.5, n_rows - 0.5)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from bokeh.layouts import gridplot
@@ -38,7 +38,6 @@ from .chart_style import (
     MAX_CANVAS_PX,
     PositionAxis,
     add_note,
-    bounded,
     head_spec,
     layer_tick_formatter,
     position_axis,
@@ -182,20 +181,23 @@ def heads_grid(result: HeadScores, score: str = "induction", threshold: float = 
 
     label, title = SCORES[score]
     # Cells shrink (to 4 px) before the grid outgrows a canvas; the subtitle needs ~480 px.
-    row_px = max(4, min(GRID_ROW_PX, (MAX_CANVAS_PX - 130) // max(1, n_layers)))
-    column_px = max(4, min(GRID_COLUMN_PX, (MAX_CANVAS_PX - 190) // max(1, n_heads)))
+    # The plot area: cells shrink (to 4 px) before the grid outgrows a canvas, and grow for a small
+    # model so that its title, notes and colour bar are not cut off.
+    row_px = max(4, min(GRID_ROW_PX, (MAX_CANVAS_PX - 400) // max(1, n_layers)))
+    column_px = max(4, min(GRID_COLUMN_PX, (MAX_CANVAS_PX - 400) // max(1, n_heads)))
     fig = figure(
         name=GRID,
         x_range=[str(h) for h in range(n_heads)],
         y_range=[str(layer) for layer in range(n_layers)],  # bottom to top: the last layer on top
-        height=bounded(row_px * n_layers + 130),
-        width=bounded(max(480, column_px * n_heads + 190)),
+        frame_height=max(150, row_px * n_layers),
+        frame_width=max(340, column_px * n_heads),
         tools="reset,save",
         toolbar_location="right",
         title=f"{label} per head · {result.model}",
     )
     style_figure(fig)
-    add_note(fig, f"letters: score ≥ {threshold:.2f} — {ROLE_LEGEND}", "above")
+    add_note(fig, f"letters (score ≥ {threshold:.2f}): {ROLE_LEGEND}", "above")
+    add_note(fig, f"colour: {title}", "above")
     cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "value", "transform": mapper},
                      line_color="#ffffff", line_width=0.5)
     fig.text("x", "y", text="marks", source=source, text_align="center", text_baseline="middle",
@@ -206,7 +208,7 @@ def heads_grid(result: HeadScores, score: str = "induction", threshold: float = 
                      line_width=3)
     fig.add_tools(HoverTool(renderers=[cells], tooltips=_GRID_TOOLTIP))
     # No tap tool: the view reads clicks as Tap events (with their shift/ctrl modifiers).
-    fig.add_layout(ColorBar(color_mapper=mapper, title=title, title_text_font_size="10px",
+    fig.add_layout(ColorBar(color_mapper=mapper, title=label, title_text_font_size="10px",
                             major_label_text_font_size="10px", width=10, padding=6), "right")
     fig.grid.visible = False
     fig.axis.axis_line_color = None
@@ -482,8 +484,32 @@ def pattern_lines(patterns: Sequence[HeadPattern], n_heads: int | None = None,
     return fig
 
 
-__all__ = ["GRID", "GRID_SOURCE", "TABLE", "TABLE_SOURCE", "PATTERNS", "LINES", "SCORES", "ROLE_LETTERS",
-           "HEAD_COLORS", "MAX_OVERLAY", "head_label", "chip_label", "kv_group", "grid_data", "heads_grid",
-           "grid_cell",
-           "table_data", "heads_table", "pattern_data", "pattern_figure", "pattern_heatmaps", "line_data",
-           "pattern_lines", "pattern_source_name", "line_source_name"]
+__all__ = [
+    "GRID",
+    "GRID_SOURCE",
+    "HEAD_COLORS",
+    "LINES",
+    "MAX_OVERLAY",
+    "PATTERNS",
+    "ROLE_LETTERS",
+    "SCORES",
+    "TABLE",
+    "TABLE_SOURCE",
+    "chip_label",
+    "grid_cell",
+    "grid_data",
+    "head_label",
+    "heads_grid",
+    "heads_table",
+    "kv_group",
+    "line_data",
+    "line_source_name",
+    "pattern_axis",
+    "pattern_data",
+    "pattern_figure",
+    "pattern_heatmaps",
+    "pattern_lines",
+    "pattern_source_name",
+    "position_labels",  # re-exported: the pattern axes' factors
+    "table_data",
+]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from bokeh.models import (

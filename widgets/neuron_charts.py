@@ -14,11 +14,23 @@ import html
 import math
 
 import numpy as np
-from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Range1d, Span, TapTool
+from bokeh.models import (
+    ColumnDataSource,
+    FixedTicker,
+    HoverTool,
+    Range1d,
+    Span,
+    TapTool,
+)
 from bokeh.plotting import figure
 
 from explorer.neurons.describe import ExampleActivations
-from explorer.neurons.index import NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.neurons.index import (
+    NeuronHistogram,
+    NeuronStats,
+    PromptActivation,
+    SelectiveNeurons,
+)
 
 from .chart_style import position_axis, style_figure
 from .charts import quote_token
@@ -90,7 +102,7 @@ def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None
     lo, hi = (int(nonzero[0]), int(nonzero[-1])) if len(nonzero) else (len(hist.counts) // 2 - 8,
                                                                          len(hist.counts) // 2 + 8)
     if stats is not None and math.isfinite(stats.max):
-        hi = max(hi, int(math.ceil(float(value_to_x([stats.max], hist.edges)[0]))))
+        hi = max(hi, math.ceil(float(value_to_x([stats.max], hist.edges)[0])))
     pad = max(2, (hi - lo) // 20)
     x_range = Range1d(lo - pad - 0.5, hi + pad + 0.5)
     y_top = max(1, int(hist.counts.max(initial=0))) * 1.08
@@ -136,11 +148,11 @@ def prompt_activation_chart(result: PromptActivation, window: tuple[int, int] | 
     axis = position_axis(result.tokens, held=PROMPT_HELD, shown=PROMPT_SHOWN, window=window)
     positions = list(axis.positions)
     acts = [float(result.activations[p]) for p in positions]
-    source = ColumnDataSource(dict(
-        x=axis.coords(), pos=positions, activation=acts,
-        token=[quote_token(result.tokens[p]) for p in positions],
-        color=[POSITIVE if a > 0 else NEGATIVE for a in acts],
-    ), name=PROMPT_SOURCE)
+    source = ColumnDataSource({
+        "x": axis.coords(), "pos": positions, "activation": acts,
+        "token": [quote_token(result.tokens[p]) for p in positions],
+        "color": [POSITIVE if a > 0 else NEGATIVE for a in acts],
+    }, name=PROMPT_SOURCE)
     lo, hi = min(0.0, min(acts, default=0.0)), max(0.0, max(acts, default=0.0))
     span = (hi - lo) or 1.0
     bars_in_view = axis.view_stop - axis.view_start

@@ -11,18 +11,17 @@ import pytest
 
 pytest.importorskip("playwright")
 
-from bokeh.embed import file_html  # noqa: E402
-from bokeh.layouts import column  # noqa: E402
-from bokeh.resources import INLINE  # noqa: E402
+import long_results as lr
+from bokeh.embed import file_html
+from bokeh.layouts import column
+from bokeh.resources import INLINE
+from browser import FRAME_JS
 
-import long_results as lr  # noqa: E402
-from widgets import ablation_charts as ac  # noqa: E402
-from widgets import charts  # noqa: E402
-from widgets import heads_charts as hc  # noqa: E402
-from widgets import neuron_charts as nc  # noqa: E402
-from widgets.chart_style import MAX_CANVAS_PX, chart_window  # noqa: E402
-
-from browser import FRAME_JS  # noqa: E402
+from widgets import ablation_charts as ac
+from widgets import charts
+from widgets import heads_charts as hc
+from widgets import neuron_charts as nc
+from widgets.chart_style import MAX_CANVAS_PX, chart_window
 
 N = 1200  # tokens: the 1,150-word prompt was about this long
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
+import long_results as lr
 import numpy as np
 import pytest
 from bokeh.models import CDSView, FactorRange, IndexFilter, LayoutDOM, Plot, Range1d
 
-import long_results as lr
 from widgets import ablation_charts as ac
 from widgets import charts
 from widgets import heads_charts as hc
@@ -96,7 +96,7 @@ def test_lens_heatmap_of_a_full_context_prompt(lens):
         assert_drawable(fig)
         window = assert_window(fig, N, charts.LENS_HELD, charts.LENS_SHOWN, charts.HEATMAP_SOURCE)
         x_window(fig, window)
-        start, stop, _, view_start, view_stop = window
+        start, stop, _, _, view_stop = window
         assert (start, stop, view_stop) == (N - charts.LENS_HELD, N, N)  # the last positions by default
         data = fig.select_one({"name": charts.HEATMAP_SOURCE}).data
         assert len(data["value"]) == lens.n_rows * (stop - start)
@@ -133,6 +133,7 @@ def test_short_prompts_keep_one_labelled_column_per_position(lens):
     fig = charts.lens_heatmap(longer)
     start, stop, total, view_start, view_stop = chart_window(fig)
     assert (start, stop, total) == (0, FULL_AXIS_POSITIONS + 1, FULL_AXIS_POSITIONS + 1)  # all held, panned
+    assert view_stop - view_start == charts.LENS_SHOWN
     assert "result holds all" not in " ".join(t.text for t in fig.below if getattr(t, "text", None))
 
 
@@ -186,7 +187,7 @@ def test_pattern_lines_of_a_full_context_prompt(pattern):
 
 def test_heads_grid_and_table_of_a_large_model():
     scores = lr.head_scores()
-    for score in hc.SCORES:
+    for score in ("induction", "dla"):  # a share on [0, 1] and the diverging DLA scale
         fig = hc.heads_grid(scores, score, selected=[(125, 127)], n_kv_heads=8)
         assert_drawable(fig)
         assert list(fig.y_range.factors) == [str(i) for i in range(scores.n_layers)]  # the last layer on top
@@ -235,7 +236,7 @@ def test_neuron_sweep_is_a_ranked_bar_chart():
     # The rest summarised: count, range and sum of the effects not drawn.
     rest = np.delete(result.effects, [result.components.index(s) for s, _ in top])
     note = fig.select_one({"name": ac.SWEEP_NOTE}).text
-    assert f"of 1,536 neurons" in note and f"other {len(rest):,}" in note
+    assert "of 1,536 neurons" in note and f"other {len(rest):,}" in note
     assert f"{rest.min():+.3f}" in note and f"{rest.max():+.3f}" in note and f"sum {rest.sum():+.3f}" in note
     assert ac.sweep_hint(result) == "Click a bar to put that component into the single-ablation field."
 
