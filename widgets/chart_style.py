@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from bokeh.models import CustomJSTickFormatter, FixedTicker, NoOverlap, Range1d, Title
+from bokeh.palettes import Category10
 
 MAX_CANVAS_PX = 8000          # the largest width or height any chart may have
 FULL_AXIS_POSITIONS = 32      # up to this many positions every one gets its own labelled column
@@ -85,6 +86,33 @@ def head_spec(layer: int, head: int) -> str:
 def neuron_spec(layer: int, neuron: int) -> str:
     """'17:4': an MLP neuron as its component spec."""
     return f"{layer}:{neuron}"
+
+
+# ------------------------------------------------------------------ heads
+# Overlaid heads get these colours, in selection order (grid outlines, patterns, lines).
+HEAD_COLORS: tuple[str, ...] = tuple(Category10[10][:8])
+MAX_OVERLAY = len(HEAD_COLORS)
+
+
+def head_label(layer: int, head: int) -> str:
+    """'17.4': a head as its component spec, in every chart, table and caption (``head_spec``)."""
+    return head_spec(layer, head)
+
+
+def chip_label(layer: int, head: int) -> str:
+    """'17.4', the head's chip in the view's multi-select (the same text as ``head_label``)."""
+    return head_spec(layer, head)
+
+
+def head_color(index: int) -> str:
+    return HEAD_COLORS[index % len(HEAD_COLORS)]
+
+
+def kv_group(head: int, n_heads: int, n_kv_heads: int | None) -> int:
+    """The KV head a query head reads (grouped-query attention repeats each KV head
+    n_heads / n_kv_heads times in order, so query head h uses KV head h // that)."""
+    n_kv = n_kv_heads or n_heads
+    return head // max(1, n_heads // n_kv)
 
 
 # ------------------------------------------------------------------ readable text on cells
@@ -189,7 +217,7 @@ class PositionAxis:
             return list(reversed(self.labels)) if reverse else list(self.labels)
         lo, hi = self.view_start - 0.5, self.view_stop - 0.5
         bounds = (self.start - 0.5, self.stop - 0.5)
-        kwargs = {"bounds": bounds, "min_interval": 3}
+        kwargs = {"bounds": bounds, "min_interval": min(3, self.stop - self.start)}
         if max_shown:
             kwargs["max_interval"] = float(max_shown)
         return Range1d(hi, lo, **kwargs) if reverse else Range1d(lo, hi, **kwargs)
@@ -252,8 +280,13 @@ def position_axis(tokens, *, held: int, shown: int, focus: int | None = None,
         view_stop = min(stop, focus + 1 + n_show // 4) if focused else stop
         view_start = max(start, view_stop - n_show)
         view_stop = view_start + n_show
-    labels = tuple(f"{i}: {_cut(show_token(tokens[i]).strip(' ') or '␣', 14)}" for i in range(start, stop))
+    labels = tuple(position_label(i, tokens[i]) for i in range(start, stop))
     return PositionAxis(labels, total, start, stop, view_start, view_stop, categorical)
+
+
+def position_label(pos: int, token) -> str:
+    """A position on an axis: '3: Paris' (unique per position, the token cut to 14 characters)."""
+    return f"{pos}: {_cut(show_token(token).strip(' ') or '␣', 14)}"
 
 
 def show_token(token) -> str:

@@ -32,6 +32,7 @@ from .chart_style import (
     layer_factors,
     layer_ticks,
     position_axis,
+    position_label,
     show_token,
     style_figure,
     text_colors,
@@ -73,7 +74,7 @@ def _cut(text: str, n: int) -> str:
 
 def position_labels(tokens) -> list[str]:
     """Unique x-axis factors, one per position: '3: Paris'."""
-    return [f"{i}: {_cut(show_token(t).strip(' ') or '␣', 14)}" for i, t in enumerate(tokens)]
+    return [position_label(i, t) for i, t in enumerate(tokens)]
 
 
 def shorten(text: str, n: int = 44) -> str:
