@@ -1,67 +1,62 @@
 """Chart builders for the ablation tab: pure functions from ablation, sweep and patching results.
 
-The single-ablation charts are rebuilt per result. The sweep and patching heatmaps fill in
-live: the view builds the figure from the first partial result and then calls
-``update_sweep_chart`` / ``update_patch_chart`` with each newer partial, on the page's event
-loop (Bokeh models may only change there). Cells not computed yet (NaN) are drawn grey and
-unlabelled. Models carry ``name`` values so tests and the view's tap handler can find them.
+The single-ablation charts (card, both lenses, the target's curves) are rebuilt per result. The
+sweep and patching charts, which fill in live, are in ``widgets.sweep_charts`` and re-exported
+here. Models carry ``name`` values so tests and the view's tap handler can find them.
 """
 from __future__ import annotations
 
 import html
-import math
 
-import numpy as np
 from bokeh.layouts import column
-from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, Range1d, TapTool
-from bokeh.palettes import RdBu11, interp_palette
+from bokeh.models import ColumnDataSource, HoverTool, Range1d
 from bokeh.plotting import figure
 
-from explorer.interventions.ablation import AblationResult, SweepResult
-from explorer.interventions.patching import PatchResult
+from explorer.interventions.ablation import AblationResult
 
-from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, _row_ticks, _style, lens_heatmap, position_labels, quote_token, shorten
+from .chart_style import layer_ticks, style_figure
+from .charts import COLOR_A, COLOR_B, HEATMAP_SOURCE, lens_heatmap, quote_token, shorten
+from .sweep_charts import (
+    BAR_PX,
+    DIVERGING,
+    GRID_MAX_HEADS,
+    GRID_MAX_LAYERS,
+    NAN_COLOR,
+    PATCH_CHART,
+    PATCH_HELD,
+    PATCH_MAPPER,
+    PATCH_SHOWN,
+    PATCH_SOURCE,
+    ROW_PX,
+    SWEEP_CHART,
+    SWEEP_FILTER,
+    SWEEP_MAPPER,
+    SWEEP_NOTE,
+    SWEEP_SOURCE,
+    SWEEP_TOP_N,
+    UNITS,
+    metric_name,
+    patch_axis,
+    patch_chart,
+    patch_data,
+    patch_key,
+    ranked_indices,
+    sweep_chart,
+    sweep_data,
+    sweep_hint,
+    sweep_key,
+    sweep_note,
+    sweep_ranked,
+    sweep_top_html,
+    update_patch_chart,
+    update_sweep_chart,
+)
 
 # Names of the models tests and the view look up.
 LENS_BASELINE = "ablation-lens-baseline"
 LENS_ABLATED = "ablation-lens-ablated"
 TARGET_PAIR = "ablation-target-pair"
 TARGET_PAIR_SOURCE = "ablation-target-source"
-SWEEP_CHART = "ablation-sweep-chart"
-SWEEP_SOURCE = "ablation-sweep-source"
-SWEEP_MAPPER = "ablation-sweep-mapper"
-PATCH_CHART = "ablation-patch-chart"
-PATCH_SOURCE = "ablation-patch-source"
-PATCH_MAPPER = "ablation-patch-mapper"
-
-# Diverging, red = negative: an ablation that lowers the metric (the component was helping).
-DIVERGING = tuple(reversed(interp_palette(RdBu11, 255)))
-NAN_COLOR = "#e3e3e3"
-ROW_PX = 17
-UNITS = {"heads": "heads", "blocks": "components", "neurons": "neurons"}
-
-
-# --------------------------------------------------------------- formatting
-def metric_name(target: str, compare: str | None) -> str:
-    """The sweep/patching metric in words: logit(' Paris') or logit(' Paris') − logit(' Rome')."""
-    text = f"logit({quote_token(target)})"
-    return text if compare is None else f"{text} − logit({quote_token(compare)})"
-
-
-def _text_color(t: float) -> str:
-    """Cell text colour on the diverging palette: white on its dark ends (|t| near 1)."""
-    return "#ffffff" if abs(t) > 0.6 else "#1a1a1a"
-
-
-def _cell_text(value: float, fmt: str) -> str:
-    """A cell's number, without the '-0.00' of tiny negative values."""
-    return fmt.format(0.0 if abs(value) < 0.005 else value)
-
-
-def _symmetric(values: np.ndarray, floor: float) -> float:
-    """Half-width of a colour range centred on 0 that holds every finite value (at least ``floor``)."""
-    finite = np.abs(values[np.isfinite(values)])
-    return max(floor, float(finite.max()) if finite.size else floor)
 
 
 # ---------------------------------------------------------- single ablation
@@ -140,14 +135,14 @@ def target_pair(result: AblationResult):
         raise ValueError("this ablation result has no logit lens (it was run with lens=False)")
     labels = list(base.layer_labels)
     n = len(labels)
-    source = ColumnDataSource(dict(
-        row=list(range(n)), layer=labels,
-        p_base=[float(v) for v in base.target_probs[:, -1]], p_abl=[float(v) for v in abl.target_probs[:, -1]],
-        r_base=[int(v) for v in base.target_ranks[:, -1]], r_abl=[int(v) for v in abl.target_ranks[:, -1]],
-    ), name=TARGET_PAIR_SOURCE)
+    source = ColumnDataSource({
+        "row": list(range(n)), "layer": labels,
+        "p_base": [float(v) for v in base.target_probs[:, -1]], "p_abl": [float(v) for v in abl.target_probs[:, -1]],
+        "r_base": [int(v) for v in base.target_ranks[:, -1]], "r_abl": [int(v) for v in abl.target_ranks[:, -1]],
+    }, name=TARGET_PAIR_SOURCE)
     target = quote_token(result.target)
     x_range = Range1d(-0.5, n - 0.5)
-    ticker, overrides = _row_ticks(n, labels)
+    ticker, overrides = layer_ticks(n, labels)
     tips = [("layer", "@layer"), ("p baseline", "@p_base{0.0000}"), ("p ablated", "@p_abl{0.0000}"),
             ("rank baseline", "@r_base"), ("rank ablated", "@r_abl")]
     prob = figure(name=f"{TARGET_PAIR}-prob", height=220, sizing_mode="stretch_width", x_range=x_range,
@@ -171,205 +166,19 @@ def target_pair(result: AblationResult):
     rank.yaxis.axis_label = "rank"
     rank.xaxis.axis_label = "layer"
     for fig in (prob, rank):
-        _style(fig)
+        style_figure(fig)
         fig.add_tools(HoverTool(tooltips=tips, mode="vline"))
         fig.xaxis.ticker = ticker
         fig.xaxis.major_label_overrides = overrides
     return column(prob, rank, name=TARGET_PAIR, sizing_mode="stretch_width")
 
 
-# -------------------------------------------------------------------- sweeps
-def sweep_data(result: SweepResult) -> dict[str, list]:
-    """One entry per component (``effects``' flat order): position, effect (NaN = not done), labels."""
-    flat = np.asarray(result.effects, dtype=float).reshape(-1)
-    half = _symmetric(flat, 1e-6)
-    kind = result.request.kind
-    n_cols = result.effects.shape[1] if result.effects.ndim == 2 else 1
-    data: dict[str, list] = {k: [] for k in ("x", "y", "spec", "effect", "ablated", "text", "text_color",
-                                             "activation", "status")}
-    for i, (spec, v) in enumerate(zip(result.components, flat)):
-        if kind == "heads":
-            x, y = str(i % n_cols), f"L{i // n_cols}"
-        elif kind == "blocks":
-            x, y = ("attn", "mlp")[i % 2], f"L{i // 2}"
-        else:
-            x, y = spec, ""
-        done = math.isfinite(v)
-        data["x"].append(x)
-        data["y"].append(y)
-        data["spec"].append(spec)
-        data["effect"].append(v)
-        data["ablated"].append(result.baseline_metric + v)
-        data["text"].append(_cell_text(v, "{:+.2f}") if done else "")
-        data["text_color"].append(_text_color(v / half) if done else "#1a1a1a")
-        data["activation"].append(float(result.activations[i]) if result.activations is not None else math.nan)
-        data["status"].append("done" if done else "not done yet")
-    return data
-
-
-def _sweep_title(result: SweepResult) -> str:
-    req = result.request
-    what = {"heads": "each head", "blocks": "each attention / MLP output",
-            "neurons": f"each of the {len(result.components)} most active neurons"}[req.kind]
-    method = "attribution estimate" if req.method == "attribution" else req.method
-    done = "" if result.complete else f" · {result.done}/{result.total} done"
-    return (f"Effect of {req.mode}-ablating {what} on {metric_name(result.target, result.compare)} "
-            f"(ablated − baseline, {method}){done}")
-
-
-def sweep_chart(result: SweepResult):
-    """The sweep's effects: a [layer × head] or [layer × attn/mlp] heatmap, or a bar per neuron.
-
-    Tapping a cell (or bar) selects it in the source named ``SWEEP_SOURCE``; its ``spec``
-    column names the component.
-    """
-    data = sweep_data(result)
-    source = ColumnDataSource(data, name=SWEEP_SOURCE)
-    half = _symmetric(np.asarray(data["effect"]), 1e-6)
-    mapper = LinearColorMapper(palette=list(DIVERGING), low=-half, high=half, nan_color=NAN_COLOR,
-                               name=SWEEP_MAPPER)
-    fill = {"field": "effect", "transform": mapper}
-    tips = [("component", "@spec"), ("effect", "@effect{+0.000}"), ("metric after", "@ablated{0.000}"),
-            ("", "@status")]
-    kind = result.request.kind
-    if kind == "neurons":
-        fig = figure(name=SWEEP_CHART, x_range=list(data["spec"]), height=320, sizing_mode="stretch_width",
-                     min_width=max(400, 14 * len(data["spec"]) + 120), tools="xpan,xwheel_zoom,reset,save",
-                     toolbar_location="right", title=_sweep_title(result))
-        glyph = fig.vbar(x="x", top="effect", width=0.8, source=source, fill_color=fill, line_color=None,
-                         nonselection_fill_alpha=1.0, selection_line_color="#222222", selection_line_width=2)
-        fig.xaxis.major_label_orientation = math.pi / 3
-        fig.xaxis.axis_label = "neuron (layer:index), most active on the prompt first"
-        fig.yaxis.axis_label = "effect on the metric"
-        tips.insert(1, ("peak activation", "@activation{0.000}"))
-    else:
-        n_layers = result.effects.shape[0]
-        xs = [str(h) for h in range(result.effects.shape[1])] if kind == "heads" else ["attn", "mlp"]
-        # L0 on top: the sweep fills from layer 0, so the finished cells are the first ones seen
-        fig = figure(name=SWEEP_CHART, x_range=xs, y_range=[f"L{l}" for l in reversed(range(n_layers))],
-                     height=ROW_PX * n_layers + 110, sizing_mode="stretch_width", min_width=360,
-                     tools="reset,save", toolbar_location="right", title=_sweep_title(result))
-        glyph = fig.rect("x", "y", 1, 1, source=source, fill_color=fill, line_color="#ffffff", line_width=0.5,
-                         nonselection_fill_alpha=1.0, nonselection_line_alpha=1.0,
-                         selection_line_color="#222222", selection_line_width=2)
-        fig.text("x", "y", text="text", source=source, text_align="center", text_baseline="middle",
-                 text_font_size="9px", text_color="text_color")
-        fig.grid.visible = False
-        fig.axis.axis_line_color = None
-        fig.axis.major_tick_line_color = None
-        fig.xaxis.axis_label = "head" if kind == "heads" else "block output"
-        fig.yaxis.axis_label = "layer"
-    _style(fig)
-    fig.add_tools(HoverTool(renderers=[glyph], tooltips=tips))
-    fig.add_tools(TapTool(renderers=[glyph]))
-    fig.add_layout(ColorBar(color_mapper=mapper, title="effect", title_text_font_size="10px",
-                            major_label_text_font_size="10px", width=10, padding=6), "right")
-    fig.tags = [sweep_key(result)]
-    return fig
-
-
-def sweep_key(result: SweepResult) -> str:
-    """Identifies the sweep a figure shows: a newer partial of the same sweep updates it in place."""
-    return f"sweep:{hash((result.request, result.components))}"
-
-
-def update_sweep_chart(fig, result: SweepResult) -> None:
-    """Show a newer partial (or the final) result of the same sweep in an existing figure.
-
-    Call on the document's event loop (or with no served document).
-    """
-    data = sweep_data(result)
-    fig.select_one({"name": SWEEP_SOURCE}).data = data
-    mapper = fig.select_one({"name": SWEEP_MAPPER})
-    half = _symmetric(np.asarray(data["effect"]), 1e-6)
-    mapper.update(low=-half, high=half)
-    fig.title.text = _sweep_title(result)
-
-
-def sweep_top_html(result: SweepResult, n: int = 8) -> str:
-    """The n finished components with the largest |effect|, as a small HTML table."""
-    top = result.top(n)
-    if not top:
-        return "<div class='caption'>No finished components yet.</div>"
-    rows = "".join(f"<tr><td>{i}</td><td class='tok'>{html.escape(spec)}</td><td>{v:+.3f}</td></tr>"
-                   for i, (spec, v) in enumerate(top, 1))
-    return (f"<div class='caption'>Largest effects ({result.done}/{result.total} done)</div>"
-            f"<table><tr><th>#</th><th>component</th><th>effect</th></tr>{rows}</table>")
-
-
-# ------------------------------------------------------------------ patching
-def patch_data(result: PatchResult) -> dict[str, list]:
-    """One entry per (layer, position), row-major: the restored fraction (NaN = not done) and labels."""
-    restored = np.asarray(result.restored, dtype=float)
-    half = _symmetric(restored, 1.0)
-    xs = position_labels(result.corrupt_tokens)
-    data: dict[str, list] = {k: [] for k in ("x", "y", "layer", "pos", "restored", "patched", "text",
-                                             "text_color", "clean_token", "corrupt_token")}
-    for l, label in enumerate(result.layer_labels):
-        for p in range(len(xs)):
-            v = float(restored[l, p])
-            done = math.isfinite(v)
-            data["x"].append(xs[p])
-            data["y"].append(label)
-            data["layer"].append(l)
-            data["pos"].append(p)
-            data["restored"].append(v)
-            data["patched"].append(float(result.patched[l, p]))
-            data["text"].append(_cell_text(v, "{:.2f}") if done else "")
-            data["text_color"].append(_text_color(v / half) if done else "#1a1a1a")
-            data["clean_token"].append(html.escape(quote_token(result.clean_tokens[p])))
-            data["corrupt_token"].append(html.escape(quote_token(result.corrupt_tokens[p])))
-    return data
-
-
-def _patch_title(result: PatchResult) -> str:
-    site = {"resid": "residual stream after the block", "attn": "attention output", "mlp": "MLP output"}[result.site]
-    done = "" if result.complete else f" · {result.done}/{result.total} done"
-    return (f"Fraction of {metric_name(result.target, result.compare)} restored by patching the clean "
-            f"{site} (clean {result.clean_metric:.2f}, corrupted {result.corrupt_metric:.2f}){done}")
-
-
-def patch_chart(result: PatchResult):
-    """[layer × position] heatmap of the restored fraction; the corrupted prompt's tokens on the x axis."""
-    data = patch_data(result)
-    source = ColumnDataSource(data, name=PATCH_SOURCE)
-    half = _symmetric(np.asarray(data["restored"]), 1.0)
-    mapper = LinearColorMapper(palette=list(DIVERGING), low=-half, high=half, nan_color=NAN_COLOR,
-                               name=PATCH_MAPPER)
-    xs = position_labels(result.corrupt_tokens)
-    n_layers = len(result.layer_labels)
-    fig = figure(name=PATCH_CHART, x_range=xs, y_range=list(reversed(result.layer_labels)),  # L0 on top
-                 height=ROW_PX * n_layers + 120, min_width=70 * len(xs) + 170, sizing_mode="stretch_width",
-                 tools="pan,box_zoom,wheel_zoom,reset,save", toolbar_location="right",
-                 title=_patch_title(result))
-    _style(fig)
-    cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "restored", "transform": mapper},
-                     line_color="#ffffff", line_width=0.5)
-    fig.text("x", "y", text="text", source=source, text_align="center", text_baseline="middle",
-             text_font_size="9px", text_color="text_color")
-    fig.add_tools(HoverTool(renderers=[cells], tooltips=[
-        ("layer", "@y"), ("position", "@pos: @corrupt_token{safe} (clean @clean_token{safe})"),
-        ("restored", "@restored{0.000}"), ("metric patched", "@patched{0.000}")]))
-    fig.add_layout(ColorBar(color_mapper=mapper, title="restored", title_text_font_size="10px",
-                            major_label_text_font_size="10px", width=10, padding=6), "right")
-    fig.grid.visible = False
-    fig.axis.axis_line_color = None
-    fig.axis.major_tick_line_color = None
-    fig.xaxis.major_label_orientation = 0.0 if len(xs) <= 14 else math.pi / 4
-    fig.xaxis.axis_label = "corrupted prompt position: token"
-    fig.yaxis.axis_label = "layer"
-    fig.tags = [patch_key(result)]
-    return fig
-
-
-def patch_key(result: PatchResult) -> str:
-    return f"patch:{hash(result.request)}"
-
-
-def update_patch_chart(fig, result: PatchResult) -> None:
-    """Show a newer partial (or the final) patching result in an existing figure (on the loop)."""
-    data = patch_data(result)
-    fig.select_one({"name": PATCH_SOURCE}).data = data
-    half = _symmetric(np.asarray(data["restored"]), 1.0)
-    fig.select_one({"name": PATCH_MAPPER}).update(low=-half, high=half)
-    fig.title.text = _patch_title(result)
+__all__ = [  # the single-ablation charts, and the sweep and patching charts (from sweep_charts)
+    "BAR_PX", "CARD_CSS", "DIVERGING", "GRID_MAX_HEADS", "GRID_MAX_LAYERS", "LENS_ABLATED", "LENS_BASELINE",
+    "NAN_COLOR", "PATCH_CHART", "PATCH_HELD", "PATCH_MAPPER", "PATCH_SHOWN", "PATCH_SOURCE", "ROW_PX",
+    "SWEEP_CHART", "SWEEP_FILTER", "SWEEP_MAPPER", "SWEEP_NOTE", "SWEEP_SOURCE", "SWEEP_TOP_N", "TARGET_PAIR",
+    "TARGET_PAIR_SOURCE", "UNITS", "ablation_card", "card_rows", "lens_pair", "metric_name", "patch_axis",
+    "patch_chart", "patch_data", "patch_key", "ranked_indices", "sweep_chart", "sweep_data", "sweep_hint",
+    "sweep_key", "sweep_note", "sweep_ranked", "sweep_top_html", "target_pair", "update_patch_chart",
+    "update_sweep_chart",
+]

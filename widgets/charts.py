@@ -7,14 +7,12 @@ so tests (and the view's tap handler) can find them: see ``HEATMAP_SOURCE`` and 
 from __future__ import annotations
 
 import html
-import math
 
 import numpy as np
 from bokeh.layouts import column
 from bokeh.models import (
     ColorBar,
     ColumnDataSource,
-    FixedTicker,
     HoverTool,
     Label,
     LinearColorMapper,
@@ -26,6 +24,19 @@ from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
 
 from explorer.analyses.lens import LensComparison, LensResult
+
+from .chart_style import (
+    MAX_CANVAS_PX,
+    PositionAxis,
+    bounded,
+    layer_factors,
+    layer_ticks,
+    position_axis,
+    position_label,
+    show_token,
+    style_figure,
+    text_colors,
+)
 
 # Names of the models tests and views look up.
 HEATMAP = "lens-heatmap"
@@ -47,17 +58,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
 ROW_PX = 17       # heatmap row height
 COLUMN_PX = 70    # minimum heatmap column width: room for ~10 characters at 10 px
 CELL_CHARS = 9    # top-1 token text is cut to this many characters in a cell
+LENS_HELD = 128   # a long prompt's heatmap holds this many positions (~19 kB of cells each)
+LENS_SHOWN = 16   # and shows this many at a time (COLUMN_PX each)
 
 
 # ------------------------------------------------------------------ token text
-def show_token(token: str) -> str:
-    """A token made visible: control characters escaped, an all-space token as '␣'."""
-    text = str(token).replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if text and not text.strip(" "):
-        return "␣" * len(text)
-    return text
-
-
 def quote_token(token: str) -> str:
     """A token in quotes with its spaces kept, e.g. ' Paris' (for titles and hovers)."""
     return "'" + show_token(token) + "'"
@@ -69,7 +74,7 @@ def _cut(text: str, n: int) -> str:
 
 def position_labels(tokens) -> list[str]:
     """Unique x-axis factors, one per position: '3: Paris'."""
-    return [f"{i}: {_cut(show_token(t).strip(' ') or '␣', 14)}" for i, t in enumerate(tokens)]
+    return [position_label(i, t) for i, t in enumerate(tokens)]
 
 
 def shorten(text: str, n: int = 44) -> str:
@@ -81,28 +86,6 @@ def shorten(text: str, n: int = 44) -> str:
     return text[:half].rstrip() + "…" + text[-half:].lstrip()
 
 
-def _row_ticks(n_rows: int, labels, max_ticks: int = 9) -> tuple[FixedTicker, dict]:
-    """At most ~``max_ticks`` ticks on a layer axis, always the embeddings and the last layer."""
-    step = max(1, math.ceil(n_rows / max_ticks))
-    ticks = list(range(0, n_rows, step))
-    if n_rows - 1 - ticks[-1] <= step / 2 and len(ticks) > 1:
-        ticks[-1] = n_rows - 1  # no crowded pair of labels at the end
-    else:
-        ticks.append(n_rows - 1)
-    ticks = sorted(set(ticks))
-    return FixedTicker(ticks=ticks), {int(i): str(labels[i]) for i in ticks}
-
-
-def _style(fig) -> None:
-    fig.toolbar.logo = None
-    fig.title.text_font_size = "12px"
-    fig.title.text_font_style = "bold"
-    fig.axis.major_label_text_font_size = "10px"
-    fig.axis.axis_label_text_font_size = "11px"
-    fig.axis.axis_label_text_font_style = "normal"
-    fig.grid.grid_line_alpha = 0.35
-
-
 # --------------------------------------------------------------------- heatmap
 def _topk_html(result: LensResult, row: int, pos: int) -> str:
     lines = []
@@ -111,37 +94,43 @@ def _topk_html(result: LensResult, row: int, pos: int) -> str:
     return "<br>".join(lines)
 
 
-def heatmap_data(result: LensResult, metric: str = "prob") -> dict[str, list]:
-    """The heatmap's columns, one entry per (row, position) cell, row-major."""
+def lens_axis(result: LensResult, position: int | None = None,
+              window: tuple[int, int] | None = None) -> PositionAxis:
+    """The positions a lens heatmap of ``result`` holds and shows (see ``chart_style.position_axis``)."""
+    return position_axis(result.tokens, held=LENS_HELD, shown=LENS_SHOWN, focus=position, window=window)
+
+
+def heatmap_data(result: LensResult, metric: str = "prob", axis: PositionAxis | None = None) -> dict[str, list]:
+    """The heatmap's columns, one entry per (row, position) cell, row-major, over the positions
+    ``axis`` holds (default: ``lens_axis(result)``, every position of a short prompt)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    axis = axis or lens_axis(result)
     values = np.asarray(result.metric(metric), dtype=float)
-    low, high = _color_range(values, metric)
-    n_rows, n_pos = values.shape
-    xs = position_labels(result.tokens)
-    reverse = metric != "prob"
+    low, high = _color_range(values, metric)  # over every position: a window keeps the scale
+    positions = list(axis.positions)
+    n_rows = values.shape[0]
+    xs = axis.coords()
+    tokens = [f"{p}: {html.escape(quote_token(result.tokens[p]))}" for p in positions]
     data: dict[str, list] = {k: [] for k in (
         "x", "y", "row", "pos", "value", "top1", "text", "text_color", "font_style",
         "layer", "token", "top_prob", "entropy", "kl", "target_prob", "target_rank", "topk")}
     for r in range(n_rows):
-        for p in range(n_pos):
-            v = float(values[r, p])
-            t = 0.0 if high <= low else min(1.0, max(0.0, (v - low) / (high - low)))
-            brightness = 1.0 - t if reverse else t
+        row_values = [float(values[r, p]) for p in positions]
+        data["text_color"] += text_colors(METRICS[metric][1], low, high, row_values)
+        for i, p in enumerate(positions):
             top1 = str(result.top_tokens[r, p, 0])
-            data["x"].append(xs[p])
+            data["x"].append(xs[i])
             data["y"].append(result.layer_labels[r])
             data["row"].append(r)
             data["pos"].append(p)
-            data["value"].append(v)
+            data["value"].append(row_values[i])
             data["top1"].append(top1)
             data["text"].append(_cut(show_token(top1), CELL_CHARS))
-            # Viridis is dark below ~0.55: white text there, near-black above.
-            data["text_color"].append("#ffffff" if brightness < 0.55 else "#1a1a1a")
             # Cells whose top-1 is the target token are bold: where the answer appears.
             data["font_style"].append("bold" if result.top_ids[r, p, 0] == result.target_id else "normal")
             data["layer"].append(result.layer_labels[r])
-            data["token"].append(f"{p}: {html.escape(quote_token(result.tokens[p]))}")
+            data["token"].append(tokens[i])
             data["top_prob"].append(float(result.top_probs[r, p, 0]))
             data["entropy"].append(float(result.entropy[r, p]))
             data["kl"].append(float(result.kl_to_final[r, p]))
@@ -159,34 +148,41 @@ def _color_range(values: np.ndarray, metric: str) -> tuple[float, float]:
     return 0.0, high if high > 0 else 1.0
 
 
-def lens_heatmap(result: LensResult, metric: str = "prob", position: int | None = None):
+def lens_heatmap(result: LensResult, metric: str = "prob", position: int | None = None,
+                 window: tuple[int, int] | None = None):
     """Layers × positions, each cell its top-1 token, coloured by ``metric`` (prob, entropy, kl).
 
     Rows run from the embeddings (bottom) to the last layer (top), as the residual stream
     flows. ``position`` outlines one column (the selected position). The cells'
     ColumnDataSource is named ``HEATMAP_SOURCE`` and carries ``row``/``pos`` per cell.
+
+    A prompt of more than ``FULL_AXIS_POSITIONS`` tokens gets a position window: the chart holds
+    ``LENS_HELD`` positions (``window`` = (start, stop), else the last ones or those around
+    ``position``), shows ``LENS_SHOWN`` at a time and pans over the rest; a note under the chart
+    says which (``chart_style.chart_window`` reads it back).
     """
-    data = heatmap_data(result, metric)  # checks the metric name
+    axis = lens_axis(result, position, window)
+    data = heatmap_data(result, metric, axis)  # checks the metric name
     title, palette = METRICS[metric]
     source = ColumnDataSource(data, name=HEATMAP_SOURCE, tags=["lens-heatmap-cells"])
-    low, high = _color_range(np.asarray(data["value"]), metric)
+    low, high = _color_range(np.asarray(result.metric(metric), dtype=float), metric)
     mapper = LinearColorMapper(palette=list(palette), low=low, high=high)
 
-    xs = position_labels(result.tokens)
-    n_rows, n_pos = result.n_rows, result.n_positions
+    n_rows = result.n_rows
+    columns = axis.view_stop - axis.view_start
     fig = figure(
         name=HEATMAP,
-        x_range=xs,
-        y_range=list(result.layer_labels),
-        height=ROW_PX * n_rows + 110,
-        min_width=COLUMN_PX * n_pos + 170,
+        x_range=axis.axis_range(max_shown=3 * LENS_SHOWN),
+        y_range=layer_factors(result.layer_labels),
+        frame_height=frame_rows(n_rows),
+        min_width=bounded(COLUMN_PX * columns + 170),
         sizing_mode="stretch_width",
-        tools="pan,box_zoom,wheel_zoom,reset,save",
+        tools="xpan,xwheel_zoom,reset,save" if axis.windowed else "pan,box_zoom,wheel_zoom,reset,save",
         toolbar_location="right",
         title=f"Top-1 token per layer and position · colour: {title}",
         x_axis_location="below",
     )
-    _style(fig)
+    style_figure(fig)
     cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "value", "transform": mapper},
                      line_color="#ffffff", line_width=0.5,
                      # a tap selects a cell; keep the other cells fully visible
@@ -194,9 +190,9 @@ def lens_heatmap(result: LensResult, metric: str = "prob", position: int | None 
                      selection_line_color="#e6194b", selection_line_width=2)
     fig.text("x", "y", text="text", source=source, text_align="center", text_baseline="middle",
              text_font_size="10px", text_color="text_color", text_font_style="font_style")
-    if position is not None and 0 <= position < n_pos:
+    if position is not None and axis.start <= position < axis.stop:
         # Outline the selected column; (factor, offset) pairs address a category's edges.
-        fig.quad(left=[(xs[position], -0.5)], right=[(xs[position], 0.5)],
+        fig.quad(left=[axis.edge(position, -0.5)], right=[axis.edge(position, 0.5)],
                  bottom=[(result.layer_labels[0], -0.5)], top=[(result.layer_labels[-1], 0.5)],
                  fill_alpha=0, line_color="#e6194b", line_width=2)
     fig.add_tools(HoverTool(renderers=[cells], tooltips=_HEATMAP_TOOLTIP))
@@ -206,10 +202,17 @@ def lens_heatmap(result: LensResult, metric: str = "prob", position: int | None 
     fig.grid.visible = False
     fig.axis.axis_line_color = None
     fig.axis.major_tick_line_color = None
-    fig.xaxis.major_label_orientation = 0.0 if n_pos <= 14 else math.pi / 4
-    fig.yaxis.axis_label = "layer (residual stream after)"
+    axis.style_axis(fig.xaxis)
+    axis.annotate(fig)
+    fig.yaxis.axis_label = "layer (residual stream after)" if n_rows * ROW_PX >= 200 else "layer"
     fig.xaxis.axis_label = "prompt position: token"
     return fig
+
+
+def frame_rows(n_rows: int, row_px: int = ROW_PX) -> int:
+    """The plot-area height of a heatmap of ``n_rows`` layers: ``row_px`` a row, at least 120 px
+    (room for the toolbar and the colour bar), under the canvas limit with its axes and notes."""
+    return bounded(max(120, row_px * n_rows), MAX_CANVAS_PX - 400)
 
 
 _HEATMAP_TOOLTIP = """
@@ -229,13 +232,13 @@ def target_curve(result: LensResult, position: int):
     pos = min(max(int(position), 0), result.n_positions - 1)
     n_rows = result.n_rows
     labels = list(result.layer_labels)
-    source = ColumnDataSource(dict(
-        row=list(range(n_rows)), layer=labels,
-        prob=[float(v) for v in result.target_probs[:, pos]],
-        rank=[int(v) for v in result.target_ranks[:, pos]],
-        top1=[quote_token(t) for t in result.top_tokens[:, pos, 0]],
-    ), name="lens-target-source")
-    ticker, overrides = _row_ticks(n_rows, labels)
+    source = ColumnDataSource({
+        "row": list(range(n_rows)), "layer": labels,
+        "prob": [float(v) for v in result.target_probs[:, pos]],
+        "rank": [int(v) for v in result.target_ranks[:, pos]],
+        "top1": [quote_token(t) for t in result.top_tokens[:, pos, 0]],
+    }, name="lens-target-source")
+    ticker, overrides = layer_ticks(n_rows, labels)
     target = quote_token(result.target)
     where = f"position {pos}: {quote_token(result.tokens[pos])}"
     hover = HoverTool(tooltips=[("layer", "@layer"), ("p(target)", "@prob{0.0000}"),
@@ -261,7 +264,7 @@ def target_curve(result: LensResult, position: int):
     rank.add_tools(HoverTool(tooltips=hover.tooltips, mode="vline"))
     rank.yaxis.axis_label = "rank"
     for fig in (prob, rank):
-        _style(fig)
+        style_figure(fig)
         fig.xaxis.ticker = ticker
         fig.xaxis.major_label_overrides = overrides
         fig.toolbar.logo = None
@@ -292,12 +295,12 @@ def comparison_chart(comparison: LensComparison, threshold: float):
     labels = list(comparison.layer_labels)
     n_rows = len(labels)
     row = comparison.divergence_row(threshold)
-    source = ColumnDataSource(dict(
-        row=list(range(n_rows)), layer=labels, a=[float(v) for v in pa], b=[float(v) for v in pb],
-        diff=[float(v) for v in diff],
-        color=[COLOR_B if d >= 0 else COLOR_A for d in diff],
-    ), name="lens-compare-source")
-    ticker, overrides = _row_ticks(n_rows, labels, max_ticks=16)
+    source = ColumnDataSource({
+        "row": list(range(n_rows)), "layer": labels, "a": [float(v) for v in pa], "b": [float(v) for v in pb],
+        "diff": [float(v) for v in diff],
+        "color": [COLOR_B if d >= 0 else COLOR_A for d in diff],
+    }, name="lens-compare-source")
+    ticker, overrides = layer_ticks(n_rows, labels, max_ticks=16)
     target = quote_token(comparison.a.target)
     x_range = Range1d(-0.5, n_rows - 0.5)
 
@@ -332,7 +335,7 @@ def comparison_chart(comparison: LensComparison, threshold: float):
     delta.xaxis.axis_label = "layer"
 
     for fig in (curves, delta):
-        _style(fig)
+        style_figure(fig)
         fig.xaxis.ticker = ticker
         fig.xaxis.major_label_overrides = overrides
         if row is not None:

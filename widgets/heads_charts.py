@@ -3,47 +3,70 @@
 - ``heads_grid``: layers × heads, coloured by one score, role letters where a score passes the
   threshold, the selected heads outlined in their overlay colours.
 - ``heads_table``: one row per head (layer, head, KV group, every score, role), sortable.
-- ``pattern_heatmaps``: one small query × key heatmap per selected head.
-- ``pattern_lines``: BertViz-style lines from each query token to each key token, one colour per head.
+- ``pattern_heatmaps`` / ``pattern_lines`` (from ``widgets.pattern_charts``, re-exported here): the
+  selected heads' attention as small heatmaps, and as BertViz-style lines.
 
 Like ``widgets.charts``, every builder returns fresh models (the view swaps whole figures) and
 names what tests and the view look up (``GRID_SOURCE`` and friends).
 """
 from __future__ import annotations
 
-import html
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from bokeh.layouts import gridplot
 from bokeh.models import (
     ColorBar,
     ColumnDataSource,
     DataTable,
     HoverTool,
-    Legend,
     LinearColorMapper,
     NumberFormatter,
-    Range1d,
     StringFormatter,
     TableColumn,
-    Title,
 )
-from bokeh.palettes import Category10, RdBu, Viridis256, interp_palette
+from bokeh.palettes import RdBu, Viridis256, interp_palette
 from bokeh.plotting import figure
 
-from explorer.analyses.heads import HeadPattern, HeadScores
+from explorer.analyses.heads import HeadScores
 
-from .charts import _style, position_labels, quote_token, show_token
+from .chart_style import (
+    HEAD_COLORS,
+    MAX_CANVAS_PX,
+    MAX_OVERLAY,
+    add_note,
+    chip_label,
+    head_color,
+    head_label,
+    kv_group,
+    layer_tick_formatter,
+    style_figure,
+    text_colors,
+)
+from .charts import position_labels, quote_token
+from .pattern_charts import (
+    LINES,
+    LINES_HELD,
+    LINES_SHOWN,
+    MIN_LINE_WEIGHT,
+    PATTERN_HELD,
+    PATTERN_SHOWN,
+    PATTERNS,
+    line_data,
+    line_source_name,
+    pattern_axis,
+    pattern_data,
+    pattern_figure,
+    pattern_heatmaps,
+    pattern_lines,
+    pattern_source_name,
+)
 
 # Names of the models tests and the view look up.
 GRID = "heads-grid"
 GRID_SOURCE = "heads-grid-source"
 TABLE = "heads-table"
 TABLE_SOURCE = "heads-table-source"
-PATTERNS = "heads-patterns"
-LINES = "heads-lines"
 
 # Score name -> (label for people, colour-bar title).
 SCORES: dict[str, tuple[str, str]] = {
@@ -61,36 +84,10 @@ TABLE_TITLES = {"previous_token": "prev-token", "induction": "induction", "dupli
 ROLE_LETTERS: dict[str, str] = {"previous-token": "P", "induction": "I", "duplicate": "D", "sink": "S"}
 ROLE_LEGEND = " · ".join(f"{letter} {role}" for role, letter in ROLE_LETTERS.items())
 
-# Overlaid heads get these colours, in selection order (the grid outlines use the same).
-HEAD_COLORS: tuple[str, ...] = tuple(Category10[10][:8])
-MAX_OVERLAY = len(HEAD_COLORS)
 
 DLA_PALETTE = tuple(interp_palette(tuple(reversed(RdBu[11])), 256))  # red < 0 < blue
 GRID_ROW_PX = 18
 GRID_COLUMN_PX = 46
-MIN_LINE_WEIGHT = 0.01  # the line view leaves out weaker attention (invisible at that alpha anyway)
-
-
-# ------------------------------------------------------------------ head names
-def head_label(layer: int, head: int) -> str:
-    """'L17H4', as the CLI and the ablation components write a head."""
-    return f"L{layer}H{head}"
-
-
-def chip_label(layer: int, head: int) -> str:
-    """'17.4', the head's chip in the view's multi-select."""
-    return f"{layer}.{head}"
-
-
-def kv_group(head: int, n_heads: int, n_kv_heads: int | None) -> int:
-    """The KV head a query head reads (grouped-query attention repeats each KV head
-    n_heads / n_kv_heads times in order, so query head h uses KV head h // that)."""
-    n_kv = n_kv_heads or n_heads
-    return head // max(1, n_heads // n_kv)
-
-
-def head_color(index: int) -> str:
-    return HEAD_COLORS[index % len(HEAD_COLORS)]
 
 
 def role_text(roles: Sequence[str]) -> str:
@@ -110,21 +107,14 @@ def _grid_colors(score: str, values: np.ndarray) -> tuple[tuple[str, ...], float
     return tuple(Viridis256), 0.0, 1.0
 
 
-def _text_color(score: str, value: float, low: float, high: float) -> str:
-    """Readable letters: white on dark cells (low Viridis, both ends of the diverging palette)."""
-    t = 0.0 if high <= low else min(1.0, max(0.0, (value - low) / (high - low)))
-    if score == "dla":
-        return "#ffffff" if abs(t - 0.5) > 0.33 else "#1a1a1a"
-    return "#ffffff" if t < 0.55 else "#1a1a1a"
-
-
 def grid_data(result: HeadScores, score: str = "induction", threshold: float = 0.5,
               n_kv_heads: int | None = None) -> dict[str, list]:
     """The grid's columns, one entry per head, layer-major (layer 0 head 0, layer 0 head 1, ...)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
     values = np.asarray(getattr(result, score), dtype=float)
-    _, low, high = _grid_colors(score, values)
+    palette, low, high = _grid_colors(score, values)
+    colors = iter(text_colors(palette, low, high, values.ravel().tolist()))
     roles = result.roles(threshold)
     n_layers, n_heads = values.shape
     data: dict[str, list] = {k: [] for k in (
@@ -144,7 +134,7 @@ def grid_data(result: HeadScores, score: str = "induction", threshold: float = 0
                 data[name].append(float(getattr(result, name)[layer, head]))
             data["role"].append(role_text(head_roles))
             data["marks"].append("".join(ROLE_LETTERS[r] for r in head_roles))
-            data["text_color"].append(_text_color(score, v, low, high))
+            data["text_color"].append(next(colors))
     return data
 
 
@@ -178,19 +168,24 @@ def heads_grid(result: HeadScores, score: str = "induction", threshold: float = 
     source = ColumnDataSource(data, name=GRID_SOURCE)
 
     label, title = SCORES[score]
+    # Cells shrink (to 4 px) before the grid outgrows a canvas; the subtitle needs ~480 px.
+    # The plot area: cells shrink (to 4 px) before the grid outgrows a canvas, and grow for a small
+    # model so that its title, notes and colour bar are not cut off.
+    row_px = max(4, min(GRID_ROW_PX, (MAX_CANVAS_PX - 400) // max(1, n_layers)))
+    column_px = max(4, min(GRID_COLUMN_PX, (MAX_CANVAS_PX - 400) // max(1, n_heads)))
     fig = figure(
         name=GRID,
         x_range=[str(h) for h in range(n_heads)],
-        y_range=[str(layer) for layer in range(n_layers)],
-        height=GRID_ROW_PX * n_layers + 130,
-        width=GRID_COLUMN_PX * n_heads + 190,
+        y_range=[str(layer) for layer in range(n_layers)],  # bottom to top: the last layer on top
+        frame_height=max(150, row_px * n_layers),
+        frame_width=max(340, column_px * n_heads),
         tools="reset,save",
         toolbar_location="right",
         title=f"{label} per head · {result.model}",
     )
-    _style(fig)
-    fig.add_layout(Title(text=f"letters: score ≥ {threshold:.2f} — {ROLE_LEGEND}", text_font_size="10px",
-                         text_font_style="normal", text_color="#555555"), "above")
+    style_figure(fig)
+    add_note(fig, f"letters (score ≥ {threshold:.2f}): {ROLE_LEGEND}", "above")
+    add_note(fig, f"colour: {title}", "above")
     cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "value", "transform": mapper},
                      line_color="#ffffff", line_width=0.5)
     fig.text("x", "y", text="marks", source=source, text_align="center", text_baseline="middle",
@@ -201,13 +196,14 @@ def heads_grid(result: HeadScores, score: str = "induction", threshold: float = 
                      line_width=3)
     fig.add_tools(HoverTool(renderers=[cells], tooltips=_GRID_TOOLTIP))
     # No tap tool: the view reads clicks as Tap events (with their shift/ctrl modifiers).
-    fig.add_layout(ColorBar(color_mapper=mapper, title=title, title_text_font_size="10px",
+    fig.add_layout(ColorBar(color_mapper=mapper, title=label, title_text_font_size="10px",
                             major_label_text_font_size="10px", width=10, padding=6), "right")
     fig.grid.visible = False
     fig.axis.axis_line_color = None
     fig.axis.major_tick_line_color = None
     fig.xaxis.axis_label = "head"
     fig.yaxis.axis_label = "layer"
+    fig.yaxis.formatter = layer_tick_formatter()  # factors '17' read 'L17', as on every layer axis
     return fig
 
 
@@ -253,135 +249,39 @@ def heads_table(result: HeadScores, threshold: float = 0.5, n_kv_heads: int | No
                      height=height, sizing_mode="stretch_width", selectable=True)
 
 
-# ------------------------------------------------------------------ patterns
-def _ramp(color: str, n: int = 64) -> list[str]:
-    """White to ``color``: weight 0 is the page, weight 1 the head's own colour."""
-    return list(interp_palette(("#ffffff", color), n))
-
-
-def pattern_data(pattern: HeadPattern) -> dict[str, list]:
-    """One entry per (query, key) cell, query-major: ``weight`` reshapes to ``pattern.pattern``."""
-    t = len(pattern.tokens)
-    labels = position_labels(pattern.tokens)
-    shown = [html.escape(quote_token(tok)) for tok in pattern.tokens]
-    q, k = np.divmod(np.arange(t * t), t)
-    return {
-        "q": q.tolist(), "k": k.tolist(),
-        "x": [labels[i] for i in k], "y": [labels[i] for i in q],
-        "q_tok": [f"{i}: {shown[i]}" for i in q], "k_tok": [f"{i}: {shown[i]}" for i in k],
-        "weight": [float(w) for w in pattern.pattern.ravel()],
-    }
-
-
-def pattern_source_name(layer: int, head: int) -> str:
-    return f"heads-pattern-source-{layer}.{head}"
-
-
-def pattern_figure(pattern: HeadPattern, color: str = HEAD_COLORS[0], n_heads: int | None = None,
-                   n_kv_heads: int | None = None):
-    """One head's attention: queries on y (top to bottom), keys on x, colour = weight in [0, 1]."""
-    t = len(pattern.tokens)
-    labels = position_labels(pattern.tokens)
-    side = min(max(22 * t, 160), 440)
-    source = ColumnDataSource(pattern_data(pattern), name=pattern_source_name(pattern.layer, pattern.head))
-    mapper = LinearColorMapper(palette=_ramp(color), low=0.0, high=1.0)
-    kv = "" if n_heads is None else f" · KV group {kv_group(pattern.head, n_heads, n_kv_heads)}"
-    fig = figure(
-        name=f"heads-pattern-{pattern.layer}.{pattern.head}",
-        x_range=labels, y_range=list(reversed(labels)),
-        width=side + 150, height=side + 120,
-        tools="hover,save", toolbar_location=None,
-        title=f"{head_label(pattern.layer, pattern.head)}{kv}: query (row) → key (column)",
-        tooltips=[("query", "@q_tok{safe}"), ("key", "@k_tok{safe}"), ("weight", "@weight{0.0000}")],
-    )
-    _style(fig)
-    fig.title.text_color = color
-    fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "weight", "transform": mapper},
-             line_color="#eeeeee", line_width=0.5)
-    fig.add_layout(ColorBar(color_mapper=mapper, width=8, padding=4, major_label_text_font_size="9px"), "right")
-    fig.grid.visible = False
-    fig.axis.axis_line_color = None
-    fig.axis.major_tick_line_color = None
-    fig.xaxis.major_label_orientation = math.pi / 2
-    fig.xaxis.axis_label = "key"
-    fig.yaxis.axis_label = "query"
-    return fig
-
-
-def pattern_heatmaps(patterns: Sequence[HeadPattern], n_heads: int | None = None,
-                     n_kv_heads: int | None = None, ncols: int = 2):
-    """Small multiples: one heatmap per head, in the heads' overlay colours, two per row."""
-    if not patterns:
-        raise ValueError("pattern_heatmaps needs at least one head pattern")
-    figs = [pattern_figure(p, head_color(i), n_heads, n_kv_heads) for i, p in enumerate(patterns)]
-    grid = gridplot(figs, ncols=min(ncols, len(figs)), toolbar_location=None)
-    grid.name = PATTERNS
-    return grid
-
-
-def line_data(pattern: HeadPattern, min_weight: float = MIN_LINE_WEIGHT) -> dict[str, list]:
-    """One segment per (query, key) with weight ≥ ``min_weight``: from the query on the left
-    (x=0, row y=-query) to the key on the right (x=1, y=-key)."""
-    q, k = np.nonzero(pattern.pattern >= min_weight)
-    shown = [html.escape(quote_token(tok)) for tok in pattern.tokens]
-    weights = pattern.pattern[q, k].astype(float)
-    return {
-        "x0": [0.0] * len(q), "x1": [1.0] * len(q),
-        "y0": (-q).astype(float).tolist(), "y1": (-k).astype(float).tolist(),
-        "q": q.tolist(), "k": k.tolist(), "weight": weights.tolist(),
-        "alpha": np.clip(weights, 0.05, 1.0).tolist(),
-        "width": (0.5 + 4.0 * weights).tolist(),
-        "head": [head_label(pattern.layer, pattern.head)] * len(q),
-        "q_tok": [f"{i}: {shown[i]}" for i in q], "k_tok": [f"{i}: {shown[i]}" for i in k],
-    }
-
-
-def line_source_name(layer: int, head: int) -> str:
-    return f"heads-lines-source-{layer}.{head}"
-
-
-def pattern_lines(patterns: Sequence[HeadPattern], n_heads: int | None = None,
-                  n_kv_heads: int | None = None, min_weight: float = MIN_LINE_WEIGHT):
-    """BertViz's head view: query tokens on the left, key tokens on the right, a line from each
-    query to each key it attends to, alpha and width by the weight, one colour per head (the
-    legend hides a head on click). Weights below ``min_weight`` are not drawn."""
-    if not patterns:
-        raise ValueError("pattern_lines needs at least one head pattern")
-    tokens = patterns[0].tokens
-    t = len(tokens)
-    fig = figure(name=LINES, width=420, height=max(220, 20 * t + 110),
-                 x_range=Range1d(-1.0, 2.0), y_range=Range1d(-(t - 1) - 0.9, 0.9),
-                 tools="save", toolbar_location=None,
-                 title="query tokens (left) attend to key tokens (right)")
-    _style(fig)
-    labels = [show_token(tok) for tok in tokens]
-    ys = [-float(i) for i in range(t)]
-    fig.text([-0.04] * t, ys, text=labels, text_align="right", text_baseline="middle",
-             text_font_size="11px", text_color="#222222")
-    fig.text([1.04] * t, ys, text=labels, text_align="left", text_baseline="middle",
-             text_font_size="11px", text_color="#222222")
-    # The legend below the plot (created before the glyphs, which then join it): one entry per head.
-    fig.add_layout(Legend(orientation="horizontal", click_policy="hide", label_text_font_size="10px",
-                          location="center"), "below")
-    renderers = []
-    for i, pattern in enumerate(patterns):
-        kv = "" if n_heads is None else f" (KV group {kv_group(pattern.head, n_heads, n_kv_heads)})"
-        source = ColumnDataSource(line_data(pattern, min_weight),
-                                  name=line_source_name(pattern.layer, pattern.head))
-        renderers.append(fig.segment("x0", "y0", "x1", "y1", source=source, line_color=head_color(i),
-                                     line_alpha="alpha", line_width="width",
-                                     legend_label=f"{head_label(pattern.layer, pattern.head)}{kv}"))
-    fig.add_tools(HoverTool(renderers=renderers, line_policy="interp",
-                            tooltips=[("head", "@head"), ("query", "@q_tok{safe}"), ("key", "@k_tok{safe}"),
-                                      ("weight", "@weight{0.0000}")]))
-    fig.axis.visible = False
-    fig.grid.visible = False
-    fig.outline_line_color = None
-    return fig
-
-
-__all__ = ["GRID", "GRID_SOURCE", "TABLE", "TABLE_SOURCE", "PATTERNS", "LINES", "SCORES", "ROLE_LETTERS",
-           "HEAD_COLORS", "MAX_OVERLAY", "head_label", "chip_label", "kv_group", "grid_data", "heads_grid",
-           "grid_cell",
-           "table_data", "heads_table", "pattern_data", "pattern_figure", "pattern_heatmaps", "line_data",
-           "pattern_lines", "pattern_source_name", "line_source_name"]
+__all__ = [  # the heads view's names, and the pattern charts' (from pattern_charts)
+    "GRID",
+    "GRID_SOURCE",
+    "HEAD_COLORS",
+    "LINES",
+    "LINES_HELD",
+    "LINES_SHOWN",
+    "MAX_OVERLAY",
+    "MIN_LINE_WEIGHT",
+    "PATTERNS",
+    "PATTERN_HELD",
+    "PATTERN_SHOWN",
+    "ROLE_LETTERS",
+    "SCORES",
+    "TABLE",
+    "TABLE_SOURCE",
+    "chip_label",
+    "grid_cell",
+    "grid_data",
+    "head_color",
+    "head_label",
+    "heads_grid",
+    "heads_table",
+    "kv_group",
+    "line_data",
+    "line_source_name",
+    "pattern_axis",
+    "pattern_data",
+    "pattern_figure",
+    "pattern_heatmaps",
+    "pattern_lines",
+    "pattern_source_name",
+    "position_labels",
+    "role_text",
+    "table_data",
+]

@@ -13,10 +13,20 @@ from __future__ import annotations
 import html
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from bokeh.models import ColorBar, ColumnDataSource, Div, FactorRange, HoverTool, LinearColorMapper, Span
+from bokeh.models import (
+    ColorBar,
+    ColumnDataSource,
+    Div,
+    FactorRange,
+    HoverTool,
+    LinearColorMapper,
+    NoOverlap,
+    NumeralTickFormatter,
+    Span,
+)
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
 
@@ -25,7 +35,8 @@ from explorer.training.checkpoints import CheckpointComparison
 from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.training.swap import SwapAudit
 
-from .charts import COLOR_A, COLOR_B, _style, quote_token
+from .chart_style import MAX_CANVAS_PX, add_note, bounded, style_figure
+from .charts import COLOR_A, COLOR_B, quote_token, shorten
 
 # chart key -> (title, y-axis label, has an SE, reference line or None)
 RUN_METRICS: dict[str, tuple[str, str, bool, float | None]] = {
@@ -91,7 +102,7 @@ def metric_chart(arms: Sequence[ArmMetrics], key: str):
     fig.legend.location = "top_left"
     fig.legend.click_policy = "hide"
     fig.legend.label_text_font_size = "10px"
-    _style(fig)
+    style_figure(fig)
     return fig
 
 
@@ -178,14 +189,17 @@ def audit_chart(audit: SwapAudit, max_pairs: int = 20):
     counts = audit.counts[:max_pairs].astype(np.int64)
     factors = list(reversed(pairs)) or ["(nothing swapped)"]
     source = ColumnDataSource({"pair": pairs, "count": counts}, name=AUDIT_SOURCE)
-    fig = figure(y_range=FactorRange(*factors), width=380, height=max(140, 22 * len(factors) + 60),
-                 title=f"Words swapped ({audit.total:,} in {audit.n_changed_documents:,} of "
-                       f"{audit.n_documents:,} documents)", name=AUDIT_CHART, x_axis_label="count",
+    fig = figure(y_range=FactorRange(*factors), width=380, height=max(160, 22 * len(factors) + 80),
+                 title="Words swapped, most frequent on top", name=AUDIT_CHART, x_axis_label="count",
                  tools="save", toolbar_location=None)
+    # The counts on a line of their own: in the title they were cut off at this width.
+    add_note(fig, f"{audit.total:,} words in {audit.n_changed_documents:,} of {audit.n_documents:,} documents",
+             "above")
     fig.hbar(y="pair", right="count", source=source, height=0.7, color=COLOR_B)
+    fig.xaxis.formatter = NumeralTickFormatter(format="0.[0]a")  # 40k, not 4.000e+4
     fig.add_tools(HoverTool(tooltips=[("pair", "@pair"), ("count", "@count")]))
     fig.x_range.start = 0
-    _style(fig)
+    style_figure(fig)
     return fig
 
 
@@ -249,7 +263,7 @@ def bias_chart(result: BiasResult):
     fig.add_layout(Span(location=0, dimension="width", line_color="#888888", line_dash="dashed"))
     fig.add_tools(HoverTool(tooltips=[("", "@occupation"), ("share of men", "@share{0.0}%"),
                                       ("preference", "@preference{+0.000}")]))
-    _style(fig)
+    style_figure(fig)
     return fig
 
 
@@ -269,7 +283,7 @@ def pairs_chart(scores: PairScores):
         fig.line(x=[lo, hi], y=[lo, hi], line_color="#888888", line_dash="dashed")  # above: stereotyped wins
     fig.add_tools(HoverTool(tooltips=[("stereotyped", "@more_text"), ("anti", "@less_text"),
                                       ("LL", "@more{0.00} vs @less{0.00}")]))
-    _style(fig)
+    style_figure(fig)
     return fig
 
 
@@ -293,6 +307,7 @@ def checkpoint_metric_chart(c: CheckpointComparison, metric: str = "pronoun_pref
     else:
         fig = figure(width=WIDTH + 60, height=HEIGHT + 60, x_range=FactorRange(*c.labels))
         fig.xaxis.major_label_orientation = 0.6
+        fig.xaxis.major_label_policy = NoOverlap()  # hundreds of checkpoints: labels that fit
     fig.name = CKPT_METRIC_CHART
     fig.title.text = f"{METRIC_LABELS[metric]} across checkpoints (± SE)"
     fig.yaxis.axis_label = RUN_METRICS[metric][1]
@@ -314,7 +329,7 @@ def checkpoint_metric_chart(c: CheckpointComparison, metric: str = "pronoun_pref
     fig.legend.location = "top_left"
     fig.legend.label_text_font_size = "10px"
     fig.toolbar.logo = None
-    _style(fig)
+    style_figure(fig)
     return fig
 
 
@@ -326,17 +341,25 @@ def checkpoint_lens_chart(c: CheckpointComparison):
     probs = c.target_probs.astype(np.float64).reshape(-1)
     source = ColumnDataSource({"checkpoint": rows, "layer": cols, "prob": probs}, name=CKPT_LENS_SOURCE)
     mapper = LinearColorMapper(palette=Viridis256, low=0.0, high=max(1e-6, float(probs.max()) if probs.size else 1.0))
+    # Rows and columns shrink before the chart outgrows a canvas (hundreds of checkpoints).
+    row_px = max(3, min(24, (MAX_CANVAS_PX - 100) // max(1, n)))
+    column_px = max(3, min(22, (MAX_CANVAS_PX - 100) // max(1, r)))
     fig = figure(x_range=FactorRange(*c.layer_labels) if r else FactorRange("(no lens)"),
                  y_range=FactorRange(*reversed(c.labels)) if n else FactorRange("(none)"),
-                 width=max(WIDTH, 60 + 22 * r), height=max(160, 60 + 24 * n), name=CKPT_LENS_CHART,
-                 title=f"p({quote_token(c.target)}) after each layer at the end of {c.prompt!r}",
+                 width=bounded(max(WIDTH, 100 + column_px * r)), height=bounded(max(160, 80 + row_px * n)),
+                 name=CKPT_LENS_CHART, title=f"p({quote_token(c.target)}) after each layer",
                  tools="save,reset", toolbar_location="right")
+    add_note(fig, f"at the end of {shorten(c.prompt, 50)!r}", "above")
+    if row_px < 12:
+        fig.yaxis.major_label_policy = NoOverlap()
+    if column_px < 12:
+        fig.xaxis.major_label_policy = NoOverlap()
     fig.rect(x="layer", y="checkpoint", width=1, height=1, source=source, line_color=None,
              fill_color={"field": "prob", "transform": mapper})
     fig.add_layout(ColorBar(color_mapper=mapper, width=10, title="p"), "right")
     fig.add_tools(HoverTool(tooltips=[("", "@checkpoint"), ("layer", "@layer"), ("p", "@prob{0.0000}")]))
     fig.xaxis.major_label_orientation = 0.9
-    _style(fig)
+    style_figure(fig)
     return fig
 
 

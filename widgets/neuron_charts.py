@@ -14,13 +14,26 @@ import html
 import math
 
 import numpy as np
-from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Range1d, Span, TapTool
+from bokeh.models import (
+    ColumnDataSource,
+    FixedTicker,
+    HoverTool,
+    Range1d,
+    Span,
+    TapTool,
+)
 from bokeh.plotting import figure
 
 from explorer.neurons.describe import ExampleActivations
-from explorer.neurons.index import NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.neurons.index import (
+    NeuronHistogram,
+    NeuronStats,
+    PromptActivation,
+    SelectiveNeurons,
+)
 
-from .charts import _style, position_labels, quote_token
+from .chart_style import position_axis, style_figure
+from .charts import quote_token
 
 HISTOGRAM = "neuron-histogram"
 HISTOGRAM_SOURCE = "neuron-histogram-source"
@@ -89,14 +102,14 @@ def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None
     lo, hi = (int(nonzero[0]), int(nonzero[-1])) if len(nonzero) else (len(hist.counts) // 2 - 8,
                                                                          len(hist.counts) // 2 + 8)
     if stats is not None and math.isfinite(stats.max):
-        hi = max(hi, int(math.ceil(float(value_to_x([stats.max], hist.edges)[0]))))
+        hi = max(hi, math.ceil(float(value_to_x([stats.max], hist.edges)[0])))
     pad = max(2, (hi - lo) // 20)
     x_range = Range1d(lo - pad - 0.5, hi + pad + 0.5)
     y_top = max(1, int(hist.counts.max(initial=0))) * 1.08
     fig = figure(name=HISTOGRAM, height=250, sizing_mode="stretch_width", x_range=x_range,
                  y_range=Range1d(0, y_top), tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
                  title=f"L{hist.layer} N{hist.neuron}: {hist.sampled_tokens:,} sampled tokens (1 in {hist.stride})")
-    _style(fig)
+    style_figure(fig)
     bars = fig.vbar(x="x", top="count", width=0.9, color="color", source=source, line_color=None)
     fig.add_tools(HoverTool(renderers=[bars], tooltips=[("activation", "@range"), ("tokens", "@count"),
                                                         ("share", "@share{0.0%}")]))
@@ -121,27 +134,41 @@ def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None
 
 
 # ---------------------------------------------------------------- prompt
-def prompt_activation_chart(result: PromptActivation):
-    """The neuron's activation at every token of the prompt (bars; orange > 0, blue < 0)."""
-    labels = position_labels(result.tokens)
-    acts = [float(a) for a in result.activations]
-    source = ColumnDataSource(dict(
-        x=labels, pos=list(range(len(acts))), activation=acts,
-        token=[quote_token(t) for t in result.tokens],
-        color=[POSITIVE if a > 0 else NEGATIVE for a in acts],
-    ), name=PROMPT_SOURCE)
+PROMPT_HELD = 16384   # a prompt's bars: one float each, so the chart holds (nearly) every position
+PROMPT_SHOWN = 48     # and shows this many at a time
+
+
+def prompt_activation_chart(result: PromptActivation, window: tuple[int, int] | None = None):
+    """The neuron's activation at every token of the prompt (bars; orange > 0, blue < 0).
+
+    Beyond ``FULL_AXIS_POSITIONS`` tokens the axis is a window over every position (up to
+    ``PROMPT_HELD``; ``window`` = (start, stop) picks others): ``PROMPT_SHOWN`` bars in view,
+    ending at the last token, panned by dragging; a note under the chart says which.
+    """
+    axis = position_axis(result.tokens, held=PROMPT_HELD, shown=PROMPT_SHOWN, window=window)
+    positions = list(axis.positions)
+    acts = [float(result.activations[p]) for p in positions]
+    source = ColumnDataSource({
+        "x": axis.coords(), "pos": positions, "activation": acts,
+        "token": [quote_token(result.tokens[p]) for p in positions],
+        "color": [POSITIVE if a > 0 else NEGATIVE for a in acts],
+    }, name=PROMPT_SOURCE)
     lo, hi = min(0.0, min(acts, default=0.0)), max(0.0, max(acts, default=0.0))
     span = (hi - lo) or 1.0
-    fig = figure(name=PROMPT_CHART, x_range=labels, height=260, min_width=max(300, 34 * len(labels)),
+    bars_in_view = axis.view_stop - axis.view_start
+    fig = figure(name=PROMPT_CHART, x_range=axis.axis_range(), height=260 if axis.categorical else 300,
+                 min_width=max(300, min(34 * bars_in_view, 1000)),
                  sizing_mode="stretch_width", y_range=Range1d(lo - 0.08 * span, hi + 0.08 * span),
                  tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
                  title=f"L{result.layer} N{result.neuron} on the prompt: activation per token")
-    _style(fig)
+    style_figure(fig)
     bars = fig.vbar(x="x", top="activation", width=0.8, color="color", source=source)
     fig.add_tools(HoverTool(renderers=[bars], tooltips=[("position", "@pos"), ("token", "@token"),
                                                         ("activation", "@activation{0.0000}")]))
     fig.add_layout(Span(location=0, dimension="width", line_color="#999999", line_width=1))
-    fig.xaxis.major_label_orientation = 0.0 if len(labels) <= 10 else math.pi / 4
+    axis.style_axis(fig.xaxis, rotate_after=10)
+    axis.annotate(fig)
+    fig.xaxis.axis_label = "prompt position: token"
     fig.yaxis.axis_label = "activation"
     return fig
 
@@ -170,7 +197,7 @@ def selectivity_overview(sel: SelectiveNeurons):
                  tools="pan,box_zoom,wheel_zoom,reset,save", toolbar_location="right",
                  title=f"Most selective neurons per layer (top {sel.n_per_layer}; selectivity = "
                        f"(max − mean) / std over {sel.tokens:,} tokens) · click a point to open it")
-    _style(fig)
+    style_figure(fig)
     points = fig.scatter("layer", "selectivity", source=source, size=8, color=POSITIVE, alpha=0.75,
                          line_color="#7f2704", nonselection_alpha=0.5, selection_color="#a50f15")
     fig.add_tools(HoverTool(renderers=[points], tooltips=[

@@ -90,7 +90,7 @@ def test_head_sweep_fills_live_and_cancel_keeps_the_finished_cells(page, served)
     frame = page.evaluate(FRAME_JS, ac.SWEEP_CHART)
     n_layers, n_heads = result.effects.shape
     cell_w, cell_h = frame["width"] / n_heads, frame["height"] / n_layers
-    page.mouse.click(frame["left"] + 2.5 * cell_w, frame["top"] + 0.5 * cell_h)  # L0 is the top row
+    page.mouse.click(frame["left"] + 2.5 * cell_w, frame["top"] + (n_layers - 0.5) * cell_h)  # L0: the bottom row
     expect(page.locator(".sweep-hint p")).to_contain_text("0.2 is now in the single-ablation field")
     assert view.components == "0.2"
     section(page, "Single ablation")

@@ -255,7 +255,10 @@ def test_blocks_and_neuron_sweeps_and_the_attribution_method(session):
     view.start_sweep(background=False)
     result = view.sweep_result
     fig = view._sweep_pane.object
-    assert list(fig.x_range.factors) == list(result.components) and len(result.components) == 20
+    # A ranked chart: the largest |effect| on top, every component's row kept in the source.
+    assert len(result.components) == 20
+    assert list(fig.y_range.factors) == [spec for spec, _ in reversed(result.top(ac.SWEEP_TOP_N))]
+    assert ac.sweep_hint(result).startswith("Click a bar")
     data = sweep_source(view).data
     assert np.allclose(data["effect"], result.effects) and np.allclose(data["activation"], result.activations)
     assert view.sweep_status.startswith("Done: 20 neurons")

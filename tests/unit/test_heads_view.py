@@ -76,7 +76,7 @@ def test_kv_groups_follow_grouped_query_attention():
     assert [hc.kv_group(h, 9, 3) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # SmolLM2
     assert [hc.kv_group(h, 4, 2) for h in range(4)] == [0, 0, 1, 1]
     assert [hc.kv_group(h, 4, None) for h in range(4)] == [0, 1, 2, 3]  # one KV head per head
-    assert hc.head_label(17, 4) == "L17H4" and hc.chip_label(17, 4) == "17.4"
+    assert hc.head_label(17, 4) == "17.4" and hc.chip_label(17, 4) == "17.4"  # one convention: the spec
     assert heads_engine.parse_head(hc.chip_label(17, 4)) == (17, 4)
     assert set(hc.ROLE_LETTERS) == set(ROLE_OF_SCORE.values())  # every engine role has a letter
 
@@ -168,7 +168,7 @@ def test_pattern_figures_and_lines_carry_the_engine_weights(attention):
     np.testing.assert_array_equal(np.array(data["weight"], dtype=np.float32).reshape(t, t),
                                   attention.patterns[1, 2])
     assert data["q"][t + 1] == 1 and data["k"][t + 1] == 1
-    assert "KV group 1" in fig.title.text and fig.title.text.startswith("L1H2")
+    assert "KV group 1" in fig.title.text and fig.title.text.startswith("Head 1.2")
     assert list(fig.x_range.factors) == hc.position_labels(attention.tokens)
 
     two = [attention.head(1, 2), attention.head(0, 0)]
@@ -190,7 +190,7 @@ def test_pattern_figures_and_lines_carry_the_engine_weights(attention):
         assert d["y0"] == [-float(i) for i in q] and d["y1"] == [-float(i) for i in k]
         assert all(k_ <= q_ for q_, k_ in zip(d["q"], d["k"]))  # causal: never a later key
     legend = [item.label.value for item in lines.legend[0].items]
-    assert legend == ["L1H2 (KV group 1)", "L0H0 (KV group 0)"]
+    assert legend == ["1.2 (KV group 1)", "0.0 (KV group 0)"]
     with pytest.raises(ValueError):
         hc.pattern_lines([])
 
@@ -264,7 +264,7 @@ def test_selecting_a_head_shows_its_pattern_without_the_model(llama, scores, att
     np.testing.assert_array_equal(np.array(data["weight"], dtype=np.float32).reshape(t, t),
                                   reference.patterns[2, 1])
     assert view._lines.object.select_one({"name": hc.line_source_name(2, 1)}) is not None
-    assert "**L2H1** (KV group 0)" in view.selection_text  # heads 0-1 share KV head 0
+    assert "**2.1** (KV group 0)" in view.selection_text  # heads 0-1 share KV head 0
 
 
 def test_pattern_matches_attention_patterns(llama):
@@ -393,7 +393,7 @@ def test_view_renders_for_a_notebook(llama, scores, attention):
     assert pn.panel(view).get_root(Document()) is not None
     view.param.update(result=scores, attention=attention)
     assert pn.panel(view).get_root(Document()) is not None
-    assert "Attention of **L0H0**" in view.selection_text
+    assert "Attention of **0.0**" in view.selection_text
 
 
 def test_app_has_the_heads_tab_sharing_the_history(llama):
