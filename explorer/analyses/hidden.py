@@ -123,7 +123,8 @@ def _reduce(h: torch.Tensor, sites: Sequence[str], mask: torch.Tensor, last: tor
         if site == "last":
             out.append(h[rows, last])
         elif site == "prev":
-            out.append(h[rows, (last - 1).clamp_min(0)])
+            first = last - mask.sum(1) + 1     # the first real token (either padding)
+            out.append(h[rows, torch.maximum(last - 1, first)])  # a one-token text: its only token
         else:
             # where, not a product: a pad row's output may be NaN (a query with no key to attend to).
             keep = mask.bool()[..., None]

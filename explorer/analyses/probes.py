@@ -351,7 +351,7 @@ def encode_labels(labels: Sequence[str]) -> tuple[np.ndarray, tuple[str, str]]:
     return np.array([names.index(v) for v in labels], dtype=np.int64), (names[0], names[1])
 
 
-def _check(request: ProbeRequest) -> tuple[np.ndarray, tuple[str, str]]:
+def check_request(request: ProbeRequest) -> tuple[np.ndarray, tuple[str, str]]:
     try:
         check_texts(request.texts)
     except HiddenError as e:
@@ -386,11 +386,11 @@ def run_probes(session: ModelSession, request: ProbeRequest | None = None, /, *,
     True
     """
     request = build_request(ProbeRequest, request, fields)
-    y, names = _check(request)
+    y, names = check_request(request)
     n_batches = math.ceil(len(request.texts) / request.batch_size)
     n_rows = session.n_layers + 1
     total = n_batches + n_rows
-    sub = _Offset(ctx, 0, total)
+    sub = OffsetContext(ctx, 0, total)
     try:
         hidden = collect_hidden(session, HiddenRequest(request.texts, (request.site,), request.batch_size), ctx=sub)
     except HiddenError:
@@ -439,7 +439,7 @@ def _result(session, request, hidden, names, counts, acc, acc_se, ctl, ctl_se, d
     )
 
 
-class _Offset:
+class OffsetContext:
     """A job context seen through an offset: a sub-step's progress within the whole job."""
 
     def __init__(self, ctx, offset: int, total: int) -> None:
