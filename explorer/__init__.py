@@ -16,6 +16,11 @@ _EXPORTS = {
     "LensResult": "analyses.lens",
     "compare_prompts": "analyses.lens",
     "logit_lens": "analyses.lens",
+    **{name: "analyses.probes" for name in ("ProbeRequest", "ProbeResult", "run_probes")},
+    **{name: "analyses.ccs" for name in ("CCSRequest", "CCSResult", "run_ccs")},
+    **{name: "analyses.patchscope" for name in ("PatchscopeRequest", "PatchscopeResult", "patchscope")},
+    **{name: "analyses.hidden" for name in ("HiddenRequest", "HiddenStates", "collect_hidden")},
+    **{name: "training.bias_datasets" for name in ("BiasDatasetRequest", "BiasDatasetResult", "bias_dataset")},
 }
 
 __all__ = sorted(_EXPORTS)
