@@ -175,7 +175,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int
     n_train = int(mask.sum(1).max())
     if n_train < d:
         a = x * mask[..., None]                                   # the training rows only
-        lam, u = torch.linalg.eigh(a @ a.transpose(1, 2))          # [P, n], [P, n, n]
+        lam, u = _small_eigh(a @ a.transpose(1, 2))                # [P, n], [P, n, n]
         keep = lam > lam[:, -1:] * 1e-12
         scale = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
         basis = a.transpose(1, 2) @ (u * scale[:, None, :])        # [P, d, n], orthonormal columns (or 0)
@@ -188,17 +188,20 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int
     ridge[-1] = 0.0
     theta = torch.zeros(Q, P, m + 1, dtype=torch.float64)
 
+    def logits_of(t: torch.Tensor) -> torch.Tensor:   # [Q, P, n]; batched matmuls, not einsum (slower here)
+        return torch.matmul(z1, t[..., None])[..., 0]
+
     def objective(t: torch.Tensor) -> torch.Tensor:
-        logits = torch.einsum("pnm,qpm->qpn", z1, t)
+        logits = logits_of(t)
         loss = torch.nn.functional.softplus(logits) - target * logits      # −log-likelihood
         return C * (loss * mask).sum(-1) + 0.5 * (t * t * ridge).sum(-1)
 
     current = objective(theta)
     for _ in range(max_iter):
-        prob = torch.sigmoid(torch.einsum("pnm,qpm->qpn", z1, theta))
-        grad = C * torch.einsum("pnm,qpn->qpm", z1, (prob - target) * mask) + theta * ridge
+        prob = torch.sigmoid(logits_of(theta))
+        grad = C * torch.matmul(z1.transpose(1, 2), ((prob - target) * mask)[..., None])[..., 0] + theta * ridge
         curv = C * prob * (1 - prob) * mask                                  # [Q, P, n]
-        hess = torch.einsum("pnm,qpn,pnk->qpmk", z1, curv, z1) + torch.diag_embed(ridge + 1e-12)
+        hess = torch.matmul(z1.transpose(1, 2), curv[..., None] * z1) + torch.diag_embed(ridge + 1e-12)
         step = torch.linalg.solve(hess, grad[..., None])[..., 0]
         size = torch.ones(Q, P, dtype=torch.float64)
         for _ in range(30):  # halve the step of every problem whose objective did not fall
@@ -214,6 +217,17 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int
     beta, b = theta[..., :m], theta[..., m]
     w = beta if basis is None else torch.einsum("pdm,qpm->qpd", basis, beta)
     return w, b
+
+
+def _small_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` on one thread: for these few-hundred-row matrices MKL's threads cost
+    more than they give (10× slower on a busy 2-core machine, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(matrices)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor, weight: torch.Tensor | None = None):
