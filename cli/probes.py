@@ -100,13 +100,14 @@ def cmd_patchscope(args) -> int:
         raise ExplorerError(f"--top-k must be between 1 and 100, got {args.top_k}")
     identity = DEFAULT_IDENTITY if args.identity is None else args.identity.encode().decode("unicode_escape")
     session = load_session(args)
-    result = patchscope(session, PatchscopeRequest(args.prompt, (args.position,), identity, top_k=args.top_k))
+    result = patchscope(session, PatchscopeRequest(args.prompt, (args.position,), identity, args.placeholder,
+                                                   top_k=args.top_k))
     maybe_snapshot(args, session, result, f"patchscope: {args.prompt[:50]}")
     if args.json:
         print_json(result.summary())
         return 0
     pos = int(result.positions[0])
-    print(f"{result.model}: block outputs of position {pos} ({result.tokens[pos]!r}) patched into the identity "
+    print(f"{result.model}: block outputs of position {pos} ({str(result.tokens[pos])!r}) patched into the identity "
           f"prompt's position {result.placeholder}")
     for i, label in enumerate(result.layer_labels):
         tops = ", ".join(f"{str(t)!r} {p:.2f}" for t, p in zip(result.top_tokens[i, 0][:5], result.top_probs[i, 0][:5]))
@@ -158,6 +159,9 @@ def add_commands(sub) -> None:
     p.add_argument("--position", type=int, default=-1, help="source position (negative counts from the end)")
     p.add_argument("--identity", default=None,
                    help="identity prompt (\\n for newlines); default 'cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?'")
+    p.add_argument("--placeholder", type=int, default=-1,
+                   help="identity prompt position that is replaced (default -1, its last token; e.g. -2 with an "
+                        "identity prompt ending in '? ->', whose next token is then the repeated one)")
     p.add_argument("--top-k", type=int, default=10, help="tokens per row (default 10)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_snapshot_arg(p)

@@ -42,6 +42,10 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                           doc="The source prompt: each of its positions is decoded at every block.")
     identity = param.String(default=DEFAULT_IDENTITY, label="Identity prompt",
                             doc="Its last token is replaced by the source state; its next token is read.")
+    placeholder = param.Integer(default=-1, label="Placeholder position",
+                                doc="The identity prompt's position that is replaced (-1: its last token). With "
+                                    "the default prompt the next token is mostly ' ->'; end it with '? ->' and use "
+                                    "-2 to read the repeated token instead.")
     top_k = param.Integer(default=10, bounds=(1, 50), label="Top-k")
     start = param.Integer(default=0, bounds=(0, None), label="First position shown",
                           doc="Long prompts show a window of positions; the result keeps them all.")
@@ -67,7 +71,8 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
 
     async def _compute_once(self) -> None:
         started = time.perf_counter()
-        request = PatchscopeRequest(self.prompt, None, self.identity.replace("\\n", "\n"), top_k=self.top_k)
+        request = PatchscopeRequest(self.prompt, None, self.identity.replace("\\n", "\n"), self.placeholder,
+                                    top_k=self.top_k)
         try:
             result = await asyncio.to_thread(patchscope, self.session, request)
         except ExplorerError as e:
@@ -119,12 +124,13 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                                            margin=(26, 10, 10, 10), disabled=self.param.busy,
                                            css_classes=["patchscope-run"])
         top_k = pn.widgets.IntInput.from_param(self.param.top_k, width=80)
+        placeholder = pn.widgets.IntInput.from_param(self.param.placeholder, width=140)
         start = pn.widgets.IntInput.from_param(self.param.start, width=120)
         error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
                               sizing_mode="stretch_width", css_classes=["patchscope-error"])
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
         grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")
-        return pn.Column(pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start)), sizing_mode="stretch_width"),
+        return pn.Column(pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start), placeholder), sizing_mode="stretch_width"),
                          error, pn.Column(status, pn.Row(grid_box, self._topk, sizing_mode="stretch_width"),
                                           loading=self.param.busy, sizing_mode="stretch_width"),
                          sizing_mode="stretch_width", css_classes=["patchscope-view"])

@@ -4,7 +4,10 @@ For a source prompt P, block l's output at a source position i is written over b
 at the identity prompt's placeholder position (its last token by default), and the identity
 prompt's next-token prediction at its last position is read. The default identity prompt,
 ``"cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?"``, asks the model to repeat what it is given,
-so the prediction says which token the patched state stands for. One row per block.
+so the prediction says which token the patched state stands for. One row per block. (With that
+default the next token after "?" is mostly " ->", the format's own continuation; an identity
+prompt ending in "? ->" with ``placeholder=-2`` reads the repeated token instead: on the default
+model " Paris" from block 0 to block 12 for "… Paris".)
 
 The source states come from one lens trace of P (``explorer.analyses.lens.residual_streams``).
 The patched runs are batched: every (block, position) pair is one row of a batch of identical
