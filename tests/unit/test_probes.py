@@ -13,8 +13,7 @@ from explorer.analyses.probes import (
     load_probe, probe_bytes, run_probes, save_probe, save_steering_vector, standardise, stratified_folds,
 )
 
-sklearn = pytest.importorskip("sklearn")
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # a test dependency: the independent reference
 
 TEXTS = ("The cat sat on the mat.", "Paris", "Two plus two is four, said the teacher to the class.",
          "A dog.", "hello world hello", "Rome is old")
