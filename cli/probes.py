@@ -32,8 +32,14 @@ def _fmt(v: float) -> str:
 
 
 def cmd_probe(args) -> int:
-    from explorer.analyses.probes import (ProbeRequest, check_request, load_data, run_probes, save_probe,
-                                          save_steering_vector)
+    from explorer.analyses.probes import (
+        ProbeRequest,
+        check_request,
+        load_data,
+        run_probes,
+        save_probe,
+        save_steering_vector,
+    )
 
     data = load_data(args.data)  # a bad file fails before the model loads
     request = ProbeRequest(data.texts, data.labels, site=args.site, folds=args.folds, C=args.C, seed=args.seed,
@@ -121,7 +127,8 @@ def add_commands(sub) -> None:
                                    "a shuffled-label control and the chance line.")
     add_model_args(p)
     p.add_argument("--data", required=True,
-                   help="JSONL or CSV with text and label (optional group), or a built-in set: facts, gender, city_animal")
+                   help="JSONL or CSV with text and label (optional group), or a built-in set: "
+                        "facts, gender, city_animal")
     p.add_argument("--site", default="last", choices=["last", "mean"], help="the last token or the mean over tokens")
     p.add_argument("--folds", type=int, default=5, help="k of the stratified k-fold (default 5)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength, as scikit-learn's C (default 1)")

@@ -130,7 +130,9 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                               sizing_mode="stretch_width", css_classes=["patchscope-error"])
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
         grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")
-        return pn.Column(pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start), placeholder), sizing_mode="stretch_width"),
+        inputs = pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start), placeholder),
+                        sizing_mode="stretch_width")
+        return pn.Column(inputs,
                          error, pn.Column(status, pn.Row(grid_box, self._topk, sizing_mode="stretch_width"),
                                           loading=self.param.busy, sizing_mode="stretch_width"),
                          sizing_mode="stretch_width", css_classes=["patchscope-view"])

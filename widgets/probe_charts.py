@@ -11,7 +11,15 @@ import math
 
 import numpy as np
 from bokeh.models import (
-    ColorBar, ColumnDataSource, FixedTicker, HoverTool, Legend, LegendItem, LinearColorMapper, Range1d, Span,
+    ColorBar,
+    ColumnDataSource,
+    FixedTicker,
+    HoverTool,
+    Legend,
+    LegendItem,
+    LinearColorMapper,
+    Range1d,
+    Span,
     TapTool,
 )
 from bokeh.palettes import Viridis256
@@ -87,7 +95,8 @@ def probe_curve(result: ProbeResult | None = None, ccs: CCSResult | None = None,
         chance = ccs.chance
         what = ""
     if ccs is not None:
-        src = ColumnDataSource(dict(row=rows, layer=labels, ccs=_values(ccs.accuracy), sup=_values(ccs.supervised_accuracy),
+        src = ColumnDataSource(dict(row=rows, layer=labels, ccs=_values(ccs.accuracy),
+                                    sup=_values(ccs.supervised_accuracy),
                                     lens=_values(ccs.lens_accuracy), cctl=_values(ccs.control_accuracy),
                                     cons=_values(ccs.loss_consistency), conf=_values(ccs.loss_confidence)),
                                name="ccs-curve-source")
@@ -154,8 +163,9 @@ def patchscope_grid(result: PatchscopeResult, start: int | None = None, max_colu
     fig = figure(name=PATCHSCOPE_GRID, x_range=xs, y_range=list(result.layer_labels),
                  height=min(MAX_PX, row_px * L + 120), width=width, tools="pan,box_zoom,wheel_zoom,reset,save",
                  toolbar_location="right",
-                 title=f"Patchscope: identity prompt's top-1 after block l's state of each position"
-                       f"{f' (positions {lo}–{hi - 1} of {len(result.positions)})' if hi - lo < len(result.positions) else ''}")
+                 title="Patchscope: identity prompt's top-1 after block l's state of each position"
+                       + (f" (positions {lo}–{hi - 1} of {len(result.positions)})"
+                          if hi - lo < len(result.positions) else ""))
     _style(fig)
     cells = fig.rect("x", "y", 1, 1, source=source, fill_color={"field": "prob", "transform": mapper},
                      line_color="#ffffff", line_width=0.5, nonselection_fill_alpha=1.0, nonselection_line_alpha=1.0,

@@ -21,7 +21,14 @@ import param
 
 from explorer.analyses.ccs import CCSRequest, CCSResult, builtin_pairs, load_pairs, pairs_from_statements, run_ccs
 from explorer.analyses.probes import (
-    OffsetContext, ProbeError, ProbeRequest, ProbeResult, builtin_sets, load_labelled, probe_bytes, run_probes,
+    OffsetContext,
+    ProbeError,
+    ProbeRequest,
+    ProbeResult,
+    builtin_sets,
+    load_labelled,
+    probe_bytes,
+    run_probes,
     steering_vector_bytes,
 )
 from explorer.core.errors import ExplorerError
@@ -218,7 +225,8 @@ class ProbesView(pn.viewable.Viewer):
         ccs = pn.widgets.Checkbox.from_param(self.param.with_ccs, margin=(30, 10, 10, 10), css_classes=["probes-ccs"])
         epochs = pn.widgets.IntInput.from_param(self.param.ccs_epochs, width=100, visible=self.param.with_ccs)
         run = pn.widgets.Button.from_param(self.param.run, color="primary", width=120, height=36,
-                                           margin=(26, 10, 10, 10), disabled=self.param.busy, css_classes=["probes-run"])
+                                           margin=(26, 10, 10, 10), disabled=self.param.busy,
+                                           css_classes=["probes-run"])
         stop = pn.widgets.Button.from_param(self.param.cancel, width=80, height=36, margin=(26, 10, 10, 10),
                                             visible=self.param.busy, css_classes=["probes-stop"])
         bar = pn.indicators.Progress(value=(self.param.progress.rx() * 100).rx.pipe(int), max=100, width=300,

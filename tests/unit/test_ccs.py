@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from explorer.analyses.ccs import (
-    CCSError, CCSResult, ccs_losses, load_pairs, pairs_from_statements, run_ccs, sign_fixed_accuracy, split_pairs,
+    CCSError,
+    CCSResult,
+    ccs_losses,
+    load_pairs,
+    pairs_from_statements,
+    run_ccs,
+    sign_fixed_accuracy,
+    split_pairs,
     train_ccs,
 )
 from explorer.analyses.probes import standardise
@@ -96,7 +103,7 @@ def test_run_ccs_on_a_tiny_model_and_its_lens_answer(tiny_sessions, tmp_path):
                 out = s.hf(ids[None], output_hidden_states=True)
             acts = []
             hook = s.hf_blocks()[-1].register_forward_hook(
-                lambda m, a, o: acts.append(o[0] if isinstance(o, tuple) else o))
+                lambda m, a, o, acts=acts: acts.append(o[0] if isinstance(o, tuple) else o))
             with torch.no_grad():
                 s.hf(ids[None])
             hook.remove()

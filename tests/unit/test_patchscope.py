@@ -9,7 +9,11 @@ import torch
 
 from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.analyses.patchscope import (
-    DEFAULT_IDENTITY, PatchscopeError, PatchscopeRequest, PatchscopeResult, patchscope,
+    DEFAULT_IDENTITY,
+    PatchscopeError,
+    PatchscopeRequest,
+    PatchscopeResult,
+    patchscope,
 )
 
 PROMPT = "The capital of France is Paris"

@@ -15,7 +15,8 @@ import explorer.analyses.probes as probes
                          ids=lambda f: f.__name__)
 def test_docstring_example_runs(fn, tiny_sessions):
     finder = doctest.DocTestFinder(recurse=False)
-    (test,) = finder.find(fn, globs={"session": tiny_sessions["llama"], **vars(__import__(fn.__module__, fromlist=["x"]))})
+    module = vars(__import__(fn.__module__, fromlist=["x"]))
+    (test,) = finder.find(fn, globs={"session": tiny_sessions["llama"], **module})
     assert test.examples
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     result = runner.run(test, out=lambda s: None)

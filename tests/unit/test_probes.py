@@ -6,14 +6,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression  # a test dependency: the independent reference
 
 from explorer.analyses.hidden import HiddenError, HiddenStates, collect_hidden
 from explorer.analyses.probes import (
-    ProbeError, ProbeRequest, ProbeResult, builtin_sets, fit_logistic, kfold_predictions, load_labelled,
-    load_probe, probe_bytes, run_probes, save_probe, save_steering_vector, standardise, stratified_folds,
+    ProbeError,
+    ProbeRequest,
+    ProbeResult,
+    builtin_sets,
+    fit_logistic,
+    kfold_predictions,
+    load_labelled,
+    load_probe,
+    probe_bytes,
+    run_probes,
+    save_probe,
+    save_steering_vector,
+    standardise,
+    stratified_folds,
 )
-
-from sklearn.linear_model import LogisticRegression  # a test dependency: the independent reference
 
 TEXTS = ("The cat sat on the mat.", "Paris", "Two plus two is four, said the teacher to the class.",
          "A dog.", "hello world hello", "Rome is old")
@@ -220,5 +231,5 @@ def test_labelled_csv_and_builtin_sets(tmp_path):
     assert data.texts == ("hello", "world") and data.labels == ("1", "0") and data.groups is None
     sets = builtin_sets()
     assert {"facts", "gender", "city_animal"} <= set(sets)
-    for name, info in sets.items():
+    for info in sets.values():
         assert info["size"] > 50 and len(info["classes"]) == 2 and info["description"]
