@@ -78,3 +78,12 @@ def test_cli_bad_input_fails_before_the_model(capsys, tmp_path):
     code, _, err = run_cli(capsys, "ccs", "--data", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "cannot read" in err
 
+
+def test_cli_bias_dataset_json(capsys):
+    code, out, _ = run_cli(capsys, "bias", "--dataset", "crows", "--max-items", "12", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["dataset"] == "crows" and data["metric"] == "pct_stereotype" and data["n"] == 12
+    assert 0 <= data["value"] <= 1 and data["se"] > 0
+    code, _, err = run_cli(capsys, "bias", "--dataset", "winobias", "--max-items", "0")
+    assert code == 2 and "max_items" in err
