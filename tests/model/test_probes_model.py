@@ -29,8 +29,11 @@ def test_patchscope_last_block_is_the_lens_and_decodes_paris(default_session):
     result = patchscope(default_session, prompt, positions=(-1,), top_k=5)
     lens = logit_lens(default_session, LensRequest(prompt, top_k=5))
     assert list(result.top_ids[-1, 0]) == list(lens.top_ids[-1, -1])
-    # somewhere in the middle blocks the identity prompt repeats the source token
-    assert any(str(t).strip() == "Paris" for t in result.top_tokens[:, 0, 0])
+    # with the default identity prompt the next token mostly continues its format (" ->"); ending it
+    # in "? ->" and patching the "?" reads the repeated token: " Paris" in the early blocks
+    repeat = patchscope(default_session, prompt, positions=(-1,), top_k=1,
+                        identity="cat -> cat\n1135 -> 1135\nhello -> hello\n? ->", placeholder=-2)
+    assert str(repeat.top_tokens[0, 0, 0]) == " Paris" and str(result.top_tokens[0, 0, 0]) == " ->"
 
 
 def run_cli(capsys, *args):
