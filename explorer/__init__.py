@@ -35,6 +35,11 @@ ANALYSES = {
     "explain_neuron": "neurons.describe",
     "bias_probe": "training.bias",
     "run_intervention": "training.intervene",
+    "collect_hidden": "analyses.hidden",
+    "run_probes": "analyses.probes",
+    "run_ccs": "analyses.ccs",
+    "patchscope": "analyses.patchscope",
+    "bias_dataset": "training.bias_datasets",
 }
 
 _EXPORTS = {
@@ -62,6 +67,11 @@ _EXPORTS = {
     "ExplainRequest": "neurons.describe",
     "BiasRequest": "training.bias",
     "InterventionConfig": "training.intervene",
+    "HiddenRequest": "analyses.hidden",
+    "ProbeRequest": "analyses.probes",
+    "CCSRequest": "analyses.ccs",
+    "PatchscopeRequest": "analyses.patchscope",
+    "BiasDatasetRequest": "training.bias_datasets",
     # results
     "LensResult": "analyses.lens",
     "LensComparison": "analyses.lens",
@@ -79,6 +89,11 @@ _EXPORTS = {
     "Explanation": "neurons.describe",
     "BiasResult": "training.bias",
     "InterventionResult": "training.intervene",
+    "HiddenStates": "analyses.hidden",
+    "ProbeResult": "analyses.probes",
+    "CCSResult": "analyses.ccs",
+    "PatchscopeResult": "analyses.patchscope",
+    "BiasDatasetResult": "training.bias_datasets",
     # snapshots
     "load_snapshot": "persistence.snapshot",
     "save_snapshot": "persistence.snapshot",

