@@ -26,8 +26,10 @@ check: lint unit
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
+# One worker per core, each file on one worker (its module fixtures built once); the tests run
+# one torch thread each (tests/conftest.py), so the workers do not compete for cores.
 unit: setup-test
-	$(PYTEST) tests/unit
+	$(PYTEST) -n auto --dist loadfile tests/unit
 
 setup: $(VENV)/.installed
 	$(BIN)/python -m explorer setup

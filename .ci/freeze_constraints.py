@@ -14,6 +14,7 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
+
 def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
