@@ -1,35 +1,51 @@
-# Two commands: `make run` (set up, then serve the app) and `make test` (set up, then every test).
-# Both are idempotent: a second run reuses the virtualenv, the package and the cached defaults.
+# `make run` (set up, then serve the app), `make test` (set up, then every test: unit, model,
+# browser, notebooks), `make check` (lint and the unit tests: the quick loop while developing).
+# All are idempotent: a second run reuses the virtualenv, the package and the cached defaults.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 5006
+PIP    := $(BIN)/python -m pip install -q --disable-pip-version-check
+# The versions the suite is tested with; pyproject.toml only states the compatible ranges.
+CONSTRAINTS := constraints.txt
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup setup-test chromium bench clean
+.PHONY: run test check lint unit setup setup-test chromium constraints bench clean
 
 # serve fetches the default model and corpus itself the first time (one process: faster start).
 run: $(VENV)/.installed
 	$(BIN)/python -m explorer serve --port $(PORT)
 
 test: setup-test chromium
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+check: lint unit
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+# One worker per core, each file on one worker (its module fixtures built once); the tests run
+# one torch thread each (tests/conftest.py), so the workers do not compete for cores.
+unit: setup-test
+	$(PYTEST) -n auto --dist loadfile tests/unit
 
 setup: $(VENV)/.installed
 	$(BIN)/python -m explorer setup
 
 setup-test: setup $(VENV)/.installed-test
 
-# torch first, pinned: pip takes the CPU build served from local disk, never a CUDA one.
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned: pip takes the CPU build served from local disk, never a CUDA one; the
+# project's range then admits it, so nothing replaces it.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e .
+	$(PIP) torch==2.13.0
+	$(PIP) -c $(CONSTRAINTS) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PIP) -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 # Browser tests use Debian's chromium (never a browser download).
@@ -37,6 +53,10 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+# After upgrading a dependency in .venv (and passing `make test`): record the versions tested.
+constraints: $(VENV)/.installed-test
+	$(BIN)/python .ci/freeze_constraints.py > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 bench: setup
 	$(BIN)/python benchmarks/lens.py

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread, here and in every subprocess (CLI runs, notebook kernels). The tests' models
+# are small, and on a shared 2-core machine two OpenMP threads wait for each other at every op:
+# a tiny model's forward took 0.6-1.0 s with two threads and 0.07 s with one under load, the
+# default model's 4x slower. Set OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import torch
 
 from explorer.core.defaults import ensure_default_model
 from explorer.core.session import ModelSession
 from tiny_models import FAMILIES, make_tiny_model
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported first
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +61,12 @@ def pytest_collection_modifyitems(config, items):
     main thread for the rest of the session, which the unit tests' own ``asyncio.run`` refuses."""
     ui = os.path.join(os.path.dirname(__file__), "ui") + os.sep
     items.sort(key=lambda item: str(item.fspath).startswith(ui))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop every panel server a test left running: a threaded server is not a daemon thread, so
+    the run would never exit (tests/unit/test_session_cleanup.py serves for real)."""
+    if "panel" in sys.modules:
+        from panel.io.state import state
+
+        state.kill_all_servers()
