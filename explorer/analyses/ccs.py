@@ -37,7 +37,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ from explorer.analyses.hidden import HiddenError, HiddenRequest, check_texts, co
 from explorer.analyses.probes import OffsetContext, binomial_se, fit_logistic, standardise
 from explorer.core.errors import ExplorerError
 from explorer.core.requests import build_request
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 
 # How a labelled statement becomes a contrast pair (the built-in true/false facts use it).
@@ -148,39 +147,25 @@ class CCSResult(Result):
 
     request: CCSRequest
     model: str
-    layer_labels: tuple[str, ...]
+    layer_labels: tuple[str, ...] = sized("R")
     n_train: int
     n_test: int
-    accuracy: np.ndarray              # [R] float64, test pairs, sign fixed on the training labels
-    accuracy_se: np.ndarray           # [R]
-    loss_consistency: np.ndarray      # [R] training part, the kept start
-    loss_confidence: np.ndarray       # [R]
-    sign_flipped: np.ndarray          # [R] bool
-    control_accuracy: np.ndarray      # [R] untrained random starts, sign fixed the same way
-    supervised_accuracy: np.ndarray   # [R] logistic regression on x̃⁺ − x̃⁻
-    supervised_se: np.ndarray         # [R]
-    lens_accuracy: np.ndarray         # [R] the logit lens's answer (NaN where texts are one token)
-    lens_se: np.ndarray               # [R]
+    accuracy: np.ndarray = array("R", "float64")             # test pairs, sign fixed on the training labels
+    accuracy_se: np.ndarray = array("R", "float64")
+    loss_consistency: np.ndarray = array("R", "float64")     # training part, the kept start
+    loss_confidence: np.ndarray = array("R", "float64")
+    sign_flipped: np.ndarray = array("R", "bool")
+    control_accuracy: np.ndarray = array("R", "float64")     # untrained random starts, sign fixed the same way
+    supervised_accuracy: np.ndarray = array("R", "float64")  # logistic regression on x̃⁺ − x̃⁻
+    supervised_se: np.ndarray = array("R", "float64")
+    lens_accuracy: np.ndarray = array("R", "float64")        # the logit lens's answer (NaN where texts are one token)
+    lens_se: np.ndarray = array("R", "float64")
     chance: float                     # the test part's majority share
     best_row: int
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        "accuracy": "float64", "accuracy_se": "float64", "loss_consistency": "float64",
-        "loss_confidence": "float64", "sign_flipped": "bool", "control_accuracy": "float64",
-        "supervised_accuracy": "float64", "supervised_se": "float64", "lens_accuracy": "float64",
-        "lens_se": "float64",
-    }
 
     @property
     def best_label(self) -> str:
         return self.layer_labels[self.best_row]
-
-    def validate(self) -> str | None:
-        r = len(self.layer_labels)
-        for name in self._dtypes:
-            if getattr(self, name).shape != (r,):
-                return f"{name} has shape {getattr(self, name).shape}, expected ({r},)"
-        return None
 
     def summary(self) -> dict:
         """The ``ccs --json`` object (the probe's shape, and the comparisons)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ import torch
 from explorer.analyses.lens import layer_labels
 from explorer.core.errors import ExplorerError
 from explorer.core.requests import build_request
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 
 SITES = ("last", "mean", "prev")
@@ -55,13 +54,11 @@ class HiddenStates(Result):
     """``states[site]`` is [R, N, d] float32: row r (``layer_labels``), text n."""
 
     model: str
-    layer_labels: tuple[str, ...]
-    sites: tuple[str, ...]
-    states: np.ndarray        # [S, R, N, d] float32, site-major
-    n_tokens: np.ndarray      # [N] int64
-    last_ids: np.ndarray      # [N] int64: each text's last token id
-
-    _dtypes: ClassVar[dict[str, str]] = {"states": "float32", "n_tokens": "int64", "last_ids": "int64"}
+    layer_labels: tuple[str, ...] = sized("R")
+    sites: tuple[str, ...] = sized("S")
+    states: np.ndarray = array("S R N d", "float32")   # site-major
+    n_tokens: np.ndarray = array("N", "int64")
+    last_ids: np.ndarray = array("N", "int64")         # each text's last token id
 
     def site(self, name: str) -> np.ndarray:
         """The [R, N, d] states of one site."""

@@ -18,7 +18,6 @@ state goes straight to the final norm, so that row equals the logit lens of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ import torch
 from explorer.analyses.lens import residual_streams
 from explorer.core.errors import ExplorerError
 from explorer.core.requests import build_request
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 
 DEFAULT_IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -54,26 +53,16 @@ class PatchscopeResult(Result):
 
     request: PatchscopeRequest
     model: str
-    tokens: np.ndarray            # [T] str, the source prompt's tokens
-    positions: np.ndarray         # [P] int64, non-negative
-    layer_labels: tuple[str, ...]  # "L0" … one per block
-    identity_tokens: np.ndarray   # [Ti] str
-    placeholder: int              # non-negative position in the identity prompt
-    top_ids: np.ndarray           # [L, P, k] int64
-    top_tokens: np.ndarray        # [L, P, k] str
-    top_probs: np.ndarray         # [L, P, k] float32
+    tokens: np.ndarray = array("T", "str")              # the source prompt's tokens
+    positions: np.ndarray = array("P", "int64")         # non-negative
+    layer_labels: tuple[str, ...] = sized("L")          # "L0" … one per block
+    identity_tokens: np.ndarray = array("Ti", "str")
+    placeholder: int                                    # non-negative position in the identity prompt
+    top_ids: np.ndarray = array("L P k", "int64")
+    top_tokens: np.ndarray = array("L P k", "str")
+    top_probs: np.ndarray = array("L P k", "float32")
 
-    _dtypes: ClassVar[dict[str, str]] = {
-        "tokens": "str", "positions": "int64", "identity_tokens": "str", "top_ids": "int64",
-        "top_tokens": "str", "top_probs": "float32",
-    }
-
-    def validate(self) -> str | None:
-        L, P = len(self.layer_labels), len(self.positions)
-        k = self.top_ids.shape[-1] if self.top_ids.ndim == 3 else -1
-        for name in ("top_ids", "top_tokens", "top_probs"):
-            if getattr(self, name).shape != (L, P, k):
-                return f"{name} has shape {getattr(self, name).shape}, expected ({L}, {P}, {k})"
+    def relations(self) -> str | None:
         if np.any(self.positions >= len(self.tokens)) or np.any(self.positions < 0):
             return "a source position lies outside the prompt"
         return None

