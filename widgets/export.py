@@ -32,6 +32,11 @@ from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
 from explorer.interventions.patching import PatchResult
+from explorer.analyses.ccs import CCSResult
+from explorer.analyses.hidden import HiddenStates
+from explorer.analyses.patchscope import PatchscopeResult
+from explorer.analyses.probes import ProbeResult
+from explorer.training.bias_datasets import BiasDatasetResult
 from explorer.core.results import Result
 from explorer.persistence.snapshot import Entry, Snapshot
 from explorer.training.swap import SwapAudit
@@ -40,6 +45,7 @@ from . import ablation_charts as ac
 from . import heads_charts as hc
 from . import intervention_charts as ic
 from . import neuron_charts as nc
+from . import probe_charts as pc
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
 log = logging.getLogger(__name__)
@@ -253,7 +259,35 @@ def _checkpoint_figures(c: CheckpointComparison, model: dict) -> list[Figure]:
     return out
 
 
+def _probe_figures(r: ProbeResult, model: dict) -> list[Figure]:
+    best = f"; best {r.best_label}" if r.best_label else ""
+    return [(f"Held-out accuracy of a linear probe for {r.label_names[1]!r} vs {r.label_names[0]!r} per layer "
+             f"(n = {r.n}, ± 1 SE; shuffled-label control and chance{best}).", pc.probe_curve(r))]
+
+
+def _ccs_figures(r: CCSResult, model: dict) -> list[Figure]:
+    return [(f"CCS test accuracy per layer ({r.n_test} held-out pairs), beside a supervised pair probe and "
+             f"the logit lens's answer; best {r.best_label}.", pc.probe_curve(ccs=r))]
+
+
+def _patchscope_figures(r: PatchscopeResult, model: dict) -> list[Figure]:
+    return [("Patchscope: each block's hidden state at each source position, patched into the identity "
+             "prompt; the cell is its top next token, coloured by probability.", pc.patchscope_grid(r))]
+
+
+def _bias_dataset_figures(r: BiasDatasetResult, model: dict) -> list[Figure]:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in r.extra.items()
+                   if isinstance(v, (int, float)))
+    table = (f"<table><tr><th>{html.escape(r.metric)}</th><td>{r.value:.3f} ± {r.se:.3f} (n = {r.n})</td></tr>"
+             f"{rows}</table>")
+    return [(f"{r.dataset}: {r.metric} over {r.n} items.", _div(table, TABLE_CSS, width=420))]
+
+
 BUILDERS: dict[type, Builder] = {
+    ProbeResult: _probe_figures,
+    CCSResult: _ccs_figures,
+    PatchscopeResult: _patchscope_figures,
+    BiasDatasetResult: _bias_dataset_figures,
     LensResult: _lens_figures,
     LensComparison: _comparison_figures,
     HeadScores: _heads_figures,
@@ -284,7 +318,9 @@ GROUPS: dict[str, tuple[type, ...]] = {
     "Neurons": (SelectiveNeurons, NeuronStats, NeuronHistogram, TokenPattern, ExampleActivations,
                 PromptActivation, Explanation, SearchHit, NeuronExample),
     "Demonstrations": (PromptSet, DemoLensResult, OverthinkingResult),
-    "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison),
+    "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison,
+                     BiasDatasetResult),
+    "Probes": (HiddenStates, ProbeResult, CCSResult, PatchscopeResult),
 }
 OTHER = "Other"
 

