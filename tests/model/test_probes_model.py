@@ -89,4 +89,4 @@ def test_cli_bias_dataset_json(capsys):
     assert data["dataset"] == "crows" and data["metric"] == "pct_stereotype" and data["n"] == 12
     assert 0 <= data["value"] <= 1 and data["se"] > 0
     code, _, err = run_cli(capsys, "bias", "--dataset", "winobias", "--max-items", "0")
-    assert code == 2 and "max_items" in err
+    assert code == 2 and "--max-items: must be at least 1" in err
