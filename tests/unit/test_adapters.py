@@ -6,13 +6,15 @@ so a path that exists but names the wrong module fails too.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from tiny_models import FAMILIES, make_tiny_model, tiny_config
 from explorer.core.adapters import ADAPTERS, Adapter, adapter_for, check_modules
 from explorer.core.errors import ExplorerError, UnsupportedModelError
 from explorer.core.session import ModelSession
+from tiny_models import FAMILIES, make_tiny_model, tiny_config
 
 VOCAB = 512  # the adapter checks need no real tokenizer
 
@@ -97,7 +99,14 @@ def test_adapter_entries_do_what_they_say(family, plain_models):
     with torch.no_grad():
         normed = model.get_submodule(adapter.final_norm)(last)
         torch.testing.assert_close(normed, hidden[-1], rtol=0, atol=1e-6)
-        torch.testing.assert_close(unembed(normed), out.logits, rtol=1e-6, atol=1e-5)
+        logits = unembed(normed)
+        cap = getattr(cfg, adapter.logit_softcap) if adapter.logit_softcap else None
+        if family == "gemma2":  # the one tiny family that soft-caps its logits
+            assert cap == 30.0
+            logits = cap * torch.tanh(logits / cap)
+        else:
+            assert cap is None
+        torch.testing.assert_close(logits, out.logits, rtol=1e-6, atol=1e-5)
     # attn_out's input is the concatenation of the heads; mlp_out's input is the neurons.
     d_mlp = 4 * d if family == "gpt2" else cfg.intermediate_size
     for i in range(n_layers):
@@ -108,6 +117,27 @@ def test_adapter_entries_do_what_they_say(family, plain_models):
     assert block.get_submodule(adapter.attn_out) in list(block.get_submodule(adapter.attn).modules())
     assert block.get_submodule(adapter.mlp_out) in list(block.get_submodule(adapter.mlp).modules())
     assert adapter.attn_out.startswith(adapter.attn + ".") and adapter.mlp_out.startswith(adapter.mlp + ".")
+    # Post-norms: each block's output is its input plus the post-norms' outputs (where named),
+    # else plus the attention and MLP outputs.
+    attn_site = adapter.attn_post_norm or adapter.attn
+    mlp_site = adapter.mlp_post_norm or adapter.mlp
+    sites = [f"{adapter.blocks}.{i}.{p}" for i in range(n_layers) for p in (attn_site, mlp_site)]
+    _, seen = run_with_hooks(model, paths_out=sites + [f"{adapter.blocks}.{i}" for i in range(n_layers)])
+    for i in range(n_layers):
+        added = seen["out", f"{adapter.blocks}.{i}.{attn_site}"] + seen["out", f"{adapter.blocks}.{i}.{mlp_site}"]
+        torch.testing.assert_close(seen["out", f"{adapter.blocks}.{i}"], hidden[i] + added, rtol=1e-5, atol=1e-5)
+    # Every RMSNorm scales by (norm_gain_offset + weight): checked with random weights.
+    gen = torch.Generator().manual_seed(3)
+    for name, norm in model.named_modules():
+        if "RMSNorm" in type(norm).__name__ and norm.weight.shape[-1] == d:
+            norm = copy.deepcopy(norm)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(d, generator=gen))
+            x = torch.randn(5, d, generator=gen)
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+            expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (adapter.norm_gain_offset + norm.weight)
+            with torch.no_grad():
+                torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_check_names_every_missing_top_level_module():
