@@ -88,11 +88,13 @@ class Unembedding:
             return self.final_norm(hidden)
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """The family's transform of float32 logits after the unembedding, in place (Gemma 2's
-        soft-cap ``cap·tanh(z/cap)``; nothing for most families)."""
-        if self.softcap is not None:
-            logits.div_(self.softcap).tanh_().mul_(self.softcap)
-        return logits
+        """The family's transform of float32 logits after the unembedding (Gemma 2's soft-cap
+        ``cap·tanh(z/cap)``; nothing for most families): in place, unless gradients flow."""
+        if self.softcap is None:
+            return logits
+        if logits.requires_grad:  # attribution patching differentiates through the cap
+            return torch.tanh(logits / self.softcap) * self.softcap
+        return logits.div_(self.softcap).tanh_().mul_(self.softcap)
 
     # ----------------------------------------------------------------- logits
     def logits(self, hidden: torch.Tensor, *, tokens: Sequence[int] | torch.Tensor | None = None,

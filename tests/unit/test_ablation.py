@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import explorer.interventions.ablation as ablation_mod
-from tiny_models import FAMILIES, make_tiny_model
+from explorer.analyses.lens import LensRequest, logit_lens
+from explorer.core.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
+from explorer.core.errors import EmptyPromptError, TokenError
+from explorer.core.jobs import Job
 from explorer.interventions.ablation import (
     AblationError,
     AblationRequest,
@@ -25,19 +28,15 @@ from explorer.interventions.ablation import (
     spearman,
     sweep,
 )
-from explorer.core.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
-from explorer.core.errors import EmptyPromptError, TokenError
-from explorer.core.jobs import Job
-from explorer.analyses.lens import LensRequest, logit_lens
+from tiny_models import FAMILIES, make_tiny_model
 
-BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
-          "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
-ATTN = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "gpt2": "attn", "gpt_neox": "attention"}
-ATTN_OUT = {"llama": "self_attn.o_proj", "mistral": "self_attn.o_proj", "qwen2": "self_attn.o_proj",
-            "gpt2": "attn.c_proj", "gpt_neox": "attention.dense"}
-MLP_OUT = {"llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwen2": "mlp.down_proj",
-           "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
-D_MLP = {"llama": 128, "mistral": 128, "qwen2": 128, "gpt2": 256, "gpt_neox": 128}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text")
+BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", **{f: "model.layers" for f in _LLAMA_LIKE}}
+ATTN = {"gpt2": "attn", "gpt_neox": "attention", **{f: "self_attn" for f in _LLAMA_LIKE}}
+ATTN_OUT = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", **{f: "self_attn.o_proj" for f in _LLAMA_LIKE}}
+# Phi-3 fuses gate and up projections (gate_up_proj): its neurons are still down_proj's input.
+MLP_OUT = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", **{f: "mlp.down_proj" for f in _LLAMA_LIKE}}
+D_MLP = {"gpt2": 256, "gpt_neox": 128, **{f: 128 for f in _LLAMA_LIKE}}
 N_LAYERS, N_HEADS, D_HEAD = 3, 4, 16
 
 PROMPT = "The capital of France is"
@@ -507,9 +506,9 @@ def test_sweep_round_trip_with_nan(tiny_sessions, monkeypatch):
 def ref_attribution(model, family: str, ids: torch.Tensor, tid: int) -> np.ndarray:
     """Independent attribution patching for zero-ablated heads: −Σ act·∂logit/∂act per head slice."""
     acts = {}
-    handles = [model.get_submodule({"llama": "model.embed_tokens", "mistral": "model.embed_tokens",
-                                    "qwen2": "model.embed_tokens", "gpt2": "transformer.wte",
-                                    "gpt_neox": "gpt_neox.embed_in"}[family]).register_forward_hook(
+    embed = {"gpt2": "transformer.wte", "gpt_neox": "gpt_neox.embed_in",
+             **{f: "model.embed_tokens" for f in _LLAMA_LIKE}}[family]
+    handles = [model.get_submodule(embed).register_forward_hook(
         lambda m, a, o: o.detach().requires_grad_(True))]
     for l in range(N_LAYERS):
         handles.append(_mod(model, family, l, ATTN_OUT[family]).register_forward_pre_hook(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import FAMILIES, make_tiny_model
+from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.errors import (
     EmptyPromptError,
     ExplorerError,
@@ -16,8 +16,8 @@ from explorer.core.errors import (
     TokenError,
     UnsupportedModelError,
 )
-from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.session import ModelInfo, ModelSession, pick_device, pick_dtype
+from tiny_models import FAMILIES, make_tiny_model
 
 # What the tiny configs in conftest.py declare, written out independently of the engine:
 # (n_heads, n_kv_heads, d_mlp); every family has 3 layers, d_model 64, head size 16, context 256.
@@ -25,9 +25,13 @@ TINY_SHAPES = {
     "llama": (4, 2, 128), "mistral": (4, 2, 128), "qwen2": (4, 2, 128),
     "gpt2": (4, 4, 256),      # GPT-2: no GQA; n_inner None means 4 * d_model
     "gpt_neox": (4, 4, 128),
+    "qwen3": (4, 2, 128), "phi3": (4, 2, 128), "olmo2": (4, 2, 128),
+    "gemma2": (4, 2, 128), "gemma3_text": (4, 2, 128),
 }
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 
 
 @pytest.fixture(scope="module")
