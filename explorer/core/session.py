@@ -71,8 +71,11 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is float32 on CPU (exact) and bfloat16 on accelerators (fast, half the memory)."""
+def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (exact) and bfloat16 on accelerators (fast, half the memory);
+    a name in DTYPES or one of those torch dtypes picks it."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
     try:
@@ -176,7 +179,7 @@ class ModelSession:
         model: str | None = None,
         *,
         device: str = "auto",
-        dtype: str = "auto",
+        dtype: str | torch.dtype = "auto",
         trust_remote_code: bool = False,
     ) -> "ModelSession":
         """Attach a model: None (the embedded default), a local directory, or a cached hub id."""
