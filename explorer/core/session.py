@@ -9,6 +9,7 @@ import hashlib
 import json
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,12 @@ from explorer.core.results import Result
 from explorer.core.unembed import Unembedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Decoded vocabularies, by (tokenizer id, its length, vocabulary rows): decoding 50-250k tokens
+# one by one takes ~0.5 s, paid once per tokenizer (e.g. by sessions built on one tokenizer in a
+# notebook or the tests). A weak reference tells a reused id apart.
+_VOCAB_STRINGS: dict[tuple[int, int, int], tuple[weakref.ref, np.ndarray]] = {}
+_VOCAB_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -298,13 +305,25 @@ class ModelSession:
         return ids
 
     def vocab_strings(self) -> np.ndarray:
-        """Every token id decoded on its own, as a numpy string array (built once)."""
+        """Every token id decoded on its own, as a read-only numpy string array (built once per
+        tokenizer and vocabulary size: sessions sharing a tokenizer share it)."""
         if self._vocab_strings is None:
             n = self.unembed_weight().shape[0]
-            size = min(n, len(self.tokenizer))
-            texts = self.tokenizer.batch_decode([[i] for i in range(size)])
-            texts += [f"<id {i}>" for i in range(size, n)]  # padded vocab rows no token maps to
-            self._vocab_strings = np.array(texts, dtype=str)
+            key = (id(self.tokenizer), len(self.tokenizer), n)
+            with _VOCAB_LOCK:
+                cached = _VOCAB_STRINGS.get(key)
+            if cached is None or cached[0]() is not self.tokenizer:
+                size = min(n, len(self.tokenizer))
+                texts = self.tokenizer.batch_decode([[i] for i in range(size)])
+                texts += [f"<id {i}>" for i in range(size, n)]  # padded vocab rows no token maps to
+                strings = np.array(texts, dtype=str)
+                strings.flags.writeable = False
+                with _VOCAB_LOCK:
+                    _VOCAB_STRINGS[key] = (weakref.ref(self.tokenizer), strings)
+                    for k in [k for k, (ref, _) in _VOCAB_STRINGS.items() if ref() is None]:
+                        del _VOCAB_STRINGS[k]  # tokenizers gone: their id may be reused
+                cached = _VOCAB_STRINGS[key]
+            self._vocab_strings = cached[1]
         return self._vocab_strings
 
     def decode_each(self, ids) -> np.ndarray:

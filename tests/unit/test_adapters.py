@@ -181,3 +181,20 @@ def test_session_refuses_an_unsupported_architecture(tokenizer):
                        ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)
     with pytest.raises(UnsupportedModelError, match="'opt'"):
         ModelSession(OPTForCausalLM(config), tokenizer, name="opt")
+
+
+def test_check_names_a_missing_post_norm():
+    model = make_tiny_model("olmo2", VOCAB)
+    del model.model.layers[0].post_feedforward_layernorm
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.post_feedforward_layernorm"):
+        check_modules(adapter_for("olmo2"), model)
+
+
+@pytest.mark.parametrize("model_type, hint", [("gemma3", "gemma3_text"), ("gemma", "Gemma 2")])
+def test_near_miss_model_types_say_what_is_supported(model_type, hint):
+    with pytest.raises(UnsupportedModelError, match=hint):
+        adapter_for(model_type)
+
+
+def test_every_adapter_has_a_tiny_model():
+    assert set(ADAPTERS) == set(FAMILIES)  # a family added to the table is added to the tests too
