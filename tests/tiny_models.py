@@ -6,7 +6,10 @@ modules (tests/, tests/ui/) that would shadow each other under one import name.
 Each family keeps what makes it different, at a size where it still shows: Mistral and Gemma
 slide a 4-token window over the tests' 6-14-token prompts; Gemma 2 soft-caps its attention
 and final logits at values the scaled-up weights reach; Gemma 3 alternates sliding and full
-layers and norms its queries and keys, as do Qwen3 and OLMo-2.
+layers and norms its queries and keys, as do Qwen3 and OLMo-2. Gemma and Qwen3 heads are not
+d_model / n_heads wide (gemma-2-2b: 8 heads of 256 in d 2304; Qwen3-0.6B: 16 of 128 in d 1024),
+so their tiny models' are not either: the attention output projection's input is 4 heads of 24
+(Gemma 2), 8 (Gemma 3) or 32 (Qwen3) in d 64.
 """
 from __future__ import annotations
 
@@ -33,17 +36,17 @@ def tiny_config(family: str, vocab_size: int):
     if family == "mistral":
         return tf.MistralConfig(sliding_window=4, **_SHAPE, **common)
     if family == "qwen3":
-        return tf.Qwen3Config(head_dim=16, **_SHAPE, **common)
+        return tf.Qwen3Config(head_dim=32, **_SHAPE, **common)
     if family == "phi3":
         return tf.Phi3Config(pad_token_id=0, **_SHAPE, **common)
     if family == "olmo2":
         return tf.Olmo2Config(pad_token_id=0, **_SHAPE, **common)
     if family == "gemma2":
-        return tf.Gemma2Config(head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        return tf.Gemma2Config(head_dim=24, query_pre_attn_scalar=24, sliding_window=4,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                attn_logit_softcapping=5.0, final_logit_softcapping=30.0, **_SHAPE, **common)
     if family == "gemma3_text":
-        return tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        return tf.Gemma3TextConfig(head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                    **_SHAPE, **common)
     if family == "gpt2":

@@ -37,7 +37,13 @@ ATTN_OUT = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", **{f: "self_at
 # Phi-3 fuses gate and up projections (gate_up_proj): its neurons are still down_proj's input.
 MLP_OUT = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", **{f: "mlp.down_proj" for f in _LLAMA_LIKE}}
 D_MLP = {"gpt2": 256, "gpt_neox": 128, **{f: 128 for f in _LLAMA_LIKE}}
-N_LAYERS, N_HEADS, D_HEAD = 3, 4, 16
+N_LAYERS, N_HEADS = 3, 4
+D_HEADS = {"gemma2": 24, "gemma3_text": 8, "qwen3": 32}  # heads not d_model / n_heads wide
+
+
+def d_head(family: str) -> int:
+    return D_HEADS.get(family, 16)
+
 
 PROMPT = "The capital of France is"
 SECOND = "The capital of Spain is"   # same token count as PROMPT
@@ -77,7 +83,7 @@ def ref_logits(model, family: str, ids: torch.Tensor, edits=()) -> torch.Tensor:
 
     for kind, layer, index, value in edits:
         if kind == "head":
-            sl = slice(index * D_HEAD, (index + 1) * D_HEAD)
+            sl = slice(index * d_head(family), (index + 1) * d_head(family))
             handles.append(_mod(model, family, layer, ATTN_OUT[family]).register_forward_pre_hook(
                 lambda m, a, sl=sl, v=value: (put(a[0], sl, v),) + a[1:]))
         elif kind == "neuron":
@@ -231,9 +237,10 @@ def test_mean_ablation_matches_reference(tiny_sessions, plain, tokenizer, family
     means = {kind: ref_capture(model, family, mean_ids, kind, 1).double().mean(0).float()
              for kind in ("head", "neuron", "attn", "block")}
     got = mean_activations(session, "head", MEAN_TEXT)
-    assert got.shape == (N_LAYERS, N_HEADS * D_HEAD)
+    dh = d_head(family)
+    assert got.shape == (N_LAYERS, N_HEADS * dh)
     torch.testing.assert_close(got[1], means["head"], atol=1e-5, rtol=1e-5)
-    cases = [("1.2", ("head", 1, 2, means["head"][2 * D_HEAD:3 * D_HEAD])),
+    cases = [("1.2", ("head", 1, 2, means["head"][2 * dh:3 * dh])),
              ("1:11", ("neuron", 1, 11, means["neuron"][11])),
              ("attn:1", ("attn", 1, None, means["attn"])),
              ("block:1", ("block", 1, None, means["block"]))]
@@ -261,7 +268,7 @@ def test_resample_matches_reference(tiny_sessions, plain, family):
     for spec, kind, layer, index in (("2.1", "head", 2, 1), ("0:40", "neuron", 0, 40), ("mlp:1", "mlp", 1, None),
                                      ("block:2", "block", 2, None)):
         act = ref_capture(model, family, ids2, kind, layer)  # [T, W] from the second prompt
-        value = {"head": lambda: act[:, index * D_HEAD:(index + 1) * D_HEAD],
+        value = {"head": lambda: act[:, index * d_head(family):(index + 1) * d_head(family)],
                  "neuron": lambda: act[:, index]}.get(kind, lambda: act)()
         result = ablate(session, AblationRequest(PROMPT, TARGET, (spec,), mode="resample", second_prompt=SECOND,
                                                  lens=False))
@@ -519,7 +526,7 @@ def ref_attribution(model, family: str, ids: torch.Tensor, tid: int) -> np.ndarr
     finally:
         for h in handles:
             h.remove()
-    return np.array([(-(acts[l] * g)[0].detach().view(-1, N_HEADS, D_HEAD).sum((0, 2))).numpy()
+    return np.array([(-(acts[l] * g)[0].detach().view(-1, N_HEADS, d_head(family)).sum((0, 2))).numpy()
                      for l, g in enumerate(grads)])
 
 

@@ -110,7 +110,7 @@ def test_adapter_entries_do_what_they_say(family, plain_models):
     # attn_out's input is the concatenation of the heads; mlp_out's input is the neurons.
     d_mlp = 4 * d if family == "gpt2" else cfg.intermediate_size
     for i in range(n_layers):
-        assert seen["in", attn_out[i]].shape[-1] == n_heads * (d // n_heads)
+        assert seen["in", attn_out[i]].shape[-1] == n_heads * (getattr(cfg, "head_dim", None) or d // n_heads)
         assert seen["in", mlp_out[i]].shape[-1] == d_mlp
     # attn / mlp are the sub-blocks that contain those projections.
     block = blocks[0]

@@ -28,6 +28,7 @@ TINY_SHAPES = {
     "qwen3": (4, 2, 128), "phi3": (4, 2, 128), "olmo2": (4, 2, 128),
     "gemma2": (4, 2, 128), "gemma3_text": (4, 2, 128),
 }
+D_HEADS = {"gemma2": 24, "gemma3_text": 8, "qwen3": 32}  # heads not d_model / n_heads wide; others 16
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
@@ -176,7 +177,7 @@ def test_info_of_each_family(tiny_sessions, tokenizer, family):
     n_heads, n_kv, d_mlp = TINY_SHAPES[family]
     assert info.family == family and info.architecture == ARCHITECTURES[family]
     assert (info.n_layers, info.n_heads, info.n_kv_heads) == (3, n_heads, n_kv)
-    assert (info.d_model, info.d_head, info.d_mlp) == (64, 16, d_mlp)
+    assert (info.d_model, info.d_head, info.d_mlp) == (64, D_HEADS.get(family, 16), d_mlp)
     assert info.vocab_size == len(tokenizer) and info.context_length == 256
     assert info.n_params == sum(p.numel() for p in make_tiny_model(family, len(tokenizer)).parameters())
     assert info.name == f"tiny-{family}" and info.device == "cpu" and info.dtype == "float32"
