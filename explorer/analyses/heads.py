@@ -17,20 +17,27 @@ part's contribution to the target's logit is ``part · u`` with ``u = gain * W_U
 (RMSNorm), or the same with each part centred first (LayerNorm; centring a part before the dot
 product equals dotting it with a centred ``u``). The norm's own bias and the unembedding's bias
 are parts of their own; together the parts add up to the model's logit.
+Families with post-norms (Gemma 2/3, OLMo-2) norm each attention and MLP output before adding
+it: the MLP part is then the post-norm's output, and with each attention post-norm's scale also
+frozen at its clean value a layer's heads are read through ``u_l = gain_l * u / scale_l``, so
+they still add up to the layer's normed attention output. Gemma's norms scale by
+``1 + weight``. Gemma 2 soft-caps its final logits: the parts add up to the logit *before* the
+cap (the unembedding's own output), the quantity that is linear in the residual stream.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from explorer.core.errors import ExplorerError, UnsupportedModelError
-from explorer.core.modules import linear_weight, submodule
 from explorer.core.jobs import JobContext
+from explorer.core.modules import linear_weight, submodule
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array
 from explorer.core.session import ModelSession
@@ -127,11 +134,12 @@ class DLAResult(Result):
     token_ids: np.ndarray = array("T", "int64")
     target: str
     target_id: int
-    logit: float             # the model's actual logit of the target at the last position
+    logit: float             # the model's actual logit of the target at the last position (before
+                             # any final soft-cap: the unembedding's own output)
     embed: float             # the embeddings (token, plus position where the model adds one)
     heads: np.ndarray = array("L H", "float64")   # each head through its slice of the output projection
     attn_bias: np.ndarray = array("L", "float64")  # each attention output projection's bias (0 if none)
-    mlp: np.ndarray = array("L", "float64")        # each MLP's output
+    mlp: np.ndarray = array("L", "float64")        # each MLP's output (post-normed where the family norms it)
     final_norm_bias: float   # the final LayerNorm's bias (0 for RMSNorm)
     unembed_bias: float      # the unembedding's bias for the target (0 if none)
     norm_kind: str           # "rmsnorm" or "layernorm"
@@ -311,18 +319,28 @@ def _n_heads(session: ModelSession) -> int:
     return int(session.hf.config.num_attention_heads)
 
 
-def _final_norm_params(session: ModelSession):
-    """(kind, gain, bias, eps) of the final norm; RMSNorm (Llama, Mistral, Qwen2) or LayerNorm."""
-    norm = session.unembedding.final_norm
+def norm_params(norm: torch.nn.Module, gain_offset: float = 0.0):
+    """(kind, gain, bias, eps) of a norm: torch LayerNorm, or an RMSNorm that scales by
+    ``gain_offset + weight`` (Llama-style 0, Gemma 1: see the adapter's ``norm_gain_offset``)."""
     if isinstance(norm, torch.nn.LayerNorm):
         return "layernorm", norm.weight, norm.bias, float(norm.eps)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if "RMSNorm" in type(norm).__name__ and eps is not None and getattr(norm, "weight", None) is not None:
-        return "rmsnorm", norm.weight, None, float(eps)
+        gain = norm.weight if not gain_offset else norm.weight.float() + gain_offset
+        return "rmsnorm", gain, None, float(eps)
     raise UnsupportedModelError(
-        f"direct logit attribution does not know the final norm {type(norm).__name__}: "
-        "supported are torch LayerNorm and Llama-style RMSNorm"
+        f"direct logit attribution does not know the norm {type(norm).__name__}: "
+        "supported are torch LayerNorm and Llama- or Gemma-style RMSNorm"
     )
+
+
+def _at_least_float32(w: torch.Tensor) -> torch.Tensor:
+    return w if w.dtype in (torch.float32, torch.float64) else w.float()
+
+
+def _final_norm_params(session: ModelSession):
+    """(kind, gain, bias, eps) of the final norm."""
+    return norm_params(session.unembedding.final_norm, session.adapter.norm_gain_offset)
 
 
 def random_repeated_ids(session: ModelSession, n: int, seed: int) -> torch.Tensor:
@@ -354,7 +372,8 @@ class _Captured:
     patterns: list[torch.Tensor]          # per invoke asked for patterns: [L, H, t, t] on device
     resid: torch.Tensor | None = None     # [d] entering block 0, last position
     z: torch.Tensor | None = None         # [L, H*dh] attention output projection inputs, last position
-    mlp: torch.Tensor | None = None       # [L, d] MLP outputs, last position
+    attn: torch.Tensor | None = None      # [L, d] attention outputs before their post-norm (if any)
+    mlp: torch.Tensor | None = None       # [L, d] MLP residual contributions, last position
     final: torch.Tensor | None = None     # [d] entering the final norm, last position
     logits: torch.Tensor | None = None    # [V] the model's logits, last position
 
@@ -369,7 +388,7 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
     want_patterns = prompt_patterns or bool(extra)
     seqs = [prompt_ids] + list(extra)
     pats: list[list] = [[] for _ in seqs]
-    acts: dict[str, list] = {"resid": [], "z": [], "mlp": [], "final": [], "logits": []}
+    acts: dict[str, list] = {"resid": [], "z": [], "attn": [], "mlp": [], "final": [], "logits": []}
     device = session.device
     with torch.no_grad(), session.lock:
         ctx = eager_attention(session.hf) if want_patterns else nullcontext()
@@ -386,8 +405,14 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
                                 acts["z"].append(submodule(block, adapter.attn_out).input[0, -1].save())
                             if (first and prompt_patterns) or not first:
                                 pats[i].append(submodule(block, adapter.attn).output[1].save())
+                            if first and dla and adapter.attn_post_norm:
+                                post = submodule(block, adapter.attn_post_norm)
+                                acts["attn"].append(post.input[0, -1].save())
                             if first and dla:
-                                out = submodule(block, adapter.mlp).output
+                                # What the MLP adds to the residual stream: its post-norm's output
+                                # where the family has one.
+                                site = adapter.mlp_post_norm or adapter.mlp
+                                out = submodule(block, site).output
                                 out = out[0] if isinstance(out, tuple) else out
                                 acts["mlp"].append(out[0, -1].save())
                         if first and dla:
@@ -402,6 +427,7 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
     if dla:
         captured.resid = acts["resid"][0]
         captured.z = torch.stack(acts["z"])
+        captured.attn = torch.stack(acts["attn"]) if acts["attn"] else None
         captured.mlp = torch.stack(acts["mlp"])
         captured.final = acts["final"][0]
         captured.logits = acts["logits"][0]
@@ -432,15 +458,30 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     n_heads = _n_heads(session)
     z = cap.z.to(ct)                                          # [L, H*dh]
     n_layers, width = z.shape
-    # Each head's vector through W_O^T u: per layer one [d, H*dh] matvec (weights stay in place).
+    # Per layer, the direction its attention output is read along: u, or through the layer's
+    # attention post-norm with its scale frozen (u_l = gain_l * u / scale_l).
+    u_layers = u.expand(n_layers, -1)
+    if session.adapter.attn_post_norm:
+        rows = []
+        for layer, b in enumerate(blocks):
+            _, g, _, e = norm_params(b.get_submodule(session.adapter.attn_post_norm),
+                                     session.adapter.norm_gain_offset)
+            o = cap.attn[layer].to(ct)
+            rows.append(g.to(ct) * u / torch.sqrt(o.pow(2).mean() + e))
+        u_layers = torch.stack(rows)
+    # Each head's vector through W_O^T u_l: per layer one [d, H*dh] matvec (weights stay in place).
+    # bfloat16/float16 weights are read in float32 (one layer's W_O at a time): a half-precision
+    # matvec would round every head's part to ~3 digits.
     back = torch.stack([
-        u.to(w.dtype) @ w
-        for w in (linear_weight(b.get_submodule(session.adapter.attn_out)) for b in blocks)
+        u_layers[layer].to(w.dtype) @ w
+        for layer, w in enumerate(_at_least_float32(linear_weight(b.get_submodule(session.adapter.attn_out)))
+                                  for b in blocks)
     ]).to(ct)                                                 # [L, H*dh]
     heads = (z * back).view(n_layers, n_heads, width // n_heads).sum(-1)
     biases = [b.get_submodule(session.adapter.attn_out).bias for b in blocks]
     attn_bias = torch.stack([
-        bias.to(ct) @ u if bias is not None else torch.zeros((), dtype=ct, device=u.device) for bias in biases
+        bias.to(ct) @ u_layers[layer] if bias is not None else torch.zeros((), dtype=ct, device=u.device)
+        for layer, bias in enumerate(biases)
     ])
     mlp = cap.mlp.to(ct) @ u
     embed = cap.resid.to(ct) @ u

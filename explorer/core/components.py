@@ -15,6 +15,10 @@ Several specs are separated by commas or whitespace. Where each one acts:
 - a neuron at the MLP down/out projection's input column ``N``;
 - ``attn``/``mlp`` at the output of the block's attention / MLP module;
 - ``block`` on the block's output, relative to its input (output = input + contribution).
+
+In families that norm the attention and MLP outputs before adding them (Gemma 2/3, OLMo-2),
+``attn``/``mlp`` act before that post-norm: a zeroed output stays zero through it (an RMSNorm
+of zero is zero), a replaced one is normed as the model would norm it.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,12 @@ from explorer.core.results import Result
 from explorer.core.unembed import Unembedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Decoded vocabularies, by (tokenizer id, its length, vocabulary rows): decoding 50-250k tokens
+# one by one takes ~0.5 s, paid once per tokenizer (e.g. by sessions built on one tokenizer in a
+# notebook or the tests). A weak reference tells a reused id apart.
+_VOCAB_STRINGS: dict[tuple[int, int, int], tuple[weakref.ref, np.ndarray]] = {}
+_VOCAB_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,11 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is float32 on CPU (exact) and bfloat16 on accelerators (fast, half the memory)."""
+def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (exact) and bfloat16 on accelerators (fast, half the memory);
+    a name in DTYPES or one of those torch dtypes picks it."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
     try:
@@ -176,7 +186,7 @@ class ModelSession:
         model: str | None = None,
         *,
         device: str = "auto",
-        dtype: str = "auto",
+        dtype: str | torch.dtype = "auto",
         trust_remote_code: bool = False,
     ) -> "ModelSession":
         """Attach a model: None (the embedded default), a local directory, or a cached hub id."""
@@ -295,13 +305,25 @@ class ModelSession:
         return ids
 
     def vocab_strings(self) -> np.ndarray:
-        """Every token id decoded on its own, as a numpy string array (built once)."""
+        """Every token id decoded on its own, as a read-only numpy string array (built once per
+        tokenizer and vocabulary size: sessions sharing a tokenizer share it)."""
         if self._vocab_strings is None:
             n = self.unembed_weight().shape[0]
-            size = min(n, len(self.tokenizer))
-            texts = self.tokenizer.batch_decode([[i] for i in range(size)])
-            texts += [f"<id {i}>" for i in range(size, n)]  # padded vocab rows no token maps to
-            self._vocab_strings = np.array(texts, dtype=str)
+            key = (id(self.tokenizer), len(self.tokenizer), n)
+            with _VOCAB_LOCK:
+                cached = _VOCAB_STRINGS.get(key)
+            if cached is None or cached[0]() is not self.tokenizer:
+                size = min(n, len(self.tokenizer))
+                texts = self.tokenizer.batch_decode([[i] for i in range(size)])
+                texts += [f"<id {i}>" for i in range(size, n)]  # padded vocab rows no token maps to
+                strings = np.array(texts, dtype=str)
+                strings.flags.writeable = False
+                with _VOCAB_LOCK:
+                    _VOCAB_STRINGS[key] = (weakref.ref(self.tokenizer), strings)
+                    for k in [k for k, (ref, _) in _VOCAB_STRINGS.items() if ref() is None]:
+                        del _VOCAB_STRINGS[k]  # tokenizers gone: their id may be reused
+                cached = _VOCAB_STRINGS[key]
+            self._vocab_strings = cached[1]
         return self._vocab_strings
 
     def decode_each(self, ids) -> np.ndarray:

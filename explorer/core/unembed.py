@@ -4,13 +4,13 @@
 logit lens, ablation and patching replays, the demonstrations' label logits, direct logit
 attribution, the explainer's rating tokens, the bias probes). A family whose final logits are
 transformed after the unembedding (Gemma's final-logit soft-capping, ``cap·tanh(z/cap)``)
-changes ``logits`` here and nowhere else. ``rows`` gives the raw W_U rows and biases for
-analyses that decompose the pre-transform logit into linear parts (DLA).
+changes ``logits`` here and nowhere else (``cap``). ``rows`` gives the raw W_U rows and biases
+for analyses that decompose the pre-transform logit into linear parts (DLA).
 """
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +28,19 @@ class Unembedding:
     """
 
     def __init__(self, unembed: torch.nn.Module, final_norm: torch.nn.Module | None = None,
-                 lock: threading.RLock | None = None) -> None:
+                 lock: threading.RLock | None = None, softcap: float | None = None) -> None:
         if getattr(unembed, "weight", None) is None:
             raise UnsupportedModelError(f"the unembedding {type(unembed).__name__} has no weight matrix")
+        if softcap is not None and not softcap > 0:
+            raise UnsupportedModelError(f"the final-logit soft-cap must be positive, got {softcap}")
         self.unembed = unembed
         self.final_norm = final_norm
+        self.softcap = None if softcap is None else float(softcap)
         self.lock = lock if lock is not None else threading.RLock()
         self._cast: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def of(cls, model, adapter: Adapter | None = None, lock: threading.RLock | None = None) -> "Unembedding":
+    def of(cls, model, adapter: Adapter | None = None, lock: threading.RLock | None = None) -> Unembedding:
         """The unembedding of a model, from its family's adapter (found from its config when not
         given); a model of no known family gets its output embeddings without a final norm."""
         if adapter is None:
@@ -45,7 +48,9 @@ class Unembedding:
                 adapter = adapter_for(getattr(model.config, "model_type", "?"))
             except UnsupportedModelError:
                 return cls(model.get_output_embeddings(), None, lock)
-        return cls(model.get_submodule(adapter.unembed), model.get_submodule(adapter.final_norm), lock)
+        softcap = getattr(model.config, adapter.logit_softcap, None) if adapter.logit_softcap else None
+        return cls(model.get_submodule(adapter.unembed), model.get_submodule(adapter.final_norm), lock,
+                   softcap=softcap)
 
     # ------------------------------------------------------------------ parts
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -82,6 +87,15 @@ class Unembedding:
         with self.lock:
             return self.final_norm(hidden)
 
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's transform of float32 logits after the unembedding (Gemma 2's soft-cap
+        ``cap·tanh(z/cap)``; nothing for most families): in place, unless gradients flow."""
+        if self.softcap is None:
+            return logits
+        if logits.requires_grad:  # attribution patching differentiates through the cap
+            return torch.tanh(logits / self.softcap) * self.softcap
+        return logits.div_(self.softcap).tanh_().mul_(self.softcap)
+
     # ----------------------------------------------------------------- logits
     def logits(self, hidden: torch.Tensor, *, tokens: Sequence[int] | torch.Tensor | None = None,
                dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
@@ -97,16 +111,16 @@ class Unembedding:
         if tokens is not None:
             weight, bias = self.rows(tokens)
             z = x.to(weight.dtype) @ weight.t()
-            return (z if bias is None else z + bias).float()
+            return self.cap((z if bias is None else z + bias).float())
         weight = self.weight(dtype)
         bias = self.bias()
         bias = None if bias is None else bias.to(weight.dtype)
         x = x.to(weight.dtype)
         if out is not None and weight.dtype == out.dtype:
             if bias is None:
-                return torch.mm(x, weight.t(), out=out)
-            return torch.addmm(bias, x, weight.t(), out=out)
+                return self.cap(torch.mm(x, weight.t(), out=out))
+            return self.cap(torch.addmm(bias, x, weight.t(), out=out))
         logits = F.linear(x, weight, bias).float()
         if out is None:
-            return logits
-        return out.copy_(logits)  # a reduced-precision matmul; the reductions stay in float32
+            return self.cap(logits)
+        return self.cap(out.copy_(logits))  # a reduced-precision matmul; the reductions stay in float32

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import explorer.interventions.ablation as ablation_mod
-from tiny_models import FAMILIES, make_tiny_model
+from explorer.analyses.lens import LensRequest, logit_lens
+from explorer.core.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
+from explorer.core.errors import EmptyPromptError, TokenError
+from explorer.core.jobs import Job
 from explorer.interventions.ablation import (
     AblationError,
     AblationRequest,
@@ -25,20 +28,22 @@ from explorer.interventions.ablation import (
     spearman,
     sweep,
 )
-from explorer.core.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
-from explorer.core.errors import EmptyPromptError, TokenError
-from explorer.core.jobs import Job
-from explorer.analyses.lens import LensRequest, logit_lens
+from tiny_models import FAMILIES, make_tiny_model
 
-BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
-          "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
-ATTN = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "gpt2": "attn", "gpt_neox": "attention"}
-ATTN_OUT = {"llama": "self_attn.o_proj", "mistral": "self_attn.o_proj", "qwen2": "self_attn.o_proj",
-            "gpt2": "attn.c_proj", "gpt_neox": "attention.dense"}
-MLP_OUT = {"llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwen2": "mlp.down_proj",
-           "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
-D_MLP = {"llama": 128, "mistral": 128, "qwen2": 128, "gpt2": 256, "gpt_neox": 128}
-N_LAYERS, N_HEADS, D_HEAD = 3, 4, 16
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text")
+BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", **{f: "model.layers" for f in _LLAMA_LIKE}}
+ATTN = {"gpt2": "attn", "gpt_neox": "attention", **{f: "self_attn" for f in _LLAMA_LIKE}}
+ATTN_OUT = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", **{f: "self_attn.o_proj" for f in _LLAMA_LIKE}}
+# Phi-3 fuses gate and up projections (gate_up_proj): its neurons are still down_proj's input.
+MLP_OUT = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", **{f: "mlp.down_proj" for f in _LLAMA_LIKE}}
+D_MLP = {"gpt2": 256, "gpt_neox": 128, **{f: 128 for f in _LLAMA_LIKE}}
+N_LAYERS, N_HEADS = 3, 4
+D_HEADS = {"gemma2": 24, "gemma3_text": 8, "qwen3": 32}  # heads not d_model / n_heads wide
+
+
+def d_head(family: str) -> int:
+    return D_HEADS.get(family, 16)
+
 
 PROMPT = "The capital of France is"
 SECOND = "The capital of Spain is"   # same token count as PROMPT
@@ -78,7 +83,7 @@ def ref_logits(model, family: str, ids: torch.Tensor, edits=()) -> torch.Tensor:
 
     for kind, layer, index, value in edits:
         if kind == "head":
-            sl = slice(index * D_HEAD, (index + 1) * D_HEAD)
+            sl = slice(index * d_head(family), (index + 1) * d_head(family))
             handles.append(_mod(model, family, layer, ATTN_OUT[family]).register_forward_pre_hook(
                 lambda m, a, sl=sl, v=value: (put(a[0], sl, v),) + a[1:]))
         elif kind == "neuron":
@@ -232,9 +237,10 @@ def test_mean_ablation_matches_reference(tiny_sessions, plain, tokenizer, family
     means = {kind: ref_capture(model, family, mean_ids, kind, 1).double().mean(0).float()
              for kind in ("head", "neuron", "attn", "block")}
     got = mean_activations(session, "head", MEAN_TEXT)
-    assert got.shape == (N_LAYERS, N_HEADS * D_HEAD)
+    dh = d_head(family)
+    assert got.shape == (N_LAYERS, N_HEADS * dh)
     torch.testing.assert_close(got[1], means["head"], atol=1e-5, rtol=1e-5)
-    cases = [("1.2", ("head", 1, 2, means["head"][2 * D_HEAD:3 * D_HEAD])),
+    cases = [("1.2", ("head", 1, 2, means["head"][2 * dh:3 * dh])),
              ("1:11", ("neuron", 1, 11, means["neuron"][11])),
              ("attn:1", ("attn", 1, None, means["attn"])),
              ("block:1", ("block", 1, None, means["block"]))]
@@ -262,7 +268,7 @@ def test_resample_matches_reference(tiny_sessions, plain, family):
     for spec, kind, layer, index in (("2.1", "head", 2, 1), ("0:40", "neuron", 0, 40), ("mlp:1", "mlp", 1, None),
                                      ("block:2", "block", 2, None)):
         act = ref_capture(model, family, ids2, kind, layer)  # [T, W] from the second prompt
-        value = {"head": lambda: act[:, index * D_HEAD:(index + 1) * D_HEAD],
+        value = {"head": lambda: act[:, index * d_head(family):(index + 1) * d_head(family)],
                  "neuron": lambda: act[:, index]}.get(kind, lambda: act)()
         result = ablate(session, AblationRequest(PROMPT, TARGET, (spec,), mode="resample", second_prompt=SECOND,
                                                  lens=False))
@@ -507,9 +513,9 @@ def test_sweep_round_trip_with_nan(tiny_sessions, monkeypatch):
 def ref_attribution(model, family: str, ids: torch.Tensor, tid: int) -> np.ndarray:
     """Independent attribution patching for zero-ablated heads: −Σ act·∂logit/∂act per head slice."""
     acts = {}
-    handles = [model.get_submodule({"llama": "model.embed_tokens", "mistral": "model.embed_tokens",
-                                    "qwen2": "model.embed_tokens", "gpt2": "transformer.wte",
-                                    "gpt_neox": "gpt_neox.embed_in"}[family]).register_forward_hook(
+    embed = {"gpt2": "transformer.wte", "gpt_neox": "gpt_neox.embed_in",
+             **{f: "model.embed_tokens" for f in _LLAMA_LIKE}}[family]
+    handles = [model.get_submodule(embed).register_forward_hook(
         lambda m, a, o: o.detach().requires_grad_(True))]
     for l in range(N_LAYERS):
         handles.append(_mod(model, family, l, ATTN_OUT[family]).register_forward_pre_hook(
@@ -520,7 +526,7 @@ def ref_attribution(model, family: str, ids: torch.Tensor, tid: int) -> np.ndarr
     finally:
         for h in handles:
             h.remove()
-    return np.array([(-(acts[l] * g)[0].detach().view(-1, N_HEADS, D_HEAD).sum((0, 2))).numpy()
+    return np.array([(-(acts[l] * g)[0].detach().view(-1, N_HEADS, d_head(family)).sum((0, 2))).numpy()
                      for l, g in enumerate(grads)])
 
 

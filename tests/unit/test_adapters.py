@@ -6,13 +6,15 @@ so a path that exists but names the wrong module fails too.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from tiny_models import FAMILIES, make_tiny_model, tiny_config
 from explorer.core.adapters import ADAPTERS, Adapter, adapter_for, check_modules
 from explorer.core.errors import ExplorerError, UnsupportedModelError
 from explorer.core.session import ModelSession
+from tiny_models import FAMILIES, make_tiny_model, tiny_config
 
 VOCAB = 512  # the adapter checks need no real tokenizer
 
@@ -97,17 +99,45 @@ def test_adapter_entries_do_what_they_say(family, plain_models):
     with torch.no_grad():
         normed = model.get_submodule(adapter.final_norm)(last)
         torch.testing.assert_close(normed, hidden[-1], rtol=0, atol=1e-6)
-        torch.testing.assert_close(unembed(normed), out.logits, rtol=1e-6, atol=1e-5)
+        logits = unembed(normed)
+        cap = getattr(cfg, adapter.logit_softcap) if adapter.logit_softcap else None
+        if family == "gemma2":  # the one tiny family that soft-caps its logits
+            assert cap == 30.0
+            logits = cap * torch.tanh(logits / cap)
+        else:
+            assert cap is None
+        torch.testing.assert_close(logits, out.logits, rtol=1e-6, atol=1e-5)
     # attn_out's input is the concatenation of the heads; mlp_out's input is the neurons.
     d_mlp = 4 * d if family == "gpt2" else cfg.intermediate_size
     for i in range(n_layers):
-        assert seen["in", attn_out[i]].shape[-1] == n_heads * (d // n_heads)
+        assert seen["in", attn_out[i]].shape[-1] == n_heads * (getattr(cfg, "head_dim", None) or d // n_heads)
         assert seen["in", mlp_out[i]].shape[-1] == d_mlp
     # attn / mlp are the sub-blocks that contain those projections.
     block = blocks[0]
     assert block.get_submodule(adapter.attn_out) in list(block.get_submodule(adapter.attn).modules())
     assert block.get_submodule(adapter.mlp_out) in list(block.get_submodule(adapter.mlp).modules())
     assert adapter.attn_out.startswith(adapter.attn + ".") and adapter.mlp_out.startswith(adapter.mlp + ".")
+    # Post-norms: each block's output is its input plus the post-norms' outputs (where named),
+    # else plus the attention and MLP outputs.
+    attn_site = adapter.attn_post_norm or adapter.attn
+    mlp_site = adapter.mlp_post_norm or adapter.mlp
+    sites = [f"{adapter.blocks}.{i}.{p}" for i in range(n_layers) for p in (attn_site, mlp_site)]
+    _, seen = run_with_hooks(model, paths_out=sites + [f"{adapter.blocks}.{i}" for i in range(n_layers)])
+    for i in range(n_layers):
+        added = seen["out", f"{adapter.blocks}.{i}.{attn_site}"] + seen["out", f"{adapter.blocks}.{i}.{mlp_site}"]
+        torch.testing.assert_close(seen["out", f"{adapter.blocks}.{i}"], hidden[i] + added, rtol=1e-5, atol=1e-5)
+    # Every RMSNorm scales by (norm_gain_offset + weight): checked with random weights.
+    gen = torch.Generator().manual_seed(3)
+    for name, norm in model.named_modules():
+        if "RMSNorm" in type(norm).__name__ and norm.weight.shape[-1] == d:
+            norm = copy.deepcopy(norm)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(d, generator=gen))
+            x = torch.randn(5, d, generator=gen)
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+            expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (adapter.norm_gain_offset + norm.weight)
+            with torch.no_grad():
+                torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_check_names_every_missing_top_level_module():
@@ -151,3 +181,20 @@ def test_session_refuses_an_unsupported_architecture(tokenizer):
                        ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)
     with pytest.raises(UnsupportedModelError, match="'opt'"):
         ModelSession(OPTForCausalLM(config), tokenizer, name="opt")
+
+
+def test_check_names_a_missing_post_norm():
+    model = make_tiny_model("olmo2", VOCAB)
+    del model.model.layers[0].post_feedforward_layernorm
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.post_feedforward_layernorm"):
+        check_modules(adapter_for("olmo2"), model)
+
+
+@pytest.mark.parametrize("model_type, hint", [("gemma3", "gemma3_text"), ("gemma", "Gemma 2")])
+def test_near_miss_model_types_say_what_is_supported(model_type, hint):
+    with pytest.raises(UnsupportedModelError, match=hint):
+        adapter_for(model_type)
+
+
+def test_every_adapter_has_a_tiny_model():
+    assert set(ADAPTERS) == set(FAMILIES)  # a family added to the table is added to the tests too

@@ -18,7 +18,11 @@ from explorer.interventions.edits import (
 )
 from tiny_models import make_tiny_model
 
-BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
+# Gemma 2 (sliding window, soft-caps, post-norms), OLMo-2 (post-norms only), Phi-3 (fused
+# projections) join the three original layouts: replay re-runs their blocks from captured
+# arguments, per-layer masks included.
+BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
+          "gemma2": "model.layers", "olmo2": "model.layers", "phi3": "model.layers"}
 FAMILIES = tuple(BLOCKS)
 PROMPT = "The capital of France is"
 TOL = 1e-4

@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import FAMILIES, make_tiny_model
-from explorer.analyses import heads as heads_mod
 from cli.main import main
-from explorer.core.errors import EmptyPromptError, ExplorerError, TokenError
+from explorer.analyses import heads as heads_mod
 from explorer.analyses.heads import (
     AttentionRequest,
     AttentionResult,
@@ -41,17 +39,22 @@ from explorer.analyses.heads import (
     parse_head,
     previous_token_scores,
 )
+from explorer.core.errors import EmptyPromptError, ExplorerError, TokenError
 from explorer.core.session import ModelSession
+from tiny_models import FAMILIES, make_tiny_model
 
 # Written out independently of explorer/core/adapters.py.
-BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
-          "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
-EMBED_OUT = {"llama": "model.embed_tokens", "mistral": "model.embed_tokens", "qwen2": "model.embed_tokens",
-             "gpt2": "transformer.drop", "gpt_neox": "gpt_neox.emb_dropout"}
-O_PROJ = {"llama": "self_attn.o_proj", "mistral": "self_attn.o_proj", "qwen2": "self_attn.o_proj",
-          "gpt2": "attn.c_proj", "gpt_neox": "attention.dense"}
-FINAL_NORM = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm",
-              "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text")
+BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", **{f: "model.layers" for f in _LLAMA_LIKE}}
+EMBED_OUT = {"gpt2": "transformer.drop", "gpt_neox": "gpt_neox.emb_dropout",
+             **{f: "model.embed_tokens" for f in _LLAMA_LIKE}}
+O_PROJ = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense", **{f: "self_attn.o_proj" for f in _LLAMA_LIKE}}
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm",
+              **{f: "model.norm" for f in _LLAMA_LIKE}}
+# Norms of the attention / MLP output before the residual add (post-norm families only).
+ATTN_POST_NORM = {f: "post_attention_layernorm" for f in ("gemma2", "gemma3_text", "olmo2")}
+MLP_POST_NORM = {f: "post_feedforward_layernorm" for f in ("gemma2", "gemma3_text", "olmo2")}
+GAIN_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}  # Gemma's RMSNorm scales by 1 + weight
 N_LAYERS, N_HEADS = 3, 4  # the conftest's tiny configs
 
 PROMPTS = (
@@ -118,6 +121,14 @@ def reference_dla(model, family: str, ids: torch.Tensor, target: int | None = No
     blocks = model.get_submodule(BLOCKS[family])
     norm = model.get_submodule(FINAL_NORM[family])
     got: dict[str, object] = {"z": {}, "o": {}, "mlp": {}}
+    offset = GAIN_OFFSET.get(family, 0.0)
+
+    def rms_frozen(norm_module, clean):
+        """An RMSNorm with its scale frozen at the clean vector's (a linear map)."""
+        eps = getattr(norm_module, "variance_epsilon", getattr(norm_module, "eps", None))
+        gain = norm_module.weight.detach().double() + offset
+        scale = torch.sqrt(clean.pow(2).mean() + eps)
+        return lambda x: gain * x / scale
 
     def last(x):
         return x[0, -1].detach().double()
@@ -129,13 +140,22 @@ def reference_dla(model, family: str, ids: torch.Tensor, target: int | None = No
         o_proj = block.get_submodule(O_PROJ[family])
         handles.append(o_proj.register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, last(a[0]))))
         handles.append(o_proj.register_forward_hook(lambda m, a, o, i=i: got["o"].__setitem__(i, last(o))))
-        handles.append(block.mlp.register_forward_hook(lambda m, a, o, i=i: got["mlp"].__setitem__(i, last(o))))
+        mlp_site = block.get_submodule(MLP_POST_NORM.get(family, "mlp"))  # what the MLP adds
+        handles.append(mlp_site.register_forward_hook(lambda m, a, o, i=i: got["mlp"].__setitem__(i, last(o))))
+    # The logit before any final soft-cap: the unembedding's own output.
+    handles.append(model.lm_head.register_forward_hook(lambda m, a, o: got.__setitem__("logits", last(o))))
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids[None]).logits[0, -1].double()
+            capped = model(input_ids=ids[None]).logits[0, -1].double()
     finally:
         for h in handles:
             h.remove()
+    logits = got["logits"]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # the hook saw the logits before the cap, the model returned them after it
+        torch.testing.assert_close(cap * torch.tanh(logits / cap), capped, rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(logits, capped, rtol=0, atol=0)
     t = int(logits.argmax()) if target is None else target
     h = got["h"]
     g = norm.weight.detach().double()
@@ -147,11 +167,8 @@ def reference_dla(model, family: str, ids: torch.Tensor, target: int | None = No
         def frozen(x):
             return g * (x - x.mean()) / s + b
     else:
-        s = torch.sqrt(h.pow(2).mean() + norm.variance_epsilon)
+        frozen = rms_frozen(norm, h)
         b = None
-
-        def frozen(x):
-            return g * x / s
 
     with torch.no_grad():
         # The frozen norm at the clean point is the real norm there.
@@ -161,22 +178,28 @@ def reference_dla(model, family: str, ids: torch.Tensor, target: int | None = No
         return float(w_u @ (frozen(h) - frozen(h - part)))
 
     heads = np.zeros((len(blocks), N_HEADS))
+    attn_out = np.zeros(len(blocks))
     for i, block in enumerate(blocks):
         o_proj = block.get_submodule(O_PROJ[family])
+        # What the attention adds to the residual: its output, or that output post-normed with
+        # the post-norm's scale frozen at the clean output.
+        post = (rms_frozen(block.get_submodule(ATTN_POST_NORM[family]), got["o"][i])
+                if family in ATTN_POST_NORM else (lambda x: x))
         w = o_proj.weight.detach().double()
         z = got["z"][i]
         dh = z.numel() // N_HEADS
         for hd in range(N_HEADS):
             zs = z[hd * dh:(hd + 1) * dh]
             part = zs @ w[hd * dh:(hd + 1) * dh, :] if family == "gpt2" else w[:, hd * dh:(hd + 1) * dh] @ zs
-            heads[i, hd] = contrib(part)
+            heads[i, hd] = contrib(post(part))
+        attn_out[i] = contrib(post(got["o"][i]))
     bias_u = model.lm_head.bias
     return {
         "target": t,
         "logit": float(logits[t]),
         "embed": contrib(got["embed"]),
         "heads": heads,
-        "attn_out": np.array([contrib(got["o"][i]) for i in range(len(blocks))]),  # heads + bias
+        "attn_out": attn_out,  # heads + bias
         "mlp": np.array([contrib(got["mlp"][i]) for i in range(len(blocks))]),
         "norm_bias": 0.0 if b is None else float(w_u @ b),
         "unembed_bias": 0.0 if bias_u is None else float(bias_u[t]),
@@ -188,7 +211,8 @@ def reference_dla(model, family: str, ids: torch.Tensor, target: int | None = No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patterns_equal_eager_output_attentions(family, prompt, pairs):
     session, plain = pairs["tiny", family]
-    assert session.hf.config._attn_implementation == "sdpa"  # the engine must switch to eager itself
+    own = session.hf.config._attn_implementation  # sdpa (Gemma 2: eager, for its soft-capping)
+    assert own == ("eager" if family == "gemma2" else "sdpa")  # the engine must switch to eager itself
     result = attention_patterns(session, prompt)
     ids = session.encode(prompt)
     ref = reference_attentions(plain, ids)
@@ -197,7 +221,7 @@ def test_patterns_equal_eager_output_attentions(family, prompt, pairs):
     np.testing.assert_allclose(result.patterns, ref, rtol=0, atol=PATTERN_TOL)
     np.testing.assert_allclose(result.patterns.sum(-1), 1.0, atol=1e-5)
     assert np.all(np.triu(result.patterns, k=1) == 0)  # causal
-    assert session.hf.config._attn_implementation == "sdpa"  # restored
+    assert session.hf.config._attn_implementation == own  # restored
     assert list(result.tokens) == list(session.decode_each(ids.numpy()))
     assert result.validate() is None
 
@@ -344,6 +368,7 @@ def _reference_scores(prompt_att: np.ndarray, rep_att: np.ndarray, n: int) -> di
 def test_head_scores_match_plain_pytorch(family, prompt, pairs):
     session, plain = pairs["tiny", family]
     session.clear_cache()  # the first request runs prompt + random tokens as two invokes
+    own = session.hf.config._attn_implementation
     result = head_scores(session, HeadsRequest(prompt, seq_len=SEQ_LEN))
     ids = session.encode(prompt)
     rep = torch.from_numpy(result.random_ids)
@@ -352,7 +377,7 @@ def test_head_scores_match_plain_pytorch(family, prompt, pairs):
         got = getattr(result, name)
         assert got.shape == (N_LAYERS, N_HEADS) and got.dtype == np.float32, name
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
-    assert session.hf.config._attn_implementation == "sdpa"
+    assert session.hf.config._attn_implementation == own
     # The prompt's patterns from the two-invoke trace were cached as its AttentionResult.
     np.testing.assert_allclose(attention_patterns(session, prompt).patterns,
                                reference_attentions(plain, ids), rtol=0, atol=PATTERN_TOL)
@@ -455,8 +480,8 @@ def test_roles_threshold_and_top(pairs):
     assert len(everything) == N_LAYERS * N_HEADS
     assert all(set(r) == {"previous-token", "induction", "duplicate", "sink"} for r in everything.values())
     assert result.roles(1.01) == {}
-    l, h, v = result.top("bos", 1)[0]
-    assert v == result.bos.max() and result.bos[l, h] == v
+    layer, h, v = result.top("bos", 1)[0]
+    assert v == result.bos.max() and result.bos[layer, h] == v
     assert result.top("entropy", 1, largest=False)[0][2] == result.entropy.min()
     assert set(result.scores()) == {"previous_token", "induction", "duplicate_token", "bos", "entropy", "dla"}
 

@@ -14,18 +14,28 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import FAMILIES, make_tiny_model
-from explorer.core.errors import EmptyPromptError, ExplorerError, PromptTooLongError, TokenError
 from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
+from explorer.core.errors import EmptyPromptError, ExplorerError, PromptTooLongError, TokenError
 from explorer.core.session import ModelInfo, ModelSession
+from tiny_models import FAMILIES, make_tiny_model
 
 # Where each family keeps its parts, written out independently of explorer/core/adapters.py.
-EMBED_OUT = {"llama": "model.embed_tokens", "mistral": "model.embed_tokens", "qwen2": "model.embed_tokens",
-             "gpt2": "transformer.drop", "gpt_neox": "gpt_neox.emb_dropout"}
-BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
-          "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
-FINAL_NORM = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm",
-              "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text")
+EMBED_OUT = {"gpt2": "transformer.drop", "gpt_neox": "gpt_neox.emb_dropout",
+             **{f: "model.embed_tokens" for f in _LLAMA_LIKE}}  # Gemma's scales by sqrt(d) itself
+BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", **{f: "model.layers" for f in _LLAMA_LIKE}}
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm",
+              **{f: "model.norm" for f in _LLAMA_LIKE}}
+GAIN_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}  # Gemma's RMSNorm scales by 1 + weight
+
+
+def softcap(family: str, logits: torch.Tensor, config) -> torch.Tensor:
+    """Gemma 2's final-logit soft-cap, cap * tanh(z / cap), written out here."""
+    if family != "gemma2":
+        return logits
+    cap = config.final_logit_softcapping
+    return cap * torch.tanh(logits / cap)
+
 
 PROMPTS = (
     "The capital of France is",
@@ -42,6 +52,11 @@ PROB_RTOL = 1e-4  # probabilities are also compared relatively: near-uniform one
 # well as absolutely.
 VARIANTS = ("tiny", "peaked")
 PEAK_SCALE = 12.0
+# Gemma 2 soft-caps its logits at 30: scaled 12x, most of a random model's logits would sit
+# near the cap (top-1 ~0.36); scaled 8x its lens is less peaked than the others' (top-1 up to
+# ~0.59, entropy down to ~2.5 nats) but still varied (KL up to ~20 nats).
+PEAK_SCALES = {"gemma2": 8.0}
+PEAK_GUARD = {"gemma2": (0.5, 3.0)}  # (top-1 above, entropy below), default (0.9, 0.5)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -54,10 +69,10 @@ def _peaked_model(family: str, vocab: int):
     model = make_tiny_model(family, vocab)
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        model.lm_head.weight.mul_(PEAK_SCALE)
+        model.lm_head.weight.mul_(PEAK_SCALES.get(family, PEAK_SCALE))
         for name, p in model.named_parameters():
-            if p.dim() == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+            if p.dim() == 1 and name.endswith("weight"):  # gains 1 ± 0.5 (Gemma's are 1 + weight)
+                p.copy_(1 - GAIN_OFFSET.get(family, 0.0) + 0.5 * torch.randn(p.shape, generator=gen))
             elif p.dim() == 1 and name.endswith("bias"):
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
     return model
@@ -113,7 +128,7 @@ def reference_lens(model, family: str, ids: torch.Tensor):
         for i in range(len(blocks)):
             torch.testing.assert_close(rows[i], hidden[i][0], rtol=0, atol=1e-6)
         torch.testing.assert_close(norm(rows[-1]), hidden[-1][0], rtol=0, atol=1e-6)
-        logits = model.lm_head(norm(rows))
+        logits = softcap(family, model.lm_head(norm(rows)), model.config)
         torch.testing.assert_close(logits[-1], out.logits[0], rtol=1e-6, atol=1e-5)
     return logits, out.logits[0]
 
@@ -184,8 +199,9 @@ def test_peaked_variant_is_peaked(pairs):
     """Guard for the checks' strength: the peaked models give confident, layer-varying lenses."""
     for family in FAMILIES:
         result = logit_lens(pairs["peaked", family][0], LensRequest(PROMPTS[1]))
-        assert result.top_probs[..., 0].max() > 0.9, family
-        assert result.entropy.min() < 0.5 and result.entropy.max() > 2, family
+        top1, low_entropy = PEAK_GUARD.get(family, (0.9, 0.5))
+        assert result.top_probs[..., 0].max() > top1, family
+        assert result.entropy.min() < low_entropy and result.entropy.max() > 2, family
         assert result.kl_to_final[:-1].max() > 10, family
         assert len(np.unique(result.top_ids[..., 0])) > 5, family
 
@@ -483,3 +499,26 @@ def test_bfloat16_unembedding_mostly_agrees(pairs, family):
     assert np.abs(bf16.top_probs[..., 0] - fp32.top_probs[..., 0]).max() < 0.1
     assert bf16.top_probs[..., 0].max() > 0.5  # peaked enough for agreement to mean something
     assert session.dtype == torch.float32  # the model itself was not cast
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gemma2_soft_cap_bites_and_the_lens_applies_it(variant, pairs):
+    """Guard for the last-row check: the cap changes Gemma 2's logits by far more than the
+    tolerances, so a lens that skipped it would fail there."""
+    session, plain = pairs[variant, "gemma2"]
+    ids = session.encode(PROMPTS[1])
+    seen = {}
+    handle = plain.lm_head.register_forward_hook(lambda m, a, o: seen.__setitem__("z", o[0]))
+    try:
+        with torch.no_grad():
+            plain(input_ids=ids[None])
+    finally:
+        handle.remove()
+    uncapped = torch.softmax(seen["z"].double(), -1)
+    own = own_probs(plain, ids)
+    # Relative to the probabilities compared (the tiny model's are ~1e-5): 3x the tolerance on
+    # the near-uniform tiny model, far beyond it on the peaked one.
+    assert ((uncapped - own).abs() / own).max() > (1e-2 if variant == "peaked" else 3 * PROB_RTOL)
+    result = logit_lens(session, LensRequest(PROMPTS[1], top_k=5))
+    assert_probs_close(result.top_probs[-1], torch.topk(own, 5, dim=-1).values.numpy(), "capped")
+    assert session.unembedding.softcap == plain.config.final_logit_softcapping == 30.0

@@ -9,14 +9,12 @@ over windows built here from the corpus text, and everything is compared with br
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from tiny_models import make_tiny_model
 from cli.main import main
 from explorer.core.corpus import CorpusError
 from explorer.core.errors import ExplorerError
@@ -33,9 +31,14 @@ from explorer.neurons.index import (
     hist_quantiles,
     window_priority,
 )
+from tiny_models import make_tiny_model
 
-BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
-MLP_OUT = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
+# The families with distinct MLPs: Llama's SwiGLU, GPT-2's Conv1D, NeoX's, Phi-3's fused
+# gate_up_proj, Gemma's GELU gates (Gemma 2, Gemma 3), OLMo-2's post-normed MLP, Qwen3.
+FAMS = ("llama", "gpt2", "gpt_neox", "phi3", "gemma2", "gemma3_text", "olmo2", "qwen3")
+_LLAMA_LIKE = ("llama", "phi3", "gemma2", "gemma3_text", "olmo2", "qwen3")
+BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", **{f: "model.layers" for f in _LLAMA_LIKE}}
+MLP_OUT = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", **{f: "mlp.down_proj" for f in _LLAMA_LIKE}}
 WINDOW, MAX_TOKENS, TOP_K, N_RANDOM, BATCH = 32, 1536, 6, 5, 8
 
 
@@ -91,15 +94,13 @@ def plain_acts(family, tokenizer, session, ids: np.ndarray) -> list[np.ndarray]:
 def built(tiny_sessions, tokenizer, corpus, tmp_path_factory):
     """family -> (index, reference windows, reference activations)."""
     out = {}
-    for family in ("llama", "gpt2", "gpt_neox"):
+    for family in FAMS:
         session = tiny_sessions[family]
         index = build_index(session, request(corpus), out_dir=tmp_path_factory.mktemp(family))
         windows = reference_windows(tokenizer, corpus)
         out[family] = (index, windows, plain_acts(family, tokenizer, session, windows))
     return out
 
-
-FAMS = ("llama", "gpt2", "gpt_neox")
 
 
 # ------------------------------------------------------------------ exactness

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import explorer.interventions.edits as edits_mod
-from tiny_models import FAMILIES, make_tiny_model
 from explorer.interventions.ablation import AblationError
 from explorer.interventions.patching import PatchRequest, PatchResult, patch, patched_metric, restored_fraction
+from tiny_models import FAMILIES, make_tiny_model
 
-BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
-          "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
-ATTN = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "gpt2": "attn", "gpt_neox": "attention"}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3_text")
+BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", **{f: "model.layers" for f in _LLAMA_LIKE}}
+ATTN = {"gpt2": "attn", "gpt_neox": "attention", **{f: "self_attn" for f in _LLAMA_LIKE}}
 N_LAYERS = 3
 
 CLEAN = "The capital of France is"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import FAMILIES, make_tiny_model
+from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.errors import (
     EmptyPromptError,
     ExplorerError,
@@ -16,8 +16,8 @@ from explorer.core.errors import (
     TokenError,
     UnsupportedModelError,
 )
-from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.session import ModelInfo, ModelSession, pick_device, pick_dtype
+from tiny_models import FAMILIES, make_tiny_model
 
 # What the tiny configs in conftest.py declare, written out independently of the engine:
 # (n_heads, n_kv_heads, d_mlp); every family has 3 layers, d_model 64, head size 16, context 256.
@@ -25,9 +25,14 @@ TINY_SHAPES = {
     "llama": (4, 2, 128), "mistral": (4, 2, 128), "qwen2": (4, 2, 128),
     "gpt2": (4, 4, 256),      # GPT-2: no GQA; n_inner None means 4 * d_model
     "gpt_neox": (4, 4, 128),
+    "qwen3": (4, 2, 128), "phi3": (4, 2, 128), "olmo2": (4, 2, 128),
+    "gemma2": (4, 2, 128), "gemma3_text": (4, 2, 128),
 }
+D_HEADS = {"gemma2": 24, "gemma3_text": 8, "qwen3": 32}  # heads not d_model / n_heads wide; others 16
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +177,7 @@ def test_info_of_each_family(tiny_sessions, tokenizer, family):
     n_heads, n_kv, d_mlp = TINY_SHAPES[family]
     assert info.family == family and info.architecture == ARCHITECTURES[family]
     assert (info.n_layers, info.n_heads, info.n_kv_heads) == (3, n_heads, n_kv)
-    assert (info.d_model, info.d_head, info.d_mlp) == (64, 16, d_mlp)
+    assert (info.d_model, info.d_head, info.d_mlp) == (64, D_HEADS.get(family, 16), d_mlp)
     assert info.vocab_size == len(tokenizer) and info.context_length == 256
     assert info.n_params == sum(p.numel() for p in make_tiny_model(family, len(tokenizer)).parameters())
     assert info.name == f"tiny-{family}" and info.device == "cpu" and info.dtype == "float32"
