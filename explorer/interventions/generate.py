@@ -114,7 +114,8 @@ class Intervention:
 class GenerateRequest:
     """Generate up to ``max_new_tokens`` after ``prompt``; ``temperature`` 0 = greedy.
 
-    With ``intervention`` a second arm runs with it (same seed); ``lens`` adds each generated
+    With ``intervention`` a second arm runs with it (same seed; ``compare=False``: only that arm);
+    ``lens`` adds each generated
     token's logit-lens column (top ``top_k`` per layer, and the chosen token's rank per layer).
     """
 
@@ -126,6 +127,7 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     chat: bool = False
     intervention: Intervention | None = None
+    compare: bool = True          # with an intervention: also run the plain arm (A/B)
     lens: bool = False
     top_k: int = LENS_TOP_K
 
@@ -168,7 +170,8 @@ class Generation(Result):
 
 @dataclass(frozen=True, eq=False)
 class GenerateResult(Result):
-    """The generated text of the plain arm and (with an intervention) the intervened arm."""
+    """The generated text of the plain arm and (with an intervention) the intervened arm; one of
+    them is None when it did not run (no intervention; ``compare=False``)."""
 
     request: GenerateRequest
     model: str
@@ -176,18 +179,23 @@ class GenerateResult(Result):
     prompt_tokens: np.ndarray = array("T", "str")
     prompt_ids: np.ndarray = array("T", "int64")
     layer_labels: tuple[str, ...] = sized("R")
-    baseline: Generation = None  # type: ignore[assignment]
+    baseline: Generation | None = None
     intervened: Generation | None = None
     seconds: float = 0.0
     first_token_seconds: float = 0.0
 
     @property
     def arms(self) -> tuple[Generation, ...]:
-        return (self.baseline,) if self.intervened is None else (self.baseline, self.intervened)
+        return tuple(a for a in (self.baseline, self.intervened) if a is not None)
+
+    @property
+    def main(self) -> Generation:
+        """The intervened arm when there is one, else the plain arm."""
+        return self.intervened if self.intervened is not None else self.baseline
 
     @property
     def text(self) -> str:
-        return self.baseline.text
+        return self.main.text
 
     def relations(self) -> str | None:
         for arm in self.arms:
@@ -560,8 +568,10 @@ def generate(session: ModelSession, request: GenerateRequest | str | None = None
     request = build_request(GenerateRequest, request, fields)
     check_settings(request)
     ids, text = prompt_ids(session, request.prompt, request.chat)
-    plans = [Plan()]
-    labels = ["baseline"]
+    plans, labels = [], []
+    if request.intervention is None or request.compare:
+        plans.append(Plan())
+        labels.append("baseline")
     if request.intervention is not None:
         plans.append(plan_for(session, request.intervention, ids))
         labels.append(request.intervention.describe())
@@ -594,8 +604,10 @@ def generate(session: ModelSession, request: GenerateRequest | str | None = None
     return GenerateResult(
         request=request, model=session.name, prompt_text=text,
         prompt_tokens=session.decode_each(ids.numpy()), prompt_ids=ids.numpy().astype(np.int64),
-        layer_labels=layer_labels(session.n_layers), baseline=gens[0],
-        intervened=gens[1] if len(gens) > 1 else None, seconds=seconds, first_token_seconds=first_token)
+        layer_labels=layer_labels(session.n_layers),
+        baseline=gens[0] if labels[0] == "baseline" else None,
+        intervened=gens[-1] if request.intervention is not None else None,
+        seconds=seconds, first_token_seconds=first_token)
 
 
 class _CtxEvent:
