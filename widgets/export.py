@@ -31,7 +31,9 @@ from explorer.analyses.heads import AttentionResult, DLAResult, HeadPattern, Hea
 from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.interventions.generate import GenerateResult, Generation
 from explorer.interventions.patching import PatchResult
+from explorer.interventions.steering import SteeringVector, SteerResult, SteerSweepResult
 from explorer.core.results import Result
 from explorer.persistence.snapshot import Entry, Snapshot
 from explorer.training.swap import SwapAudit
@@ -40,6 +42,7 @@ from . import ablation_charts as ac
 from . import heads_charts as hc
 from . import intervention_charts as ic
 from . import neuron_charts as nc
+from . import steering_charts as sc
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
 log = logging.getLogger(__name__)
@@ -253,6 +256,34 @@ def _checkpoint_figures(c: CheckpointComparison, model: dict) -> list[Figure]:
     return out
 
 
+# ------------------------------------------------------------------ generation and steering
+def _generate_figures(r: GenerateResult, model: dict) -> list[Figure]:
+    out = [(f"Generated after {shorten(r.request.prompt, 60)!r}: {arm.label} ({arm.stop_reason}).",
+            sc.token_strip(arm)) for arm in r.arms]
+    if any(arm.has_lens for arm in r.arms) and len(r.main.token_ids):
+        out.append(("Rank of the first generated token per layer, in each arm.", sc.rank_chart(r, 0)))
+    return out
+
+
+def _arm_tokens_figures(g: Generation, model: dict) -> list[Figure]:
+    return [(f"Generated tokens: {g.label} ({g.stop_reason}).", sc.token_strip(g))]
+
+
+def _steer_figures(r: SteerResult, model: dict) -> list[Figure]:
+    return [(f"Steering {shorten(r.request.prompt, 60)!r}.", _div(sc.apply_html(r), sc.TABLE_CSS))]
+
+
+def _steer_sweep_figures(r: SteerSweepResult, model: dict) -> list[Figure]:
+    out = [(f"The metric against α for {shorten(r.request.prompt, 60)!r}.", sc.sweep_chart(r))]
+    if r.texts:
+        out.append(("Steered continuations.", _div(sc.texts_html(r), sc.TABLE_CSS)))
+    return out
+
+
+def _vector_figures(v: SteeringVector, model: dict) -> list[Figure]:
+    return [("A steering vector and the tokens it was read at.", _div(sc.vector_html(v), sc.TABLE_CSS))]
+
+
 BUILDERS: dict[type, Builder] = {
     LensResult: _lens_figures,
     LensComparison: _comparison_figures,
@@ -274,6 +305,11 @@ BUILDERS: dict[type, Builder] = {
     InterventionResult: _intervention_figures,
     ArmMetrics: _arm_figures,
     CheckpointComparison: _checkpoint_figures,
+    GenerateResult: _generate_figures,
+    Generation: _arm_tokens_figures,
+    SteerResult: _steer_figures,
+    SteerSweepResult: _steer_sweep_figures,
+    SteeringVector: _vector_figures,
 }
 
 # The views results come from, in the app's tab order; anything else is "Other".
@@ -285,6 +321,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
                 PromptActivation, Explanation, SearchHit, NeuronExample),
     "Demonstrations": (PromptSet, DemoLensResult, OverthinkingResult),
     "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison),
+    "Generate and steering": (GenerateResult, Generation, SteerResult, SteerSweepResult, SteeringVector),
 }
 OTHER = "Other"
 
