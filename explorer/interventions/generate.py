@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,10 +303,14 @@ class EditHooks:
     after each block, is kept in ``captured`` ([B, 1 + L, d]).
     """
 
-    def __init__(self, session: ModelSession, plans: Sequence[Plan], capture: bool = False) -> None:
+    def __init__(self, session: ModelSession, plans: Sequence[Plan], capture: bool = False,
+                 broadcast: bool = False) -> None:
         self.session = session
         self.plans = list(plans)
         self.capture = capture
+        self.broadcast = broadcast  # one plan for every batch row (any batch size)
+        if broadcast and len(self.plans) != 1:
+            raise EditError("a broadcast edit set has exactly one plan")
         self.current: dict[tuple[str, int], list[tuple[int, Edit]]] = {}
         self.captured: torch.Tensor | None = None
         self._rows: list = []
@@ -313,10 +318,10 @@ class EditHooks:
 
     def set(self, start: int, n: int, prompt_len: int) -> None:
         """Edits of a forward covering positions start .. start + n − 1."""
-        groups: dict[tuple[str, int], list[tuple[int, Edit]]] = defaultdict(list)
+        groups: dict[tuple[str, int], list[tuple[int | None, Edit]]] = defaultdict(list)
         for b, plan in enumerate(self.plans):
             for e in plan.at(start, n, prompt_len):
-                groups[e.site, e.layer].append((b, e))
+                groups[e.site, e.layer].append((None if self.broadcast else b, e))
         self.current = dict(groups)
 
     def __enter__(self) -> EditHooks:
@@ -328,7 +333,7 @@ class EditHooks:
         sites: set[tuple[str, int]] = set()
         for plan in self.plans:
             sites |= plan.sites()
-        embeds = [(b, p.embed) for b, p in enumerate(self.plans) if p.embed is not None]
+        embeds = [(None if self.broadcast else b, p.embed) for b, p in enumerate(self.plans) if p.embed is not None]
         if embeds:
             def embed_pre(mod, args, kwargs):
                 if args:
@@ -385,17 +390,19 @@ class EditHooks:
         self._cm.__exit__(*exc)
 
     @staticmethod
-    def _project(h: torch.Tensor, embeds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def _project(h: torch.Tensor, embeds: list[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
         h = h.clone()
         for b, u in embeds:
-            h[b] = h[b] - (h[b] @ u)[..., None] * u
+            for r in (range(h.shape[0]) if b is None else (b,)):
+                h[r] = h[r] - (h[r] @ u)[..., None] * u
         return h
 
     @staticmethod
-    def _apply(x: torch.Tensor, items: list[tuple[int, Edit]], inp: torch.Tensor | None) -> torch.Tensor:
+    def _apply(x: torch.Tensor, items: list[tuple[int | None, Edit]], inp: torch.Tensor | None) -> torch.Tensor:
         x = x.clone()
         for b, e in items:
-            apply_edit(x[b], e, None if inp is None else inp[b])
+            for r in (range(x.shape[0]) if b is None else (b,)):
+                apply_edit(x[r], e, None if inp is None else inp[r if inp.shape[0] == x.shape[0] else 0])
         return x
 
 
@@ -608,6 +615,25 @@ def generate(session: ModelSession, request: GenerateRequest | str | None = None
         baseline=gens[0] if labels[0] == "baseline" else None,
         intervened=gens[-1] if request.intervention is not None else None,
         seconds=seconds, first_token_seconds=first_token)
+
+
+@contextmanager
+def intervened(session: ModelSession, intervention: Intervention | None) -> Iterator[None]:
+    """Every forward of the session's model inside the block runs with the intervention, on every
+    batch row and at every position (steering ``positions`` other than "all" are refused: a
+    forward here has no prompt/generated split). Holds the session's lock; caches are bypassed
+    only by calling the model (or ``score_*`` functions) directly, not cached analyses.
+
+    >>> from explorer.interventions.generate import Intervention, intervened
+    >>> with intervened(session, Intervention(components="mlp:0")):
+    ...     pass
+    """
+    if intervention is not None and intervention.steer is not None and intervention.positions != "all":
+        raise EditError("a standing intervention steers at every position: use positions='all'")
+    plan = plan_for(session, intervention)
+    with torch.no_grad(), session.lock, EditHooks(session, [plan], broadcast=True) as hooks:
+        hooks.set(0, 1, 0)
+        yield
 
 
 class _CtxEvent:

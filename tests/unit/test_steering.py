@@ -337,3 +337,26 @@ def _wide_session(tiny_sessions):
         hf = Hf()
 
     return S()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_standing_intervention_applies_to_every_row_of_any_forward(family, tiny_sessions, plain):
+    """``intervened``: any forward (here a batch of two prompts) runs steered on every row."""
+    from explorer.interventions.generate import intervened
+
+    session = tiny_sessions[family]
+    vec = build_vector(session, positive=POS, negative=NEG, layer=1)
+    v = torch.from_numpy(vec.vector)
+    ids = torch.stack([session.encode(PROMPT), session.encode("I think this song is")])
+    with intervened(session, Intervention(steer=vec.vector, layer=1, alpha=2.0)):
+        got = session.hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float()
+    for row in range(2):
+        want = ref_logits(plain[family], family, ids[row], [(f"{PATHS[family][0]}.1", "post", add_hook(2.0 * v))])
+        torch.testing.assert_close(got[row], want, atol=1e-4, rtol=0)
+    with intervened(session, Intervention(direction=vec.vector)):
+        ablated = session.hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float()
+    one = steer_apply(session, PROMPT, target=" great", vector=vec, mode="ablate")
+    assert float(ablated[0, session.token_id(" great")]) == pytest.approx(one.steered.logit, abs=1e-4)
+    with pytest.raises(ExplorerError, match="every position"):
+        with intervened(session, Intervention(steer=vec.vector, layer=1, alpha=2.0, positions="last")):
+            pass
