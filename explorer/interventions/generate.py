@@ -223,11 +223,9 @@ class Plan:
     def at(self, start: int, n: int, prompt_len: int) -> list[Edit]:
         """The edits of a forward covering positions start .. start + n − 1."""
         out = list(self.fixed)
-        if not self.steer:
-            return out
-        if self.positions == "all":
-            lo, hi = 0, n
-        elif self.positions == "last":
+        if not self.steer or self.positions == "all":
+            return out + self.steer      # built with index (Ellipsis,): every position
+        if self.positions == "last":
             lo, hi = prompt_len - 1 - start, prompt_len - start
         else:  # generated: positions ≥ prompt_len
             lo, hi = max(0, prompt_len - start), n
