@@ -40,6 +40,10 @@ ANALYSES = {
     "run_ccs": "analyses.ccs",
     "patchscope": "analyses.patchscope",
     "bias_dataset": "training.bias_datasets",
+    "generate": "interventions.generate",
+    "build_vector": "interventions.steering",
+    "steer_apply": "interventions.steering",
+    "steer_sweep": "interventions.steering",
 }
 
 _EXPORTS = {
@@ -72,6 +76,11 @@ _EXPORTS = {
     "CCSRequest": "analyses.ccs",
     "PatchscopeRequest": "analyses.patchscope",
     "BiasDatasetRequest": "training.bias_datasets",
+    "GenerateRequest": "interventions.generate",
+    "Intervention": "interventions.generate",
+    "BuildRequest": "interventions.steering",
+    "SteerRequest": "interventions.steering",
+    "SteerSweepRequest": "interventions.steering",
     # results
     "LensResult": "analyses.lens",
     "LensComparison": "analyses.lens",
@@ -94,6 +103,13 @@ _EXPORTS = {
     "CCSResult": "analyses.ccs",
     "PatchscopeResult": "analyses.patchscope",
     "BiasDatasetResult": "training.bias_datasets",
+    "GenerateResult": "interventions.generate",
+    "Generation": "interventions.generate",
+    "SteeringVector": "interventions.steering",
+    "SteerResult": "interventions.steering",
+    "SteerSweepResult": "interventions.steering",
+    "save_vector": "interventions.steering",
+    "load_vector": "interventions.steering",
     # snapshots
     "load_snapshot": "persistence.snapshot",
     "save_snapshot": "persistence.snapshot",

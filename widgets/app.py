@@ -21,12 +21,14 @@ from explorer.persistence.snapshot import SnapshotError, model_identity, snapsho
 
 from .ablation_view import AblationView
 from .export import snapshot_page
+from .generate_view import GenerateView
 from .heads_view import HeadsView
 from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .live import served_doc
 from .neuron_view import NeuronView
 from .snapshot_view import SnapshotView
+from .steering_view import SteeringView
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +102,18 @@ class ExplorerApp(pn.viewable.Viewer):
         self.ablation = AblationView(session, history=self.history)
         self.neurons = NeuronView(session, history=self.history)
         self.swap = InterventionView(session, history=self.history)
+        self.generate = GenerateView(session, history=self.history)
+        self.steering = SteeringView(session, history=self.history)
+        # The Generate tab steers with the Steering tab's current vector.
+        self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
             ("Heads", self.heads),
             ("Ablation", self.ablation),
             ("Neurons", self.neurons),
             ("Pronoun swap", self.swap),
+            ("Generate", self.generate),
+            ("Steering", self.steering),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.

@@ -31,12 +31,14 @@ from explorer.analyses.heads import AttentionResult, DLAResult, HeadPattern, Hea
 from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.interventions.generate import GenerateResult, Generation
 from explorer.interventions.patching import PatchResult
 from explorer.analyses.ccs import CCSResult
 from explorer.analyses.hidden import HiddenStates
 from explorer.analyses.patchscope import PatchscopeResult
 from explorer.analyses.probes import ProbeResult
 from explorer.training.bias_datasets import BiasDatasetResult
+from explorer.interventions.steering import SteeringVector, SteerResult, SteerSweepResult
 from explorer.core.results import Result
 from explorer.persistence.snapshot import Entry, Snapshot
 from explorer.training.swap import SwapAudit
@@ -46,6 +48,7 @@ from . import heads_charts as hc
 from . import intervention_charts as ic
 from . import neuron_charts as nc
 from . import probe_charts as pc
+from . import steering_charts as sc
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
 log = logging.getLogger(__name__)
@@ -281,6 +284,32 @@ def _bias_dataset_figures(r: BiasDatasetResult, model: dict) -> list[Figure]:
     table = (f"<table><tr><th>{html.escape(r.metric)}</th><td>{r.value:.3f} ± {r.se:.3f} (n = {r.n})</td></tr>"
              f"{rows}</table>")
     return [(f"{r.dataset}: {r.metric} over {r.n} items.", _div(table, TABLE_CSS, width=420))]
+# ------------------------------------------------------------------ generation and steering
+def _generate_figures(r: GenerateResult, model: dict) -> list[Figure]:
+    out = [(f"Generated after {shorten(r.request.prompt, 60)!r}: {arm.label} ({arm.stop_reason}).",
+            sc.token_strip(arm)) for arm in r.arms]
+    if any(arm.has_lens for arm in r.arms) and len(r.main.token_ids):
+        out.append(("Rank of the first generated token per layer, in each arm.", sc.rank_chart(r, 0)))
+    return out
+
+
+def _arm_tokens_figures(g: Generation, model: dict) -> list[Figure]:
+    return [(f"Generated tokens: {g.label} ({g.stop_reason}).", sc.token_strip(g))]
+
+
+def _steer_figures(r: SteerResult, model: dict) -> list[Figure]:
+    return [(f"Steering {shorten(r.request.prompt, 60)!r}.", _div(sc.apply_html(r), sc.TABLE_CSS))]
+
+
+def _steer_sweep_figures(r: SteerSweepResult, model: dict) -> list[Figure]:
+    out = [(f"The metric against α for {shorten(r.request.prompt, 60)!r}.", sc.sweep_chart(r))]
+    if r.texts:
+        out.append(("Steered continuations.", _div(sc.texts_html(r), sc.TABLE_CSS)))
+    return out
+
+
+def _vector_figures(v: SteeringVector, model: dict) -> list[Figure]:
+    return [("A steering vector and the tokens it was read at.", _div(sc.vector_html(v), sc.TABLE_CSS))]
 
 
 BUILDERS: dict[type, Builder] = {
@@ -308,6 +337,11 @@ BUILDERS: dict[type, Builder] = {
     InterventionResult: _intervention_figures,
     ArmMetrics: _arm_figures,
     CheckpointComparison: _checkpoint_figures,
+    GenerateResult: _generate_figures,
+    Generation: _arm_tokens_figures,
+    SteerResult: _steer_figures,
+    SteerSweepResult: _steer_sweep_figures,
+    SteeringVector: _vector_figures,
 }
 
 # The views results come from, in the app's tab order; anything else is "Other".
@@ -321,6 +355,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
     "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison,
                      BiasDatasetResult),
     "Probes": (HiddenStates, ProbeResult, CCSResult, PatchscopeResult),
+    "Generate and steering": (GenerateResult, Generation, SteerResult, SteerSweepResult, SteeringVector),
 }
 OTHER = "Other"
 

