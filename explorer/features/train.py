@@ -162,7 +162,7 @@ class SAETrainResult(Result):
 
 
 # ------------------------------------------------------------------------------ state
-class _Run:
+class TrainState:
     """Everything a checkpoint holds: the SAE being trained, Adam, the latent firing record,
     the corpus cursor and the metric rows."""
 
@@ -186,8 +186,15 @@ class _Run:
 
     # ------------------------------------------------------------- dead latents
     def dead_mask(self) -> torch.Tensor:
+        """Latents that did not fire in the last ``dead_window`` tokens (the AuxK loss's; a latent
+        that never fired counts from the start, so none is dead in the first window)."""
+        return self.fired_at.clamp_min(0) <= self.tokens - self.cfg.dead_window
+
+    def dead_fraction(self) -> float:
+        """The share reported: latents that did not fire in the last ``dead_window`` tokens, or in
+        all tokens so far while fewer were read."""
         since = max(0, self.tokens - self.cfg.dead_window)
-        return self.fired_at < since if since > 0 else self.fired_at < 0
+        return float((self.fired_at < since if since > 0 else self.fired_at < 0).float().mean())
 
     # ------------------------------------------------------------- storage
     def save(self, directory: Path) -> None:
@@ -232,7 +239,7 @@ class _Run:
 
 
 # ------------------------------------------------------------------------------ one step
-def train_step(run: _Run, x: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+def train_step(run: TrainState, x: torch.Tensor) -> tuple[float, float, torch.Tensor]:
     """One Adam step on activation vectors ``x`` [N, d_in]; returns (FVU, L0, latents fired)."""
     cfg, sae = run.cfg, run.sae
     lr = cfg.learning_rate * min(1.0, (run.step + 1) / max(1, cfg.warmup_steps))
@@ -316,10 +323,10 @@ def load_training(out_dir: str | Path) -> SAETrainResult:
         raise SAEError(f"{path} is missing or unreadable ({e})") from None
 
 
-def _result(session, run: _Run, status: str, out: Path, elapsed: float) -> SAETrainResult:
+def _result(session, run: TrainState, status: str, out: Path, elapsed: float) -> SAETrainResult:
     cfg = run.cfg
     last = run.evals[-1] if run.evals else {}
-    dead = float(run.dead_mask().float().mean()) if run.tokens else None
+    dead = run.dead_fraction() if run.tokens else None
 
     def col(rows, key, dtype):
         return np.array([r[key] for r in rows], dtype=dtype)
@@ -336,7 +343,7 @@ def _result(session, run: _Run, status: str, out: Path, elapsed: float) -> SAETr
         settings=dict(cfg.settings(), corpus_path=cfg.corpus_path))
 
 
-def _evaluate_into(session, run: _Run) -> None:
+def _evaluate_into(session, run: TrainState) -> None:
     cfg = run.cfg
     ids = torch.from_numpy(run.eval_ids)
     fvu, l0, loss = evaluate(session, run.sae, ids, cfg.layer, cfg.site, cfg.skip_first)
@@ -385,7 +392,7 @@ def train_sae(session, request: TrainConfig | None = None, /, *, ctx: JobContext
                 "context_size": cfg.window, "prepend_bos": False, "dataset_path": corpus["path"],
                 "explorer": {"config_hash": info.config_hash, "site": cfg.site, "layer": cfg.layer,
                              "trained_by": "explorer.features.train (TopK, AuxK)", "key": key}}
-    run = _Run(cfg, d_in, session.device, metadata)
+    run = TrainState(cfg, d_in, session.device, metadata)
     latest = checkpoints.latest() if saved_job is not None else None
     if latest is not None:
         run.load(latest[1])
@@ -463,7 +470,7 @@ def train_sae(session, request: TrainConfig | None = None, /, *, ctx: JobContext
     return result
 
 
-def _train_pass(session, run: _Run, batch: list) -> None:
+def _train_pass(session, run: TrainState, batch: list) -> None:
     """One forward pass over ``batch`` windows, its optimizer steps, its log row (and evaluation)."""
     cfg = run.cfg
     ids = torch.from_numpy(np.stack([w.ids for w in batch]))
@@ -489,7 +496,7 @@ def _train_pass(session, run: _Run, batch: list) -> None:
     run.fired_at[fired] = run.tokens
     weights = np.array(sizes, dtype=np.float64) / sum(sizes)
     run.logs.append({"tokens": run.tokens, "step": run.step, "fvu": float(np.dot(fvus, weights)),
-                     "l0": float(np.dot(l0s, weights)), "dead": float(run.dead_mask().float().mean())})
+                     "l0": float(np.dot(l0s, weights)), "dead": run.dead_fraction()})
     if run.passes % cfg.eval_every == 0:
         _evaluate_into(session, run)
 

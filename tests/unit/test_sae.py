@@ -330,3 +330,26 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(argv, message, capsys,
     monkeypatch.setattr(ModelSession, "load", refuse)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_auxk_trains_dead_latents_only_when_they_are_dead():
+    """Without dead latents only the k selected encoder columns get a gradient; with dead ones,
+    the AuxK loss also moves the dead latents' columns (those never among the top k)."""
+    from explorer.features.train import TrainConfig, TrainState, train_step
+
+    cfg = TrainConfig(width=48, k=2, dead_window=100, warmup_steps=1, lr=1e-2)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for dead in (False, True):
+        state = TrainState(cfg, 8, torch.device("cpu"), {})
+        state.tokens = 1000
+        state.fired_at[:] = 1000
+        if dead:
+            state.fired_at[24:] = 0            # latents 24.. last fired 1000 tokens ago
+        before = state.sae.W_enc.detach().clone()
+        _, l0, fired = train_step(state, x)
+        assert l0 == 2
+        changed = (state.sae.W_enc.detach() != before).any(0)
+        moved[dead] = changed & ~fired         # columns of latents not selected by the top-k
+    assert not moved[False].any()
+    assert moved[True][24:].any() and not moved[True][:24].any()
