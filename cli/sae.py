@@ -34,7 +34,7 @@ def add_commands(sub) -> None:
                    help="the corpus format (auto: from the file name)")
     q.add_argument("--text-field", default="text", help="JSONL/parquet/datasets field holding the text")
     q.add_argument("--lr", type=checks.positive_float, default=None,
-                   help="Adam learning rate (default: 2e-4 / sqrt(width / 16384))")
+                   help="Adam learning rate (default: 5e-4 / sqrt(width / 16384))")
     q.add_argument("--batch", type=checks.positive_int, default=1024, help="activation vectors per optimizer step")
     q.add_argument("--window", type=checks.int_between(2, 1_000_000), default=128, help="tokens per window")
     q.add_argument("--batch-windows", type=checks.positive_int, default=32, help="windows per forward pass")

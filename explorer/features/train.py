@@ -15,9 +15,11 @@ decoder rows random unit vectors, encoder = decoder transposed, ``b_enc`` 0, ``b
 of the first pass's activations (Gao et al. 2024; EleutherAI's sparsify). The loss is the
 fraction of variance unexplained, FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over the step's vectors, plus
 ``aux_coef`` × the AuxK loss (the top ``aux_k`` (d_in/2) dead latents reconstructing the error,
-scaled down while fewer latents are dead). Adam, ``lr`` (None: 2e-4 / √(width / 2¹⁴)) after a
-linear warm-up of ``warmup_steps``; decoder rows are kept at unit norm (their gradient's radial
-part removed, then renormalised after each step). The decoding of k active latents is an
+scaled down while fewer latents are dead). Adam, ``lr`` (None: 5e-4 / √(width / 2¹⁴), 2.5× the
+rule of EleutherAI's sparsify, which assumes far longer runs: at width 4,608, k 32 on SmolLM2's
+layer 12, 120 steps of 1,024 vectors reached a held-out FVU of 0.33 at lr 1e-3 and 0.42 at
+sparsify's 3.8e-4) after a linear warm-up of ``warmup_steps``; decoder rows are kept at unit
+norm (their gradient's radial part removed, then renormalised after each step). The decoding of k active latents is an
 ``embedding_bag`` over their decoder rows (k·d_in per vector instead of width·d_in).
 
 Metrics. After every forward pass a log row: tokens, FVU and L0 (mean active latents) over the
@@ -75,7 +77,7 @@ class TrainConfig:
     width: int = 4608
     k: int = 32
     max_tokens: int = 2_000_000       # training tokens (model tokens read; the held-out windows extra)
-    lr: float | None = None           # None: 2e-4 / sqrt(width / 2**14)
+    lr: float | None = None           # None: 5e-4 / sqrt(width / 2**14)
     batch: int = 1024                 # activation vectors per optimizer step
     window: int = 128
     batch_windows: int = 32           # windows per forward pass
@@ -115,7 +117,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2 ** 14)
+        return self.lr if self.lr is not None else 5e-4 / math.sqrt(self.width / 2 ** 14)
 
     def settings(self) -> dict:
         """What determines the run's result (the checkpoint cadence does not)."""
