@@ -26,6 +26,7 @@ from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .live import served_doc
 from .neuron_view import NeuronView
+from .sae_train_view import SAETrainView
 from .snapshot_view import SnapshotView
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,14 @@ class ExplorerApp(pn.viewable.Viewer):
         self.ablation = AblationView(session, history=self.history)
         self.neurons = NeuronView(session, history=self.history)
         self.swap = InterventionView(session, history=self.history)
+        self.sae = SAETrainView(session, history=self.history)
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
             ("Heads", self.heads),
             ("Ablation", self.ablation),
             ("Neurons", self.neurons),
             ("Pronoun swap", self.swap),
+            ("Train SAE", self.sae),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
@@ -183,6 +186,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self.ablation.cancel_sweep()
         self.ablation.cancel_patch()
         self.swap.close()  # a running intervention stops after its step, checkpointed
+        self.sae.close()   # a running SAE training stops after its forward pass, checkpointed
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
             if live is not None:
                 live.cancel()

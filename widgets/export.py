@@ -31,6 +31,8 @@ from explorer.analyses.heads import AttentionResult, DLAResult, HeadPattern, Hea
 from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.features.encode import FeatureActivations
+from explorer.features.train import SAETrainResult
 from explorer.interventions.patching import PatchResult
 from explorer.core.results import Result
 from explorer.persistence.snapshot import Entry, Snapshot
@@ -40,6 +42,7 @@ from . import ablation_charts as ac
 from . import heads_charts as hc
 from . import intervention_charts as ic
 from . import neuron_charts as nc
+from . import sae_charts as sc
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
 log = logging.getLogger(__name__)
@@ -253,6 +256,15 @@ def _checkpoint_figures(c: CheckpointComparison, model: dict) -> list[Figure]:
     return out
 
 
+def _sae_run_figures(r: SAETrainResult, model: dict) -> list[Figure]:
+    return [(f"SAE training (layer {r.layer} {r.site}, width {r.width}, k {r.k}): {sc.METRICS[m][0].lower()}.", fig)
+            for m, fig in sc.training_charts(r).items()]
+
+
+def _sae_feature_figures(r: FeatureActivations, model: dict) -> list[Figure]:
+    return [(f"Top SAE features per position of {shorten(r.prompt, 60)!r}.", sc.features_heatmap(r))]
+
+
 BUILDERS: dict[type, Builder] = {
     LensResult: _lens_figures,
     LensComparison: _comparison_figures,
@@ -274,6 +286,8 @@ BUILDERS: dict[type, Builder] = {
     InterventionResult: _intervention_figures,
     ArmMetrics: _arm_figures,
     CheckpointComparison: _checkpoint_figures,
+    SAETrainResult: _sae_run_figures,
+    FeatureActivations: _sae_feature_figures,
 }
 
 # The views results come from, in the app's tab order; anything else is "Other".
@@ -285,6 +299,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
                 PromptActivation, Explanation, SearchHit, NeuronExample),
     "Demonstrations": (PromptSet, DemoLensResult, OverthinkingResult),
     "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison),
+    "Features (SAEs)": (SAETrainResult, FeatureActivations),
 }
 OTHER = "Other"
 

@@ -33,7 +33,8 @@ MAX_UNCOMPRESSED = 4 << 30  # refuse zip bombs: 4 GiB of content at most
 RESULT_MODULES = ("core.session", "analyses.lens", "analyses.heads", "analyses.demonstrations",
                   "interventions.ablation", "interventions.patching", "neurons.index", "neurons.describe",
                   "training.swap", "training.bias", "training.intervene", "training.checkpoints",
-                  "analyses.hidden", "analyses.probes", "analyses.ccs", "analyses.patchscope", "training.bias_datasets")
+                  "analyses.hidden", "analyses.probes", "analyses.ccs", "analyses.patchscope", "training.bias_datasets",
+                  "features.train", "features.encode")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 
