@@ -40,6 +40,8 @@ ANALYSES = {
     "run_ccs": "analyses.ccs",
     "patchscope": "analyses.patchscope",
     "bias_dataset": "training.bias_datasets",
+    "train_sae": "features.train",
+    "encode_prompt": "features.encode",
 }
 
 _EXPORTS = {
@@ -72,6 +74,8 @@ _EXPORTS = {
     "CCSRequest": "analyses.ccs",
     "PatchscopeRequest": "analyses.patchscope",
     "BiasDatasetRequest": "training.bias_datasets",
+    "TrainConfig": "features.train",
+    "EncodeRequest": "features.encode",
     # results
     "LensResult": "analyses.lens",
     "LensComparison": "analyses.lens",
@@ -94,6 +98,11 @@ _EXPORTS = {
     "CCSResult": "analyses.ccs",
     "PatchscopeResult": "analyses.patchscope",
     "BiasDatasetResult": "training.bias_datasets",
+    "SAETrainResult": "features.train",
+    "FeatureActivations": "features.encode",
+    "SparseAutoencoder": "features.sae",
+    "load_sae": "features.saelens_io",
+    "save_sae": "features.saelens_io",
     # snapshots
     "load_snapshot": "persistence.snapshot",
     "save_snapshot": "persistence.snapshot",

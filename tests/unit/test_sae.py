@@ -353,3 +353,13 @@ def test_auxk_trains_dead_latents_only_when_they_are_dead():
         moved[dead] = changed & ~fired         # columns of latents not selected by the top-k
     assert not moved[False].any()
     assert moved[True][24:].any() and not moved[True][:24].any()
+
+
+@pytest.mark.parametrize("name", ["explorer.features.sae", "explorer.features.saelens_io"])
+def test_module_examples(name, tmp_path, monkeypatch):
+    import doctest
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
