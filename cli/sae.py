@@ -109,6 +109,9 @@ def cmd_train(args) -> int:
                      on_progress=on_progress).run()
     finally:
         bar.close()
+    if result.status == "done" and result.tokens < args.max_tokens:
+        log(f"note: the corpus ended after {result.tokens:,} training tokens (of --max-tokens {args.max_tokens:,}); "
+            "--corpus large has ~2.5M")
     if args.json:
         print_json(result.summary())
         return 0
