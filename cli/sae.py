@@ -13,7 +13,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("sae", help="sparse autoencoders: train one here, encode a prompt with one",
                        description="Train a TopK sparse autoencoder on a block's residual output or MLP output "
                                    "(saved in the SAELens layout), or list a prompt's top SAE features.")
-    ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION", help="train or encode")
+    ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION", help="train, encode or attribute")
 
     q = ssub.add_parser("train", help="train (or resume) a TopK SAE on one site",
                         description="Stream a corpus through the model (stopped after the chosen layer) and "
@@ -58,6 +58,50 @@ def add_commands(sub) -> None:
                    help="use the SAE even if it names another model (widths must still match)")
     add_json_arg(q, '{"tokens", "features": [[{"feature", "activation"}, ...], ...]}')
     q.set_defaults(fn=cmd_encode)
+    add_attribute_command(ssub)
+
+
+def add_attribute_command(ssub) -> None:
+    q = ssub.add_parser("attribute", help="attribute a target logit to SAE features (activation × gradient)",
+                        description="Splice the SAE (with its error term) into the model and attribute the target "
+                                    "token's logit at the last position to each feature at each position: "
+                                    "activation × gradient, ranked by the total over positions.")
+    add_model_args(q)
+    q.add_argument("--sae", required=True, metavar="DIR",
+                   help="the SAE's directory (cfg.json + sae_weights.safetensors)")
+    q.add_argument("--prompt", required=True, type=checks.text, help="the text")
+    q.add_argument("--target", default=None, type=checks.token,
+                   help="the target token, e.g. ' Paris' (default: the model's top-1 at the last position)")
+    q.add_argument("--top-n", type=checks.positive_int, default=20, help="features listed")
+    q.add_argument("--any-model", action="store_true",
+                   help="use the SAE even if it names another model (widths must still match)")
+    add_json_arg(q, '{"target", "logit", "features": [{"feature", "attribution", "per_position"}, ...]}')
+    q.set_defaults(fn=cmd_attribute)
+
+
+def cmd_attribute(args) -> int:
+    import numpy as np
+
+    from explorer.features.attribution import feature_attribution
+    from explorer.features.saelens_io import load_sae
+
+    sae = load_sae(args.sae)
+    if sae.cfg.site is None:
+        raise ExplorerError(f"{args.sae}: cfg.json names no hook (metadata.hook_name)")
+    session = load_session(args)
+    r = feature_attribution(session, args.prompt, sae=args.sae, target=args.target, top_n=args.top_n,
+                            any_model=args.any_model)
+    rows = [{"feature": int(f), "attribution": float(t), "per_position": [float(v) for v in r.per_position[:, i]]}
+            for i, (f, t) in enumerate(zip(r.features, r.totals))]
+    if args.json:
+        print_json({"tokens": [str(t) for t in r.tokens], "target": r.target, "logit": r.logit,
+                    "layer": r.layer, "site": r.site, "features": rows})
+        return 0
+    print(f"logit of {r.target!r} = {r.logit:.3f}; layer {r.layer} {r.site} features by activation × gradient:")
+    for row in rows:
+        peak = int(np.argmax(np.abs(row["per_position"])))
+        print(f"  {row['feature']:>7d}  {row['attribution']:+9.4f}  (most at {peak}: {str(r.tokens[peak])!r})")
+    return 0
 
 
 def corpus_arg(value: str) -> str:

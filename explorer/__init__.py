@@ -42,6 +42,7 @@ ANALYSES = {
     "bias_dataset": "training.bias_datasets",
     "train_sae": "features.train",
     "encode_prompt": "features.encode",
+    "feature_attribution": "features.attribution",
 }
 
 _EXPORTS = {
@@ -76,6 +77,7 @@ _EXPORTS = {
     "BiasDatasetRequest": "training.bias_datasets",
     "TrainConfig": "features.train",
     "EncodeRequest": "features.encode",
+    "AttributionRequest": "features.attribution",
     # results
     "LensResult": "analyses.lens",
     "LensComparison": "analyses.lens",
@@ -100,6 +102,7 @@ _EXPORTS = {
     "BiasDatasetResult": "training.bias_datasets",
     "SAETrainResult": "features.train",
     "FeatureActivations": "features.encode",
+    "FeatureAttribution": "features.attribution",
     "SparseAutoencoder": "features.sae",
     "load_sae": "features.saelens_io",
     "save_sae": "features.saelens_io",

@@ -31,6 +31,7 @@ from explorer.analyses.heads import AttentionResult, DLAResult, HeadPattern, Hea
 from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.features.attribution import FeatureAttribution
 from explorer.features.encode import FeatureActivations
 from explorer.features.train import SAETrainResult
 from explorer.interventions.patching import PatchResult
@@ -299,7 +300,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
                 PromptActivation, Explanation, SearchHit, NeuronExample),
     "Demonstrations": (PromptSet, DemoLensResult, OverthinkingResult),
     "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison),
-    "Features (SAEs)": (SAETrainResult, FeatureActivations),
+    "Features (SAEs)": (SAETrainResult, FeatureActivations, FeatureAttribution),
 }
 OTHER = "Other"
 

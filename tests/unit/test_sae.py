@@ -313,6 +313,11 @@ def test_cli_train_and_encode(tmp_path, tokenizer, corpus, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["tokens"] == ["The", " nurse"] and len(data["features"]) == 2
     assert all(set(f) == {"feature", "activation"} for pos in data["features"] for f in pos)
+    assert main(["sae", "attribute", "--model", str(model_dir), "--sae", str(out), "--prompt", "The nurse",
+                 "--target", " said", "--top-n", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["target"] == " said" and len(data["features"]) == 3
+    assert all(len(f["per_position"]) == 2 for f in data["features"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -363,3 +368,36 @@ def test_module_examples(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_feature_attribution_equals_a_plain_activation_times_gradient(trained, tiny_sessions, tokenizer):
+    from explorer.features.attribution import feature_attribution
+
+    session = tiny_sessions["llama"]
+    prompt = "The nurse said that she"
+    att = feature_attribution(session, prompt, sae=trained.out_dir, target=" he", top_n=6)
+    sae = load_sae(trained.out_dir)
+    w = {k: v.detach() for k, v in sae.weights().items()}
+    plain = make_tiny_model("llama", len(tokenizer))
+    ids = session.encode(prompt)[None]
+    held = {}
+
+    def hook(_m, _a, out):
+        x = out[0].double()
+        f = ref_encode(w, "topk", x, k=TRAIN["k"]).requires_grad_(True)
+        recon = f @ w["W_dec"].double() + w["b_dec"].double()
+        held["f"] = f
+        return (recon + (x - recon).detach()).float()[None]
+
+    handle = plain.model.layers[1].register_forward_hook(hook)
+    logit = plain(ids).logits[0, -1, tokenizer(" he", add_special_tokens=False).input_ids[0]]
+    handle.remove()
+    (grad,) = torch.autograd.grad(logit, [held["f"]])
+    ref = (held["f"] * grad).detach()
+    totals = ref.sum(0)
+    assert att.target == " he" and abs(att.logit - float(logit.detach())) < 1e-4
+    order = torch.argsort(totals.abs(), descending=True)[:6]
+    assert att.features.tolist() == order.tolist()
+    np.testing.assert_allclose(att.totals, totals[order].numpy(), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(att.per_position, ref[:, order].numpy(), rtol=1e-3, atol=1e-6)
+    assert att.validate() is None
