@@ -401,3 +401,51 @@ def test_feature_attribution_equals_a_plain_activation_times_gradient(trained, t
     np.testing.assert_allclose(att.totals, totals[order].numpy(), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(att.per_position, ref[:, order].numpy(), rtol=1e-3, atol=1e-6)
     assert att.validate() is None
+
+
+def test_feature_edits_ablate_clamp_and_steer_as_plain_hooks_do(trained, tiny_sessions, tokenizer):
+    from explorer.features.edits import feature_edit, steer_edit
+    from explorer.interventions.edits import nnsight_runs
+
+    session = tiny_sessions["llama"]
+    sae = load_sae(trained.out_dir)
+    ids = session.encode("The nurse said that she")
+    x = activations(session, ids[None], 1, "resid")[0].float()
+    f = sae.encode(x)
+    top = int(f[3].argmax())
+    w = {k: v.detach() for k, v in sae.weights().items()}
+    plain = make_tiny_model("llama", len(tokenizer))
+
+    def plain_logits(change):
+        def hook(_m, _a, out):
+            y = out.clone()
+            y[0] = change(out[0])
+            return y
+        handle = plain.model.layers[1].register_forward_hook(hook)
+        with torch.no_grad():
+            logits = plain(ids[None]).logits[0, -1]
+        handle.remove()
+        return logits
+
+    def ablate_at_3(row):
+        h = ref_encode(w, "topk", row.double(), k=TRAIN["k"]).float()
+        row = row.clone()
+        row[3] = row[3] - h[3, top] * w["W_dec"][top]
+        return row
+
+    clean, ablated, clamped, same, steered = nnsight_runs(session, ids, [
+        [], [feature_edit(sae, [top], 0.0, positions=[3])], [feature_edit(sae, [top], 5.0)],
+        [feature_edit(sae, [top], float(f[3, top]), positions=[3])], [steer_edit(sae, top, 4.0)]])
+    torch.testing.assert_close(ablated["logits"], plain_logits(ablate_at_3), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(same["logits"], clean["logits"], atol=2e-4, rtol=1e-4)   # its own value: no change
+
+    def clamp_all(row):
+        h = ref_encode(w, "topk", row.double(), k=TRAIN["k"]).float()
+        return row + (5.0 - h[:, top])[:, None] * w["W_dec"][top]
+
+    torch.testing.assert_close(clamped["logits"], plain_logits(clamp_all), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(steered["logits"], plain_logits(lambda row: row + 4.0 * w["W_dec"][top]),
+                               atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(ablated["logits"], clean["logits"])
+    with pytest.raises(SAEError, match="out of range"):
+        feature_edit(sae, [TRAIN["width"]])
