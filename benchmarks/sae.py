@@ -124,31 +124,42 @@ def main() -> None:
     config = TrainConfig(layer=args.layer, site=args.site, width=args.width, k=args.k, max_tokens=train_tokens,
                          window=window, batch_windows=args.batch_windows,
                          corpus_path=None if args.corpus == "default" else args.corpus)
-    t_harvest = [0.0]
     import explorer.features.train as train_mod
 
-    original = train_mod.activations
+    spent = {"activations": 0.0, "lm_loss": 0.0}
+    originals = {name: getattr(train_mod, name) for name in spent}
 
-    def timed(*a, **kw):
-        t = time.perf_counter()
-        out = original(*a, **kw)
-        t_harvest[0] += time.perf_counter() - t
-        return out
+    def timed(name):
+        def call(*a, **kw):
+            t = time.perf_counter()
+            out = originals[name](*a, **kw)
+            spent[name] += time.perf_counter() - t
+            return out
+        return call
 
-    train_mod.activations = timed
+    for name in spent:
+        setattr(train_mod, name, timed(name))
     try:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="sae-bench-") as out:
             result = train_sae(session, config, out_dir=out)
         total = time.perf_counter() - start
     finally:
-        train_mod.activations = original
+        for name, fn in originals.items():
+            setattr(train_mod, name, fn)
     rate = result.tokens / total
+    rest = total - spent["activations"] - spent["lm_loss"]
     print(f"\ntraining: {result.tokens:,} tokens, width {args.width}, k {args.k}, {result.steps} steps in "
-          f"{total:.1f} s = {rate:,.0f} tokens/s (harvest incl. evaluations' {t_harvest[0]:.1f} s, "
-          f"the rest {total - t_harvest[0]:.1f} s); FVU {result.fvu:.3f}, L0 {result.l0:.1f}, "
-          f"dead {result.dead_fraction:.1%}, Δ loss {result.delta_loss:+.3f} nats")
-    print(f"projected for 2,000,000 tokens at this rate: {2_000_000 / rate / 60:.0f} min (target ≤ 40 min)")
+          f"{total:.1f} s = {rate:,.0f} tokens/s; harvesting {spent['activations']:.1f} s "
+          f"({result.tokens / max(spent['activations'], 1e-9):,.0f} tokens/s, evaluations' included), "
+          f"evaluation LM losses {spent['lm_loss']:.1f} s, SAE steps and the rest {rest:.1f} s "
+          f"({result.steps / max(rest, 1e-9):.2f} steps/s of {config.batch} vectors)")
+    print(f"FVU {result.fvu:.3f}, L0 {result.l0:.1f}, dead {result.dead_fraction:.1%}, "
+          f"Δ loss {result.delta_loss:+.3f} nats")
+    steady = 1 / (1 / (result.tokens / max(spent["activations"], 1e-9))
+                  + (1 - config.skip_first / window) / config.batch / max(result.steps / max(rest, 1e-9), 1e-9))
+    print(f"at this rate (harvest + steps, evaluations aside): {steady:,.0f} tokens/s, "
+          f"2,000,000 tokens in {2_000_000 / steady / 60:.0f} min (target ≤ 40 min on 2 cores)")
 
 
 if __name__ == "__main__":
