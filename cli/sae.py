@@ -13,7 +13,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("sae", help="sparse autoencoders: train one here, encode a prompt with one",
                        description="Train a TopK sparse autoencoder on a block's residual output or MLP output "
                                    "(saved in the SAELens layout), or list a prompt's top SAE features.")
-    ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION", help="train, encode or attribute")
+    ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION",
+                            help="train, encode, attribute or feature")
 
     q = ssub.add_parser("train", help="train (or resume) a TopK SAE on one site",
                         description="Stream a corpus through the model (stopped after the chosen layer) and "
@@ -60,6 +61,19 @@ def add_commands(sub) -> None:
     q.set_defaults(fn=cmd_encode)
     add_attribute_command(ssub)
 
+    q = ssub.add_parser("feature", help="a feature's card: the output tokens its decoder direction promotes",
+                        description="The tokens whose logits a feature's decoder direction raises and lowers most "
+                                    "(W_U · W_dec[feature], through the final norm's gain), a direct-effect view.")
+    add_model_args(q)
+    q.add_argument("--sae", required=True, metavar="DIR",
+                   help="the SAE's directory (cfg.json + sae_weights.safetensors)")
+    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    q.add_argument("--top-k", type=checks.positive_int, default=10, help="tokens listed each way")
+    q.add_argument("--any-model", action="store_true",
+                   help="use the SAE even if it names another model (widths must still match)")
+    add_json_arg(q, "the card")
+    q.set_defaults(fn=cmd_feature)
+
 
 def add_attribute_command(ssub) -> None:
     q = ssub.add_parser("attribute", help="attribute a target logit to SAE features (activation × gradient)",
@@ -101,6 +115,24 @@ def cmd_attribute(args) -> int:
     for row in rows:
         peak = int(np.argmax(np.abs(row["per_position"])))
         print(f"  {row['feature']:>7d}  {row['attribution']:+9.4f}  (most at {peak}: {str(r.tokens[peak])!r})")
+    return 0
+
+
+def cmd_feature(args) -> int:
+    from explorer.features.card import feature_card
+    from explorer.features.saelens_io import load_sae
+
+    sae = load_sae(args.sae)
+    if args.feature >= sae.d_sae:
+        raise ExplorerError(f"--feature {args.feature} is out of range: the SAE has features 0..{sae.d_sae - 1}")
+    session = load_session(args)
+    card = feature_card(session, args.sae, args.feature, top_k=args.top_k, any_model=args.any_model)
+    if args.json:
+        print_json({k: v for k, v in card.to_dict().items() if k != "type"})
+        return 0
+    print(f"feature {card.feature} (layer {card.layer} {card.site}) promotes: "
+          + ", ".join(f"{t!r} {v:+.2f}" for t, v in zip(card.top_tokens, card.top_values)))
+    print("  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in zip(card.bottom_tokens, card.bottom_values)))
     return 0
 
 

@@ -103,6 +103,8 @@ _EXPORTS = {
     "SAETrainResult": "features.train",
     "FeatureActivations": "features.encode",
     "FeatureAttribution": "features.attribution",
+    "FeatureCard": "features.card",
+    "feature_card": "features.card",
     "SparseAutoencoder": "features.sae",
     "load_sae": "features.saelens_io",
     "save_sae": "features.saelens_io",

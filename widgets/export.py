@@ -32,6 +32,7 @@ from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
 from explorer.features.attribution import FeatureAttribution
+from explorer.features.card import FeatureCard
 from explorer.features.encode import FeatureActivations
 from explorer.features.train import SAETrainResult
 from explorer.interventions.patching import PatchResult
@@ -300,7 +301,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
                 PromptActivation, Explanation, SearchHit, NeuronExample),
     "Demonstrations": (PromptSet, DemoLensResult, OverthinkingResult),
     "Pronoun swap": (SwapAudit, BiasResult, PairScores, InterventionResult, ArmMetrics, CheckpointComparison),
-    "Features (SAEs)": (SAETrainResult, FeatureActivations, FeatureAttribution),
+    "Features (SAEs)": (SAETrainResult, FeatureActivations, FeatureAttribution, FeatureCard),
 }
 OTHER = "Other"
 

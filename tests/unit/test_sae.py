@@ -318,6 +318,10 @@ def test_cli_train_and_encode(tmp_path, tokenizer, corpus, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["target"] == " said" and len(data["features"]) == 3
     assert all(len(f["per_position"]) == 2 for f in data["features"])
+    assert main(["sae", "feature", "--model", str(model_dir), "--sae", str(out), "--feature", "3", "--top-k", "2",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["feature"] == 3 and len(data["top_tokens"]) == 2 and len(data["bottom_values"]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -449,3 +453,22 @@ def test_feature_edits_ablate_clamp_and_steer_as_plain_hooks_do(trained, tiny_se
     assert not torch.allclose(ablated["logits"], clean["logits"])
     with pytest.raises(SAEError, match="out of range"):
         feature_edit(sae, [TRAIN["width"]])
+
+
+def test_feature_card_ranks_output_tokens_by_the_decoder_direction(trained, tiny_sessions, tokenizer):
+    from explorer.features.card import feature_card
+
+    session = tiny_sessions["llama"]
+    card = feature_card(session, trained.out_dir, 5, top_k=4)
+    sae = load_sae(trained.out_dir)
+    plain = make_tiny_model("llama", len(tokenizer))
+    d = sae.W_dec[5].double() * plain.model.norm.weight.detach().double()
+    logits = plain.lm_head.weight.detach().double() @ d
+    logits = logits - logits.mean()
+    order = torch.argsort(logits, descending=True)
+    assert card.top_tokens.tolist() == [tokenizer.decode([int(i)]) for i in order[:4]]
+    np.testing.assert_allclose(card.top_values, logits[order[:4]].numpy(), rtol=1e-4)
+    assert card.bottom_tokens.tolist() == [tokenizer.decode([int(i)]) for i in order.flip(0)[:4]]
+    assert card.validate() is None and card.layer == 1
+    with pytest.raises(SAEError, match="out of range"):
+        feature_card(session, trained.out_dir, TRAIN["width"])

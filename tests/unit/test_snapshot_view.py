@@ -99,9 +99,11 @@ def sae_results(session, tmp_path_factory):
     run = train_sae(session, layer=1, width=16, k=2, max_tokens=256, window=16, batch=64, batch_windows=4,
                     eval_windows=2, eval_every=2, corpus_path=str(corpus), out_dir=out)
     from explorer.features.attribution import feature_attribution
+    from explorer.features.card import feature_card
 
     return (run, encode_prompt(session, PROMPT, sae=str(out), top_k=3),
-            feature_attribution(session, PROMPT, sae=str(out), top_n=3))
+            feature_attribution(session, PROMPT, sae=str(out), top_n=3),
+            feature_card(session, str(out), 1, top_k=3))
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,7 @@ def entries(session, index, intervention, sae_results):
         ("SAE training", sae_results[0]),
         ("SAE features", sae_results[1]),
         ("SAE attribution", sae_results[2]),
+        ("SAE feature card", sae_results[3]),
     ]
     return [Entry(label, result) for label, result in results]
 
@@ -320,7 +323,7 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
                              "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (6)",
-                             "### Features (SAEs) (3)", "### Other (1)"]
+                             "### Features (SAEs) (4)", "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
     assert [type(o).__name__ for o in first] == ["Markdown", "Bokeh", "Markdown", "Bokeh", "Markdown"]
