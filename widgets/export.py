@@ -267,6 +267,11 @@ def _sae_feature_figures(r: FeatureActivations, model: dict) -> list[Figure]:
     return [(f"Top SAE features per position of {shorten(r.prompt, 60)!r}.", sc.features_heatmap(r))]
 
 
+def _sae_attribution_figures(r: FeatureAttribution, model: dict) -> list[Figure]:
+    return [(f"SAE features by activation × gradient of {quote_token(r.target)} after {shorten(r.prompt, 60)!r}.",
+             sc.attribution_heatmap(r))]
+
+
 BUILDERS: dict[type, Builder] = {
     LensResult: _lens_figures,
     LensComparison: _comparison_figures,
@@ -290,6 +295,7 @@ BUILDERS: dict[type, Builder] = {
     CheckpointComparison: _checkpoint_figures,
     SAETrainResult: _sae_run_figures,
     FeatureActivations: _sae_feature_figures,
+    FeatureAttribution: _sae_attribution_figures,
 }
 
 # The views results come from, in the app's tab order; anything else is "Other".

@@ -14,6 +14,7 @@ from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMappe
 from bokeh.palettes import Oranges256
 from bokeh.plotting import figure
 
+from explorer.features.attribution import FeatureAttribution
 from explorer.features.encode import FeatureActivations
 from explorer.features.train import SAETrainResult
 
@@ -115,5 +116,46 @@ def features_heatmap(result: FeatureActivations, window: tuple[int, int] | None 
     axis.style_axis(fig.xaxis[0])
     axis.annotate(fig)
     add_note(fig, f"L0 (active features) per position: mean {np.mean(result.l0):.1f}, max {int(np.max(result.l0))}")
+    style_figure(fig)
+    return fig
+
+
+ATTRIBUTION = "sae-attribution-heatmap"
+ATTRIBUTION_SOURCE = "sae-attribution-cells"
+
+
+def attribution_heatmap(result: FeatureAttribution, window: tuple[int, int] | None = None):
+    """Features (ranked by |total|, top row first) × positions, coloured by activation × gradient
+    (red raises the target logit, blue lowers it); a position window past 32 positions."""
+    from bokeh.palettes import RdBu11
+
+    tokens = [str(t) for t in result.tokens]
+    axis = position_axis(tokens, held=HELD, shown=SHOWN, window=window)
+    rows = [f"#{int(f)} ({t:+.3g})" for f, t in zip(result.features, result.totals)]
+    xs, ys, vals, toks, feats = [], [], [], [], []
+    for pos in axis.positions:
+        for i, label in enumerate(rows):
+            xs.append(axis.coord(pos))
+            ys.append(label)
+            vals.append(float(result.per_position[pos, i]))
+            toks.append(tokens[pos])
+            feats.append(int(result.features[i]))
+    bound = max([abs(v) for v in vals] + [1e-9])
+    palette = list(reversed(RdBu11))
+    mapper = LinearColorMapper(palette=palette, low=-bound, high=bound)
+    src = ColumnDataSource({"x": xs, "feature_row": ys, "value": vals, "token": toks, "feature": feats},
+                           name=ATTRIBUTION_SOURCE)
+    n_cols = len(axis.coords()) if axis.categorical else axis.view_stop - axis.view_start
+    fig = figure(title=f"Attribution of {result.target!r} (logit {result.logit:.2f}) to SAE features: "
+                       "activation × gradient", x_range=axis.axis_range(), y_range=list(reversed(rows)),
+                 width=bounded(220 + 44 * n_cols), height=bounded(110 + 20 * len(rows)),
+                 tools="pan,reset,save", name=ATTRIBUTION, toolbar_location="above")
+    fig.rect("x", "feature_row", 1, 1, source=src, fill_color={"field": "value", "transform": mapper},
+             line_color="white")
+    fig.add_tools(HoverTool(tooltips=[("feature", "@feature"), ("token", "@token"),
+                                      ("attribution", "@value{+0.0000}")]))
+    fig.add_layout(ColorBar(color_mapper=mapper, width=8, title="act × grad"), "right")
+    axis.style_axis(fig.xaxis[0])
+    axis.annotate(fig)
     style_figure(fig)
     return fig

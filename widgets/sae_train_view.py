@@ -9,7 +9,8 @@ Two parts:
   current pass (checkpointed, the SAE so far saved); *Resume* starts the same settings again,
   which continues from the last checkpoint.
 - **Encode.** An SAE folder (SAELens layout; filled in with the last trained one) and a prompt:
-  the top features per position as a heatmap (windowed past 32 positions).
+  the top features per position as a heatmap (windowed past 32 positions); *Attribute*: the
+  features ranked by activation × gradient of a target token's logit, per position.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import param
 
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import CANCELLED, FAILED, Job, JobContext, Progress
+from explorer.features.attribution import FeatureAttribution, feature_attribution
 from explorer.features.encode import FeatureActivations, encode_prompt
 from explorer.features.train import SAETrainResult, TrainConfig, train_sae
 from explorer.persistence.history import History
@@ -61,6 +63,10 @@ class SAETrainView(pn.viewable.Viewer):
     features = param.ClassSelector(class_=FeatureActivations, default=None, allow_None=True)
     encode_error = param.String(default="")
     encode_busy = param.Boolean(default=False)
+    # ---- attribution
+    attr_target = param.String(default="", label="Target token (empty: the model's top-1)")
+    run_attribute = param.Event(label="Attribute")
+    attribution = param.ClassSelector(class_=FeatureAttribution, default=None, allow_None=True)
 
     def __init__(self, session, history: History | None = None, background: bool = True,
                  base_config: TrainConfig | None = None, **params) -> None:
@@ -74,6 +80,7 @@ class SAETrainView(pn.viewable.Viewer):
         self._chart_panes = {m: pn.pane.Bokeh(fig, css_classes=[sc.chart_name(m)], margin=(5, 10))
                              for m, fig in self._figures.items()}
         self._heatmap = pn.pane.Bokeh(None, css_classes=["sae-heatmap"], margin=(5, 10))
+        self._attribution = pn.pane.Bokeh(None, css_classes=["sae-attribution"], margin=(5, 10))
         self._bar = pn.indicators.Progress(value=0, max=1, width=260, margin=(14, 10, 4, 10),
                                            css_classes=["sae-progress"])
         self._layout = self._build()
@@ -165,7 +172,7 @@ class SAETrainView(pn.viewable.Viewer):
         for pane in self._chart_panes.values():
             _push(pane)
 
-    # ============================================================ encode
+    # ============================================================ encode and attribute
     @param.depends("run_encode", watch=True)
     async def _on_encode(self) -> None:
         await self.encode()
@@ -194,6 +201,35 @@ class SAETrainView(pn.viewable.Viewer):
             self.history.add(result, f"SAE features: {self.prompt[:40]}")
         return result
 
+    @param.depends("run_attribute", watch=True)
+    async def _on_attribute(self) -> None:
+        await self.attribute()
+
+    async def attribute(self) -> FeatureAttribution | None:
+        """Attribute the target's logit at the prompt's last position to the SAE's features."""
+        if self.encode_busy:
+            return None
+        self.encode_busy = True
+        try:
+            result = await asyncio.to_thread(feature_attribution, self.session, self.prompt,
+                                             sae=self.sae_path.strip(), target=self.attr_target or None,
+                                             top_n=self.top_k)
+        except ExplorerError as e:
+            self.encode_error = f"**Could not attribute:** {e}"
+            return None
+        except Exception as e:
+            log.exception("SAE feature attribution failed")
+            self.encode_error = f"**Unexpected error** ({type(e).__name__}: {e})."
+            return None
+        finally:
+            self.encode_busy = False
+        self.encode_error = ""
+        self.attribution = result
+        self._attribution.object = sc.attribution_heatmap(result)
+        if self.history is not None:
+            self.history.add(result, f"SAE attribution of {result.target!r}: {self.prompt[:40]}")
+        return result
+
     # ============================================================ layout
     def _build(self) -> pn.viewable.Viewable:
         p = self.param
@@ -217,10 +253,12 @@ class SAETrainView(pn.viewable.Viewer):
             pn.Row(pn.widgets.TextInput.from_param(p.sae_path, sizing_mode="stretch_width"),
                    pn.widgets.IntInput.from_param(p.top_k, width=150)),
             pn.widgets.TextAreaInput.from_param(p.prompt, sizing_mode="stretch_width", height=70),
-            pn.widgets.Button.from_param(p.run_encode, color="primary", css_classes=["sae-encode"]),
+            pn.Row(pn.widgets.Button.from_param(p.run_encode, color="primary", css_classes=["sae-encode"]),
+                   pn.widgets.TextInput.from_param(p.attr_target, width=260),
+                   pn.widgets.Button.from_param(p.run_attribute, css_classes=["sae-attribute"])),
             pn.pane.Alert(p.encode_error, alert_type="danger", visible=p.encode_error.rx.bool(),
                           css_classes=["sae-encode-error"]),
-            self._heatmap, sizing_mode="stretch_width")
+            self._heatmap, self._attribution, sizing_mode="stretch_width")
         note = pn.pane.Markdown(
             "A TopK sparse autoencoder trained here (own implementation, SAELens file layout). The full-size "
             "run (layer 12 residual, width 4,608, k 32, 2M tokens of the 'large' corpus) is hours on 2 busy CPU "

@@ -93,3 +93,18 @@ def test_encode_draws_a_heatmap_windowed_for_long_prompts(tiny_sessions, corpus,
     fig = view._heatmap.object
     assert long is not None and len(long.tokens) == 200 and chart_window(fig) is not None
     assert fig.width <= MAX_CANVAS_PX and fig.height <= MAX_CANVAS_PX
+
+
+def test_attribute_draws_the_ranked_features(tiny_sessions, corpus, tmp_path):
+    view = make_view(tiny_sessions["llama"], corpus, tmp_path / "sae")
+    view.start_run()
+    view.prompt, view.top_k, view.attr_target = "The nurse said that", 4, " she"
+    result = asyncio.run(view.attribute())
+    assert result is not None and view.encode_error == "" and result.target == " she"
+    fig = view._attribution.object
+    cells = fig.select_one({"name": sc.ATTRIBUTION_SOURCE}).data
+    assert len(cells["value"]) == 4 * 4
+    assert cells["feature"][:4] == [int(f) for f in result.features]
+    assert fig.width <= MAX_CANVAS_PX
+    view.attr_target = "not one token at all"
+    assert asyncio.run(view.attribute()) is None and "Could not attribute" in view.encode_error

@@ -244,6 +244,7 @@ EXPECTED_MODELS = {  # result type -> names of the bokeh models its live view dr
     "CheckpointComparison": {ic.CKPT_METRIC_CHART, ic.CKPT_LENS_CHART},
     "SAETrainResult": {sc.chart_name(m) for m in sc.METRICS},
     "FeatureActivations": {sc.HEATMAP},
+    "FeatureAttribution": {sc.ATTRIBUTION},
 }
 
 
