@@ -141,7 +141,7 @@ def attribution_heatmap(result: FeatureAttribution, window: tuple[int, int] | No
             toks.append(tokens[pos])
             feats.append(int(result.features[i]))
     bound = max([abs(v) for v in vals] + [1e-9])
-    palette = list(reversed(RdBu11))
+    palette = list(RdBu11)   # bokeh lists it blue to red: red for high (raises the logit)
     mapper = LinearColorMapper(palette=palette, low=-bound, high=bound)
     src = ColumnDataSource({"x": xs, "feature_row": ys, "value": vals, "token": toks, "feature": feats},
                            name=ATTRIBUTION_SOURCE)
