@@ -215,5 +215,5 @@ def cmd_encode(args) -> int:
     print(f"{args.sae}: layer {result.layer} {result.site}, {result.d_sae} features ({result.architecture})")
     for token, feats in zip(result.tokens, features):
         listed = ", ".join(f"{f['feature']} ({f['activation']:.3g})" for f in feats) or "—"
-        print(f"  {token!r:>16}  {listed}")
+        print(f"  {str(token)!r:>16}  {listed}")
     return 0
