@@ -44,6 +44,9 @@ ANALYSES = {
     "build_vector": "interventions.steering",
     "steer_apply": "interventions.steering",
     "steer_sweep": "interventions.steering",
+    "train_sae": "features.train",
+    "encode_prompt": "features.encode",
+    "feature_attribution": "features.attribution",
 }
 
 _EXPORTS = {
@@ -81,6 +84,9 @@ _EXPORTS = {
     "BuildRequest": "interventions.steering",
     "SteerRequest": "interventions.steering",
     "SteerSweepRequest": "interventions.steering",
+    "TrainConfig": "features.train",
+    "EncodeRequest": "features.encode",
+    "AttributionRequest": "features.attribution",
     # results
     "LensResult": "analyses.lens",
     "LensComparison": "analyses.lens",
@@ -110,6 +116,14 @@ _EXPORTS = {
     "SteerSweepResult": "interventions.steering",
     "save_vector": "interventions.steering",
     "load_vector": "interventions.steering",
+    "SAETrainResult": "features.train",
+    "FeatureActivations": "features.encode",
+    "FeatureAttribution": "features.attribution",
+    "FeatureCard": "features.card",
+    "feature_card": "features.card",
+    "SparseAutoencoder": "features.sae",
+    "load_sae": "features.saelens_io",
+    "save_sae": "features.saelens_io",
     # snapshots
     "load_snapshot": "persistence.snapshot",
     "save_snapshot": "persistence.snapshot",

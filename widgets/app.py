@@ -27,6 +27,7 @@ from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .live import served_doc
 from .neuron_view import NeuronView
+from .sae_train_view import SAETrainView
 from .snapshot_view import SnapshotView
 from .steering_view import SteeringView
 
@@ -106,6 +107,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self.steering = SteeringView(session, history=self.history)
         # The Generate tab steers with the Steering tab's current vector.
         self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
+        self.sae = SAETrainView(session, history=self.history)
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
             ("Heads", self.heads),
@@ -114,6 +116,7 @@ class ExplorerApp(pn.viewable.Viewer):
             ("Pronoun swap", self.swap),
             ("Generate", self.generate),
             ("Steering", self.steering),
+            ("Train SAE", self.sae),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
@@ -191,6 +194,9 @@ class ExplorerApp(pn.viewable.Viewer):
         self.ablation.cancel_sweep()
         self.ablation.cancel_patch()
         self.swap.close()  # a running intervention stops after its step, checkpointed
+        self.sae.close()   # a running SAE training stops after its forward pass, checkpointed
+        self.generate.close()  # a generation stops within one token
+        self.steering.close()  # an alpha sweep stops after its current value
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
             if live is not None:
                 live.cancel()

