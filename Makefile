@@ -18,8 +18,11 @@ export TOKENIZERS_PARALLELISM := false
 run: $(VENV)/.installed
 	$(BIN)/python -m explorer serve --port $(PORT)
 
+# Everything but the browser tests on every core (one file per worker: its module fixtures are
+# built once), then the browser tests in one process: each serves the app and drives Chromium.
 test: setup-test chromium
-	$(PYTEST)
+	$(PYTEST) -n auto --dist loadfile tests/unit tests/model tests/examples
+	$(PYTEST) tests/ui
 
 check: lint unit
 
