@@ -9,14 +9,14 @@ import functools
 import html
 import io
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import panel as pn
 import param
 from panel_material_ui import Page
 
-from explorer.persistence.history import History
 from explorer.core.session import ModelSession
+from explorer.persistence.history import History
 from explorer.persistence.snapshot import SnapshotError, model_identity, snapshot_bytes, snapshot_of
 
 from .ablation_view import AblationView
@@ -26,6 +26,9 @@ from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .live import served_doc
 from .neuron_view import NeuronView
+from .parts import alert
+from .patchscope_view import PatchscopeView
+from .probes_view import ProbesView
 from .snapshot_view import SnapshotView
 
 log = logging.getLogger(__name__)
@@ -100,12 +103,16 @@ class ExplorerApp(pn.viewable.Viewer):
         self.ablation = AblationView(session, history=self.history)
         self.neurons = NeuronView(session, history=self.history)
         self.swap = InterventionView(session, history=self.history)
+        self.probes = ProbesView(session, history=self.history)
+        self.patchscope = PatchscopeView(session, history=self.history)
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
             ("Heads", self.heads),
             ("Ablation", self.ablation),
             ("Neurons", self.neurons),
             ("Pronoun swap", self.swap),
+            ("Probes", self.probes),
+            ("Patchscope", self.patchscope),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
@@ -180,8 +187,7 @@ class ExplorerApp(pn.viewable.Viewer):
     # ---------------------------------------------------------------- closing
     def close(self) -> None:
         """Stop this session's jobs and drop its results (the shared model session stays)."""
-        self.ablation.cancel_sweep()
-        self.ablation.cancel_patch()
+        self.ablation.close()
         self.swap.close()  # a running intervention stops after its step, checkpointed
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
             if live is not None:
@@ -208,8 +214,7 @@ class ExplorerApp(pn.viewable.Viewer):
             self._export,
             pn.pane.Markdown("Open snapshot (.zip)", margin=(6, 10, 0, 10)),
             self._open,
-            pn.pane.Alert(self.param.snapshot_error, alert_type="danger", css_classes=["snapshot-open-error"],
-                          visible=self.param.snapshot_error.rx.bool(), sizing_mode="stretch_width"),
+            alert(self.param.snapshot_error, "snapshot-open-error"),
             pn.pane.Markdown(self.param.snapshot_status, css_classes=["snapshot-status-line"],
                              sizing_mode="stretch_width", margin=(0, 10)),
             pn.pane.Markdown(SNAPSHOT_HELP, css_classes=["snapshot-help"], sizing_mode="stretch_width",

@@ -32,7 +32,6 @@ import panel as pn
 import param
 from bokeh.events import Tap
 
-from explorer.core.errors import ExplorerError
 from explorer.analyses.heads import (
     AttentionResult,
     HeadPattern,
@@ -42,12 +41,14 @@ from explorer.analyses.heads import (
     head_scores,
     parse_head,
 )
-from explorer.persistence.history import History
+from explorer.core.errors import ExplorerError
 from explorer.core.session import ModelSession
+from explorer.persistence.history import History
 
 from . import heads_charts as hc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +264,7 @@ class HeadsView(QueuedRuns, pn.viewable.Viewer):
                        sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
-        error = pn.pane.Alert(self.param.error, alert_type="danger", css_classes=["heads-error"],
-                              visible=self.param.error.rx.bool(), sizing_mode="stretch_width")
+        error = alert(self.param.error, "heads-error")
         status = pn.pane.Markdown(self.param.status, css_classes=["heads-status"], sizing_mode="stretch_width",
                                   margin=(0, 10))
         caption = pn.pane.Markdown(self.param.selection_text, css_classes=["heads-selection"],

@@ -34,18 +34,24 @@ from typing import Any
 import panel as pn
 import param
 
-from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
 from explorer.core.errors import ExplorerError
-from explorer.persistence.history import History
-from explorer.training.intervene import (
-    InterventionConfig, InterventionResult, corpus_audit, default_runs_dir, list_runs, load_run, run_intervention,
-)
 from explorer.core.jobs import CANCELLED, FAILED, Job, JobContext, Progress
+from explorer.persistence.history import History
+from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
+from explorer.training.intervene import (
+    InterventionConfig,
+    InterventionResult,
+    corpus_audit,
+    default_runs_dir,
+    list_runs,
+    load_run,
+    run_intervention,
+)
 from explorer.training.swap import SwapAudit
 
 from . import intervention_charts as ic
-from .ablation_view import _push, _set_bar
 from .live import LiveJob
+from .parts import alert, push, set_bar
 
 log = logging.getLogger(__name__)
 
@@ -316,13 +322,13 @@ class InterventionView(pn.viewable.Viewer):
                 pane.object = self._figures[key]
         elif ic.update_run_charts(self._figures, result):
             for pane in self._chart_panes.values():
-                _push(pane)
+                push(pane)
         self._effect_table.object = ic.effect_table(result)
         self.param.update(result=result, effect=ic.effect_text(result))
 
     @param.depends("run_done", "run_total", watch=True)
     def _update_run_bar(self) -> None:
-        _set_bar(self._run_bar, self.run_done, self.run_total)
+        set_bar(self._run_bar, self.run_done, self.run_total)
 
     # ============================================================ finished runs
     @param.depends("refresh", watch=True)
@@ -451,7 +457,7 @@ class InterventionView(pn.viewable.Viewer):
 
     @param.depends("ckpt_done", "ckpt_total", watch=True)
     def _update_ckpt_bar(self) -> None:
-        _set_bar(self._ckpt_bar, self.ckpt_done, self.ckpt_total)
+        set_bar(self._ckpt_bar, self.ckpt_done, self.ckpt_total)
 
     # ============================================================ closing
     def close(self) -> None:
@@ -461,8 +467,7 @@ class InterventionView(pn.viewable.Viewer):
 
     # ============================================================ layout
     def _alert(self, p: param.Parameter, css: str) -> pn.pane.Alert:
-        return pn.pane.Alert(p, alert_type="danger", css_classes=[css], visible=p.rx.bool(),
-                             sizing_mode="stretch_width")
+        return alert(p, css)
 
     def _build_run(self) -> pn.viewable.Viewable:
         corpus = pn.widgets.TextInput.from_param(self.param.corpus, css_classes=["swap-corpus"],

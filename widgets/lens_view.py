@@ -14,13 +14,14 @@ import time
 import panel as pn
 import param
 
-from explorer.core.errors import ExplorerError
-from explorer.persistence.history import History
 from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
+from explorer.core.errors import ExplorerError
 from explorer.core.session import ModelSession, fast_bfloat16
+from explorer.persistence.history import History
 
 from . import charts
 from .live import QueuedRuns
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,7 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
                        sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
-        error = pn.pane.Alert(self.param.error, alert_type="danger", css_classes=["lens-error"],
-                              visible=self.param.error.rx.bool(), sizing_mode="stretch_width")
+        error = alert(self.param.error, "lens-error")
         status = pn.pane.Markdown(self.param.status, css_classes=["lens-status"], sizing_mode="stretch_width",
                                   margin=(0, 10))
         divergence = pn.pane.Markdown(self.param.divergence.rx.pipe(lambda s: f"**{s}**" if s else ""),

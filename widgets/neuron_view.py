@@ -30,6 +30,9 @@ from pathlib import Path
 import panel as pn
 import param
 
+from explorer.core.errors import ExplorerError
+from explorer.core.jobs import CANCELLED, DONE, RUNNING, Job
+from explorer.core.session import ModelSession
 from explorer.neurons.describe import (
     DescriptionStore,
     ExampleActivations,
@@ -42,9 +45,6 @@ from explorer.neurons.describe import (
     show_token,
     token_pattern,
 )
-from explorer.core.errors import ExplorerError
-from explorer.persistence.history import History
-from explorer.core.jobs import CANCELLED, DONE, RUNNING, Job
 from explorer.neurons.index import (
     IndexRequest,
     NeuronHistogram,
@@ -55,10 +55,11 @@ from explorer.neurons.index import (
     build_index,
     prompt_activation,
 )
-from explorer.core.session import ModelSession
+from explorer.persistence.history import History
 
 from . import neuron_charts
 from .live import LiveJob
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -660,8 +661,7 @@ class NeuronView(pn.viewable.Viewer):
                                        visible=no_index, sizing_mode="stretch_width")
         info = pn.pane.Markdown(self.param.index_info, css_classes=["neuron-index-info"],
                                 visible=self.param.index_info.rx.bool(), sizing_mode="stretch_width", margin=(0, 10))
-        error = pn.pane.Alert(self.param.error, alert_type="danger", css_classes=["neuron-error"],
-                              visible=self.param.error.rx.bool(), sizing_mode="stretch_width")
+        error = alert(self.param.error, "neuron-error")
 
         query = pn.widgets.TextInput.from_param(self.param.query, sizing_mode="stretch_width",
                                                 placeholder="e.g. he  ·  token: she  ·  words of an explanation",

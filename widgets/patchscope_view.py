@@ -23,6 +23,7 @@ from explorer.persistence.history import History
 from . import probe_charts as pc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         top_k = pn.widgets.IntInput.from_param(self.param.top_k, width=80)
         placeholder = pn.widgets.IntInput.from_param(self.param.placeholder, width=140)
         start = pn.widgets.IntInput.from_param(self.param.start, width=120)
-        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
-                              sizing_mode="stretch_width", css_classes=["patchscope-error"])
+        error = alert(self.param.error, "patchscope-error")
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
         grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")
         inputs = pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start), placeholder),
