@@ -72,14 +72,48 @@ MODEL_CARD_CSS = """
 """
 
 
-HOW_TO_READ = """
-### Reading the lens
-Each row reads the residual stream after a layer through the final norm and the
-unembedding; each cell shows that row's **top-1 token**. Hover a cell for its top-k,
-entropy and KL to the final layer. **Click a cell** to track its token across layers.
-Tick *Compare* to see where a second prompt changes the answer.
-"""
+# The sidebar's help follows the tab in front (a snapshot tab gets SNAPSHOT_TAB_HELP).
+TAB_HELP = {
+    "Logit lens": (
+        "### Reading the lens\nEach row reads the residual stream after a layer through the final norm and the "
+        "unembedding; each cell shows that row's **top-1 token**. Hover a cell for its top-k, entropy and KL to "
+        "the final layer. **Click a cell** to track its token across layers. Tick *Compare* to see where a "
+        "second prompt changes the answer."),
+    "Heads": (
+        "### Reading the heads\nEach cell is a head (**L.H**, layer.head, higher layers on top), coloured by its "
+        "score: induction and duplicate-token scores come from a repeated random sequence; DLA is the head's "
+        "direct push on the target's logit. Pick heads to overlay their attention patterns."),
+    "Ablation": (
+        "### Ablating\n**Single ablation** removes the listed components together and compares the target's "
+        "logit, probability and rank. **Sweep** ablates each head / block / neuron alone; click a bar or cell "
+        "to put it in the single-ablation field. **Activation patching** restores clean activations in a "
+        "corrupted run, cell by cell. Each section keeps its own inputs."),
+    "Neurons": (
+        "### Neurons\nOpen or build an index of every MLP neuron's top examples over a corpus, search the "
+        "descriptions (or `token: he`), and open a neuron's card (**L:N**, layer:neuron): its examples shaded by "
+        "activation, statistics, and its activation on your prompt. *Ablate this neuron* opens the ablation tab."),
+    "Pronoun swap": (
+        "### Pronoun swap\nPreview how a corpus changes when its pronouns are swapped, then fine-tune two copies "
+        "of the model (original and swapped text) and watch the bias metrics move. *Across checkpoints* "
+        "compares saved checkpoints on a prompt."),
+    "Probes": (
+        "### Probes\nA linear probe per layer reads a label (e.g. true/false) from the hidden states; the curve "
+        "shows held-out accuracy per layer. *Also CCS* adds the unsupervised contrast-consistent probe."),
+    "Patchscope": (
+        "### Patchscope\nEach cell patches one block's hidden state at one position into an identity prompt "
+        "and shows what the model then says (colour = its probability). Click a cell for its top-k."),
+}
+SNAPSHOT_TAB_HELP = ("### A saved snapshot\nEvery chart as it was saved, without running the model. "
+                     "*Continue from here* loads a result's settings into its live tab.")
 
+# Runs in the browser when the tab in front changes: land at the top of the new tab (the page
+# otherwise keeps the old tab's scroll position, far below the new tab's fields).
+SCROLL_TOP_JS = """
+setTimeout(() => {
+  window.scrollTo(0, 0)
+  for (const el of document.querySelectorAll('main, .main, #main, [class*="MuiContainer"]')) el.scrollTop = 0
+}, 0)
+"""
 
 SNAPSHOT_HELP = ("**Save snapshot** downloads every result of this session (a .zip that reopens here or in a "
                  "notebook); **Export HTML** a standalone page of their charts. **Open snapshot** shows a saved "
@@ -91,6 +125,7 @@ class ExplorerApp(pn.viewable.Viewer):
 
     snapshot_error = param.String(default="", doc="Why the last snapshot could not be opened; empty when none.")
     snapshot_status = param.String(default="", doc="What the last snapshot action did (markdown).")
+    help = param.String(default=TAB_HELP["Logit lens"], doc="The sidebar's help for the tab in front (markdown).")
 
     def __init__(self, session: ModelSession, **params) -> None:
         super().__init__(**params)
@@ -115,21 +150,30 @@ class ExplorerApp(pn.viewable.Viewer):
             ("Patchscope", self.patchscope),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
+        self._tabs.param.watch(self._on_tab, "active")
+        self._tabs.jscallback(active=SCROLL_TOP_JS)
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
         ablation_tab = 2  # the tabs' order above
         self.neurons.param.watch(lambda e: (self.ablation.select_components(list(e.new)),
                                             setattr(self._tabs, "active", ablation_tab)), "ablate_request")
         self._save = pn.widgets.FileDownload(callback=self.snapshot_file, filename="interp-explorer-snapshot.zip",
                                              label="Save snapshot", css_classes=["save-snapshot"],
+                                             color="primary", icon="download",
                                              sizing_mode="stretch_width")
         self._export = pn.widgets.FileDownload(callback=self.html_file, filename="interp-explorer-snapshot.html",
                                                label="Export HTML", css_classes=["export-html"],
+                                               color="primary", icon="file-export",
                                                sizing_mode="stretch_width")
         self._open = pn.widgets.FileInput(accept=".zip", css_classes=["open-snapshot"], sizing_mode="stretch_width")
         self._open.param.watch(self._on_upload, "value")
         if served_doc() is not None:
             # A closed browser tab: stop this session's jobs and drop its results (the model stays).
             pn.state.on_session_destroyed(self._on_session_destroyed)
+
+    def _on_tab(self, event) -> None:
+        names = self._tabs._names
+        name = names[event.new] if 0 <= event.new < len(names) else ""
+        self.help = TAB_HELP.get(name, SNAPSHOT_TAB_HELP if name.startswith("Snapshot") else "")
 
     # ---------------------------------------------------------------- snapshots
     def snapshot(self):
@@ -219,7 +263,7 @@ class ExplorerApp(pn.viewable.Viewer):
                              sizing_mode="stretch_width", margin=(0, 10)),
             pn.pane.Markdown(SNAPSHOT_HELP, css_classes=["snapshot-help"], sizing_mode="stretch_width",
                              styles={"font-size": "12px", "color": "#555"}),
-            pn.pane.Markdown(HOW_TO_READ, css_classes=["how-to-read"], sizing_mode="stretch_width"),
+            pn.pane.Markdown(self.param.help, css_classes=["how-to-read", "tab-help"], sizing_mode="stretch_width"),
         ]
 
     def template(self) -> Page:

@@ -48,7 +48,7 @@ from explorer.persistence.history import History
 from . import heads_charts as hc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
-from .parts import alert
+from .parts import TEXT_LIMIT, alert
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,8 @@ class HeadsView(QueuedRuns, pn.viewable.Viewer):
     # ------------------------------------------------------------------ layout
     def _build_layout(self) -> pn.viewable.Viewable:
         prompt = pn.widgets.TextAreaInput.from_param(
-            self.param.prompt, rows=2, auto_grow=True, max_rows=8, sizing_mode="stretch_width",
+            self.param.prompt, max_length=TEXT_LIMIT, rows=2, auto_grow=True, max_rows=8,
+            sizing_mode="stretch_width",
             placeholder="Type a prompt; repeat a phrase to see induction", css_classes=["heads-prompt"])
         target = pn.widgets.TextInput.from_param(self.param.target, width=170, css_classes=["heads-target"],
                                                  placeholder="default: final top-1")

@@ -51,7 +51,7 @@ from explorer.training.swap import SwapAudit
 
 from . import intervention_charts as ic
 from .live import LiveJob
-from .parts import alert, push, set_bar
+from .parts import TEXT_LIMIT, alert, push, set_bar
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +530,8 @@ class InterventionView(pn.viewable.Viewer):
         dirs = pn.widgets.TextAreaInput.from_param(self.param.ckpt_dirs, css_classes=["swap-ckpt-dirs"], rows=4,
                                                    sizing_mode="stretch_width",
                                                    placeholder="/models/pythia-160m-step100000\n/models/pythia-160m-step143000")
-        prompt = pn.widgets.TextInput.from_param(self.param.ckpt_prompt, css_classes=["swap-ckpt-prompt"], width=300)
+        prompt = pn.widgets.TextInput.from_param(self.param.ckpt_prompt, max_length=TEXT_LIMIT,
+                                                 css_classes=["swap-ckpt-prompt"], width=300)
         target = pn.widgets.TextInput.from_param(self.param.ckpt_target, css_classes=["swap-ckpt-target"], width=140)
         metric = pn.widgets.Select.from_param(self.param.ckpt_metric, css_classes=["swap-ckpt-metric-choice"],
                                               width=200)

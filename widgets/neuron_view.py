@@ -59,7 +59,7 @@ from explorer.persistence.history import History
 
 from . import neuron_charts
 from .live import LiveJob
-from .parts import alert
+from .parts import TEXT_LIMIT, alert
 
 log = logging.getLogger(__name__)
 
@@ -696,7 +696,8 @@ class NeuronView(pn.viewable.Viewer):
                                                          sizing_mode="stretch_width")),
                            sizing_mode="stretch_width", loading=self.param.examples_busy,
                            css_classes=["neuron-examples"])
-        prompt = pn.widgets.TextInput.from_param(self.param.prompt, sizing_mode="stretch_width",
+        prompt = pn.widgets.TextInput.from_param(self.param.prompt, max_length=TEXT_LIMIT,
+                                                 sizing_mode="stretch_width",
                                                  css_classes=["neuron-prompt"])
         run_prompt = pn.widgets.Button.from_param(self.param.run_prompt, width=140, margin=(26, 10, 10, 10),
                                                   disabled=self.param.prompt_busy, css_classes=["neuron-run-prompt"])

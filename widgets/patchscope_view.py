@@ -23,7 +23,7 @@ from explorer.persistence.history import History
 from . import probe_charts as pc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
-from .parts import alert
+from .parts import TEXT_LIMIT, alert
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,10 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         self.select_cell(len(self.result.layer_labels) - 1, hi - 1)
 
     def _build_layout(self) -> pn.viewable.Viewable:
-        prompt = pn.widgets.TextAreaInput.from_param(self.param.prompt, rows=2, auto_grow=True, max_rows=6,
+        prompt = pn.widgets.TextAreaInput.from_param(self.param.prompt, max_length=TEXT_LIMIT, rows=2, auto_grow=True,
+                                                     max_rows=6,
                                                      sizing_mode="stretch_width", css_classes=["patchscope-prompt"])
-        identity = pn.widgets.TextAreaInput.from_param(self.param.identity, rows=4, width=260,
+        identity = pn.widgets.TextAreaInput.from_param(self.param.identity, max_length=TEXT_LIMIT, rows=4, width=260,
                                                        css_classes=["patchscope-identity"])
         run = pn.widgets.Button.from_param(self.param.run, color="primary", width=150, height=36,
                                            margin=(26, 10, 10, 10), disabled=self.param.busy,

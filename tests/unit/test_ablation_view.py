@@ -182,6 +182,40 @@ def test_select_components(session):
     assert view._sections.active == 1 and view.single.error == ""
 
 
+def test_each_section_owns_its_inputs_and_marks_a_stale_result(session):
+    """Issue 15 (8): editing the sweep's prompt leaves the single ablation's alone; a result whose
+    inputs changed is marked stale until the next run."""
+    view = AblationView(session)
+    view.single.param.update(prompt=PROMPT, components="0.1")
+    view.sweep.prompt = "A different prompt for the sweep"
+    view.patching.target = " Rome"
+    assert view.single.prompt == PROMPT and view.single.target == " Paris"
+    run(view.single)
+    assert view.single.result is not None and not view.single.stale
+    view.single.components = "0.2"
+    assert view.single.stale  # the card still shows 0.1
+    view.single.prompt = "   "
+    run(view.single)  # an error: the old result stays, still marked stale
+    assert "empty" in view.single.error and view.single.stale and view.single.result.components == ("0.1",)
+    view.single.prompt = PROMPT
+    run(view.single)
+    assert not view.single.stale and view.single.result.components == ("0.2",)
+    view.sweep.prompt = PROMPT
+    view.sweep.run(background=False)
+    assert not view.sweep.stale
+    view.sweep.kind = "blocks"
+    assert view.sweep.stale and not view.single.stale
+
+
+def test_a_target_without_its_leading_space_gets_a_hint(session):
+    view = AblationView(session)
+    for part in (view.single, view.sweep, view.patching):
+        assert part.target_hint == ""
+        part.target = "Paris"
+        assert "' Paris'" in part.target_hint
+    assert view.single.target_hint and view.single.target == "Paris"
+
+
 # -------------------------------------------------------------------- sweeps
 def test_foreground_sweep_fills_the_heatmap_live(session):
     history = History()

@@ -230,6 +230,34 @@ def test_tapping_a_cell_selects_its_position_and_token(session):
     assert view.result is not result
 
 
+def test_a_new_prompt_or_a_compare_run_resets_the_position(session):
+    """Issue 15 (5): after a cell click a compare run must not keep the old position."""
+    view = LogitLensView(session, prompt=PROMPT, top_k=5)
+    run(view)
+    last = view.result.n_positions - 1
+    view.position = 1  # the user picks a position: a rerun of the same prompt keeps it
+    run(view)
+    assert view.position == 1
+    view.param.update(compare=True, prompt_b=PROMPT + " the")  # a compare run: back to the last position
+    run(view)
+    assert view.position == view.result.n_positions - 1 == last
+    view.position = 2  # picked again on the compare run: kept by its rerun
+    run(view)
+    assert view.position == 2
+    view.param.update(compare=False, prompt="The capital of Italy is")  # a new prompt: its last position
+    run(view)
+    assert view.position == view.result.n_positions - 1
+
+
+def test_a_target_without_its_leading_space_gets_a_hint(session):
+    view = LogitLensView(session)
+    assert view.target_hint == ""
+    view.target = "Paris"
+    assert "' Paris'" in view.target_hint and "leading space" in view.target_hint
+    view.target = " Paris"
+    assert view.target_hint == ""
+
+
 def test_view_renders_for_a_notebook(session):
     view = LogitLensView(session)
     root = pn.panel(view).get_root(Document())
@@ -245,7 +273,18 @@ def test_app_renders_with_model_card(session):
     card = app_module.model_card(session)
     info = session.info()
     assert info.name in card and f"{info.n_heads} ({info.n_kv_heads} KV)" in card
-    assert [title for title in app._tabs._names] == ["Logit lens", "Heads", "Ablation", "Neurons", "Pronoun swap"]
+    assert [title for title in app._tabs._names] == ["Logit lens", "Heads", "Ablation", "Neurons", "Pronoun swap",
+                                                     "Probes", "Patchscope"]
+    assert app.probes.history is app.history and app.patchscope.history is app.history
+
+
+def test_sidebar_help_follows_the_tab(session):
+    app = ExplorerApp(session)
+    assert app.help.startswith("### Reading the lens")
+    for i, name in enumerate(app._tabs._names):
+        app._tabs.active = i
+        assert app.help == app_module.TAB_HELP[name] and app.help.startswith("### ")
+    assert len({app_module.TAB_HELP[n] for n in app._tabs._names}) == len(app._tabs._names)  # one per tab
 
 
 def test_human_count():
