@@ -70,6 +70,17 @@ def run_label(result: InterventionResult) -> str:
             f"{result.config.direction} · {result.model}")
 
 
+def next_step_text(config: InterventionConfig | None, done: int, total: int) -> str:
+    """' · now: step 10, then evaluating both arms…' when the step under way ends in an evaluation
+    (tens of seconds with nothing else to report), else ''."""
+    if config is None or done >= total:
+        return ""
+    step = done + 1
+    if step % config.eval_every == 0 or step == total:
+        return f" · now: step {step}, then **evaluating** both arms…"
+    return ""
+
+
 class InterventionView(pn.viewable.Viewer):
     """The pronoun-swap intervention for one model (a ModelSession, or the embedded default)."""
 
@@ -252,8 +263,8 @@ class InterventionView(pn.viewable.Viewer):
         except ExplorerError as e:
             self.error = f"**Check the settings:** {e}"
             return None
-        return self._launch(config, self._new_run_dir(), "Starting: copying the model, tokenising the corpus…",
-                            background)
+        return self._launch(config, self._new_run_dir(), "Starting: copying the model, tokenising the corpus, "
+                                                          "then evaluating the starting model…", background)
 
     def resume_run(self, background: bool | None = None) -> Job | None:
         """Continue the shown run from its last checkpoint (up to the current Steps)."""
@@ -266,6 +277,7 @@ class InterventionView(pn.viewable.Viewer):
         return self._launch(config, Path(self.result.out_dir), "Resuming from the last checkpoint…", background)
 
     def _launch(self, config: InterventionConfig, out: Path, status: str, background: bool | None) -> Job:
+        self._run_config = config  # what the next step does (evaluations) is said in the status line
         self.param.update(running=True, error="", run_done=0, run_total=config.steps, status=status)
         model = self.session  # None: the engine loads the embedded default itself
         return self._run_job.start(lambda ctx: _guarded_run(model, config, out, ctx), name="intervene",
@@ -291,6 +303,7 @@ class InterventionView(pn.viewable.Viewer):
         eta = progress.eta
         if eta is not None and progress.done < progress.total:
             text += f" · ~{eta:.0f} s left"
+        text += next_step_text(getattr(self, "_run_config", None), progress.done, progress.total)
         self.param.update(run_done=progress.done, run_total=max(1, progress.total), status=text)
 
     def _on_run_finish(self, job: Job) -> None:
