@@ -111,8 +111,23 @@ SNAPSHOT_TAB_HELP = ("### A saved snapshot\nEvery chart as it was saved, without
 SCROLL_TOP_JS = """
 setTimeout(() => {
   window.scrollTo(0, 0)
-  for (const el of document.querySelectorAll('main, .main, #main, [class*="MuiContainer"]')) el.scrollTop = 0
-}, 0)
+  const tall = 0.5 * window.innerHeight  // page-sized scroll boxes only, not a card's example list
+  const walk = (root) => {
+    for (const el of root.querySelectorAll('*')) {
+      if (el.scrollTop > 0 && el.clientHeight >= tall) el.scrollTop = 0
+      if (el.shadowRoot) walk(el.shadowRoot)
+    }
+  }
+  walk(document)
+}, 50)
+"""
+
+# Panel's download links look like plain text in the material page: make them look like buttons
+# (white on the accent colour: 7.0:1).
+DOWNLOAD_CSS = f"""
+.bk-btn {{ background-color: {ACCENT} !important; color: #ffffff !important; border: 1px solid {ACCENT} !important;
+          border-radius: 4px; font-weight: 500; }}
+.bk-btn:hover {{ filter: brightness(1.15); }}
 """
 
 SNAPSHOT_HELP = ("**Save snapshot** downloads every result of this session (a .zip that reopens here or in a "
@@ -158,11 +173,11 @@ class ExplorerApp(pn.viewable.Viewer):
                                             setattr(self._tabs, "active", ablation_tab)), "ablate_request")
         self._save = pn.widgets.FileDownload(callback=self.snapshot_file, filename="interp-explorer-snapshot.zip",
                                              label="Save snapshot", css_classes=["save-snapshot"],
-                                             color="primary", icon="download",
+                                             stylesheets=[DOWNLOAD_CSS],
                                              sizing_mode="stretch_width")
         self._export = pn.widgets.FileDownload(callback=self.html_file, filename="interp-explorer-snapshot.html",
                                                label="Export HTML", css_classes=["export-html"],
-                                               color="primary", icon="file-export",
+                                               stylesheets=[DOWNLOAD_CSS],
                                                sizing_mode="stretch_width")
         self._open = pn.widgets.FileInput(accept=".zip", css_classes=["open-snapshot"], sizing_mode="stretch_width")
         self._open.param.watch(self._on_upload, "value")

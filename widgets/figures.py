@@ -32,6 +32,7 @@ from . import ablation_charts as ac
 from . import heads_charts as hc
 from . import intervention_charts as ic
 from . import neuron_charts as nc
+from .chart_style import neuron_spec
 from .charts import comparison_chart, describe_divergence, lens_heatmap, quote_token, shorten, target_curve
 
 log = logging.getLogger(__name__)
@@ -143,18 +144,18 @@ def overview_figures(r: SelectiveNeurons, model: dict) -> list[Figure]:
 
 
 def histogram_figures(r: NeuronHistogram, model: dict) -> list[Figure]:
-    return [(f"Activation histogram of L{r.layer} N{r.neuron} over a 1-in-{r.stride} token subsample.",
+    return [(f"Activation histogram of neuron {neuron_spec(r.layer, r.neuron)} over a 1-in-{r.stride} token subsample.",
              nc.activation_histogram(r))]
 
 
 def prompt_activation_figures(r: PromptActivation, model: dict) -> list[Figure]:
-    return [(f"L{r.layer} N{r.neuron}'s activation at every token of {shorten(r.prompt, 60)!r}.",
+    return [(f"Neuron {neuron_spec(r.layer, r.neuron)}'s activation at every token of {shorten(r.prompt, 60)!r}.",
              nc.prompt_activation_chart(r))]
 
 
 def examples_figures(r: ExampleActivations, model: dict) -> list[Figure]:
     what = "top-activating" if r.kind == "top" else r.kind
-    return [(f"L{r.layer} N{r.neuron}: {len(r)} {what} examples, each token shaded by its activation.",
+    return [(f"Neuron {neuron_spec(r.layer, r.neuron)}: {len(r)} {what} examples, each token shaded by its activation.",
              div_model(nc.examples_html(r), nc.EXAMPLES_CSS))]
 
 
@@ -166,8 +167,8 @@ def stats_figures(s: NeuronStats, model: dict) -> list[Figure]:
     rows = [("max", f"{s.max:.4g}"), ("mean", f"{s.mean:.3g}"), ("std", f"{s.std:.3g}"), ("min", f"{s.min:.3g}"),
             ("fires (> 0) on", f"{s.frequency:.1%} of {s.tokens:,} tokens")]
     rows += [(f"p{100 * q:g} ≈", f"{v:.3g}") for q, v in zip(s.quantile_levels, s.quantiles)]
-    return [(f"Activation statistics of L{s.layer} N{s.neuron}.", div_model(f"<table>{table_rows(rows)}</table>",
-                                                                       width=320))]
+    return [(f"Activation statistics of neuron {neuron_spec(s.layer, s.neuron)}.",
+             div_model(f"<table>{table_rows(rows)}</table>", width=320))]
 
 
 def pattern_text_figures(p: TokenPattern, model: dict) -> list[Figure]:
@@ -175,7 +176,7 @@ def pattern_text_figures(p: TokenPattern, model: dict) -> list[Figure]:
                    for t, c, m in zip(p.tokens, p.counts, p.mass))
     text = (f"<div class='caption'>{html.escape(p.summary)}</div><table><tr><th>token</th>"
             f"<th>top examples</th><th>share of mass</th></tr>{rows}</table>")
-    return [(f"The tokens L{p.layer} N{p.neuron} fires on in its {p.n_examples} top examples.",
+    return [(f"The tokens neuron {neuron_spec(p.layer, p.neuron)} fires on in its {p.n_examples} top examples.",
              div_model(text, width=420))]
 
 
@@ -183,7 +184,7 @@ def explanation_figures(e: Explanation, model: dict) -> list[Figure]:
     rows = [("explanation", e.explanation or "(no explanation written)"), ("score", e.score_text),
             ("how", e.score_note), ("explainer", e.explainer),
             ("scored on", f"{e.n_top} top + {e.n_random} random examples"), ("source", e.source)]
-    return [(f"Written explanation of L{e.layer} N{e.neuron} and its simulation score.",
+    return [(f"Written explanation of neuron {neuron_spec(e.layer, e.neuron)} and its simulation score.",
              div_model(f"<table>{table_rows(rows)}</table>"))]
 
 

@@ -32,7 +32,7 @@ from explorer.neurons.index import (
     SelectiveNeurons,
 )
 
-from .chart_style import position_axis, style_figure
+from .chart_style import neuron_spec, position_axis, style_figure
 from .charts import quote_token
 
 HISTOGRAM = "neuron-histogram"
@@ -108,7 +108,8 @@ def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None
     y_top = max(1, int(hist.counts.max(initial=0))) * 1.08
     fig = figure(name=HISTOGRAM, height=250, sizing_mode="stretch_width", x_range=x_range,
                  y_range=Range1d(0, y_top), tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
-                 title=f"L{hist.layer} N{hist.neuron}: {hist.sampled_tokens:,} sampled tokens (1 in {hist.stride})")
+                 title=f"Neuron {neuron_spec(hist.layer, hist.neuron)}: {hist.sampled_tokens:,} sampled tokens "
+                       f"(1 in {hist.stride})")
     style_figure(fig)
     bars = fig.vbar(x="x", top="count", width=0.9, color="color", source=source, line_color=None)
     fig.add_tools(HoverTool(renderers=[bars], tooltips=[("activation", "@range"), ("tokens", "@count"),
@@ -160,7 +161,7 @@ def prompt_activation_chart(result: PromptActivation, window: tuple[int, int] | 
                  min_width=max(300, min(34 * bars_in_view, 1000)),
                  sizing_mode="stretch_width", y_range=Range1d(lo - 0.08 * span, hi + 0.08 * span),
                  tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
-                 title=f"L{result.layer} N{result.neuron} on the prompt: activation per token")
+                 title=f"Neuron {neuron_spec(result.layer, result.neuron)} on the prompt: activation per token")
     style_figure(fig)
     bars = fig.vbar(x="x", top="activation", width=0.8, color="color", source=source)
     fig.add_tools(HoverTool(renderers=[bars], tooltips=[("position", "@pos"), ("token", "@token"),

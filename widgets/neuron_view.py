@@ -58,6 +58,7 @@ from explorer.neurons.index import (
 from explorer.persistence.history import History
 
 from . import neuron_charts
+from .chart_style import neuron_spec
 from .live import LiveJob
 from .parts import TEXT_LIMIT, alert
 
@@ -82,6 +83,7 @@ NO_INDEX_TEXT = (
     "earlier (here or with `python -m explorer neurons index`) opens from its directory."
 )
 
+EXAMPLES_PX = 460  # height of the card's example lists (they scroll)
 EXAMPLES_CACHE = 32  # neurons whose per-token activations are kept (two small arrays each)
 
 
@@ -386,7 +388,7 @@ class NeuronView(pn.viewable.Viewer):
         options = {}
         for h in hits:
             score = "" if h.score is None else f" · score {h.score:.2f}"
-            label = f"L{h.layer} N{h.neuron} · {h.relevance:.2f} · [{h.source}] {h.description}{score}"
+            label = f"{neuron_spec(h.layer, h.neuron)} · {h.relevance:.2f} · [{h.source}] {h.description}{score}"
             options.setdefault(label[:160], f"{h.layer}:{h.neuron}:{len(options)}")
         what = f"token {show_token(token)}" if token is not None else f"'{text}'"
         self._hit_select.param.update(options=options, disabled=not hits, value=[])
@@ -445,7 +447,7 @@ class NeuronView(pn.viewable.Viewer):
                           pattern_text=pattern.summary, explanation=None, explain_status="", error="",
                           status=self._card_status(layer, neuron, cached is not None))
         if self.history is not None:
-            label = f"neuron L{layer} N{neuron}"
+            label = f"neuron {neuron_spec(layer, neuron)}"
             for result, what in ((stats, "stats"), (hist, "histogram"), (pattern, "token pattern")):
                 self.history.add(result, f"{label} {what}")
         if cached is None and self._model_ok:
@@ -469,16 +471,17 @@ class NeuronView(pn.viewable.Viewer):
             if self._card_key == key:  # the user may have opened another neuron meanwhile
                 self.param.update(top=top, random=rand, status=self._card_status(layer, neuron, True))
         if self.history is not None and self._card_key == key:
-            self.history.add(self.top, f"neuron L{layer} N{neuron} top examples")
-            self.history.add(self.random, f"neuron L{layer} N{neuron} random examples")
+            self.history.add(self.top, f"neuron {neuron_spec(layer, neuron)} top examples")
+            self.history.add(self.random, f"neuron {neuron_spec(layer, neuron)} random examples")
 
     def _card_status(self, layer: int, neuron: int, computed: bool) -> str:
         if not self._model_ok:
-            return f"**L{layer} N{neuron}** · stored data only: {self._model_note}"
+            return f"**Neuron {neuron_spec(layer, neuron)}** · stored data only: {self._model_note}"
         if not computed:
-            return (f"**L{layer} N{neuron}** · computing every example token's activation "
+            return (f"**Neuron {neuron_spec(layer, neuron)}** · computing every example token's activation "
                     f"(the model re-reads the stored windows up to layer {layer})…")
-        return f"**L{layer} N{neuron}** · every token shaded by its activation (the model on the stored windows)"
+        return (f"**Neuron {neuron_spec(layer, neuron)}** · every token shaded by its activation "
+                "(the model on the stored windows)")
 
     @param.depends("stats", "histogram", watch=True)
     def _update_histogram(self) -> None:
@@ -550,8 +553,8 @@ class NeuronView(pn.viewable.Viewer):
             return None
         index, session, layer, neuron = self.index, self.session, self.stats.layer, self.stats.neuron
         self.param.update(explaining=True, error="", explain_status=(
-            f"Explaining L{layer} N{neuron} with {session.name}: it writes an explanation from the top "
-            "examples, then simulates activations to score it (tens of seconds on a CPU)…"))
+            f"Explaining neuron {neuron_spec(layer, neuron)} with {session.name}: it writes an explanation from "
+            "the top examples, then simulates activations to score it (tens of seconds on a CPU)…"))
 
         def run(ctx):
             return explain_neuron(session, index=index, layer=layer, neuron=neuron)
@@ -566,11 +569,11 @@ class NeuronView(pn.viewable.Viewer):
             return
         e: Explanation = job.result
         if self.history is not None:
-            self.history.add(e, f"neuron L{e.layer} N{e.neuron} explanation")
+            self.history.add(e, f"neuron {neuron_spec(e.layer, e.neuron)} explanation")
         weak = (" The explainer is the attached model; a small model writes weak explanations and "
                 "simulates poorly, so a low score is the honest result.")
-        self.explain_status = (f"L{e.layer} N{e.neuron}: “{e.explanation or '(no explanation)'}” · score "
-                               f"{e.score_text} ({e.score_note}; {e.n_top} top + {e.n_random} random examples)." + weak)
+        self.explain_status = (f"Neuron {neuron_spec(e.layer, e.neuron)}: “{e.explanation or '(no explanation)'}” · "
+                               f"score {e.score_text} ({e.score_note}; {e.n_top} top + {e.n_random} random examples)." + weak)
         if self.index is not None and self.stats is not None and (self.stats.layer, self.stats.neuron) == (e.layer, e.neuron):
             self.param.update(explanation=e,
                               descriptions=DescriptionStore(self.index.path).for_neuron(e.layer, e.neuron))
@@ -599,7 +602,7 @@ class NeuronView(pn.viewable.Viewer):
         finally:
             self.prompt_busy = False
         if self.history is not None:
-            self.history.add(result, f"neuron L{layer} N{neuron} on a prompt")
+            self.history.add(result, f"neuron {neuron_spec(layer, neuron)} on a prompt")
         self.param.update(prompt_result=result, error="")
 
     @param.depends("prompt_result", watch=True)
@@ -690,9 +693,11 @@ class NeuronView(pn.viewable.Viewer):
                                                    css_classes=["neuron-ablate-this"])
         explain_status = pn.pane.Markdown(self.param.explain_status, css_classes=["neuron-explain-status"],
                                           visible=self.param.explain_status.rx.bool(), sizing_mode="stretch_width")
-        examples = pn.Tabs(("Top examples", pn.Column(self._top_html, max_height=460, scroll="y-auto",
+        # Fixed-height scroll boxes: with max_height the tabs took the examples' full height, a
+        # blank gap of ~1,300 px before "Run on prompt" (issue 15, 6).
+        examples = pn.Tabs(("Top examples", pn.Column(self._top_html, height=EXAMPLES_PX, scroll="y-auto",
                                                       sizing_mode="stretch_width")),
-                           ("Random examples", pn.Column(self._random_html, max_height=460, scroll="y-auto",
+                           ("Random examples", pn.Column(self._random_html, height=EXAMPLES_PX, scroll="y-auto",
                                                          sizing_mode="stretch_width")),
                            sizing_mode="stretch_width", loading=self.param.examples_busy,
                            css_classes=["neuron-examples"])

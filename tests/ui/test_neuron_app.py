@@ -107,7 +107,7 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
 
     # "Ablate this neuron" selects it in the ablation tab and shows that tab
     page.locator(".neuron-ablate-this button").click()
-    wait_until(lambda: app.ablation.components == f"{layer}:{neuron}", page, timeout=TIMEOUT)
+    wait_until(lambda: app.ablation.single.components == f"{layer}:{neuron}", page, timeout=TIMEOUT)
     expect(page.locator(".explorer-tabs .bk-tab", has_text=re.compile(r"^Ablation$"))).to_have_class(
         re.compile(r"\bbk-active\b"))
     expect(page.locator(".explorer-tabs .bk-tab", has_text=re.compile(r"^Neurons$"))).not_to_have_class(

@@ -206,7 +206,7 @@ def test_card_values_equal_the_index(view, built):
     assert source.data["count"] == index.arrays["hist"][1, 5].tolist()
     assert {s.name for s in view._histogram.object.select({"type": Span})} >= {"histogram-median", "histogram-max"}
     labels = [e.label for e in view.history.entries]
-    assert "neuron L1 N5 stats" in labels and "neuron L1 N5 top examples" in labels
+    assert "neuron 1:5 stats" in labels and "neuron 1:5 top examples" in labels
 
 
 def test_highlighted_activations_equal_the_model_on_the_stored_ids(view, built, session, plain):
