@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import panel as pn
 import param
+from panel.pane.base import ReplacementPane
 
 from explorer.analyses.ccs import CCSResult
 from explorer.analyses.demonstrations import DemoLensResult, OverthinkingResult, PromptSet
@@ -163,12 +164,11 @@ def figures_for(result: Result, model: dict | None = None) -> list[f.Figure]:
     return [(f"{name}: its fields.", f.summary_table(result))]
 
 
-class ResultPane(pn.pane.PaneBase):
+class ResultPane(ReplacementPane):
     """A result as its charts: ``pn.panel(logit_lens(session, prompt))`` in a notebook cell."""
 
     priority: ClassVar[float] = 0.9
     types: ClassVar[tuple[type, ...]] = tuple(k.type for k in KINDS)
-    model_identity = param.Dict(default={}, doc="The model's identity, for builders that use it (heads' KV groups).")
 
     @classmethod
     def applies(cls, obj: Any) -> bool:
@@ -176,26 +176,19 @@ class ResultPane(pn.pane.PaneBase):
 
     def __init__(self, object=None, **params) -> None:
         super().__init__(object, **params)
-        self._inner = pn.Column(sizing_mode="stretch_width")
         self._render()
-        self.param.watch(lambda _e: self._render(), "object")
 
+    @param.depends("object", watch=True)
     def _render(self) -> None:
         items: list = []
         if self.object is not None:
             items.append(pn.pane.Markdown(f"**{display_name(self.object)}**"))
-            for caption, fig in figures_for(self.object, self.model_identity):
+            for caption, fig in figures_for(self.object):
                 items.append(pn.pane.Bokeh(fig))
                 if caption:
                     items.append(pn.pane.Markdown(f"*{caption}*"))
-        self._inner.objects = items
-
-    def _get_model(self, doc, root=None, parent=None, comm=None):
-        return self._inner._get_model(doc, root, parent, comm)
-
-    def _cleanup(self, root=None) -> None:
-        self._inner._cleanup(root)
-        super()._cleanup(root)
+        self._pane = pn.Column(*items, sizing_mode="stretch_width")
+        self._inner_layout[:] = [self._pane]
 
 
 __all__ = ["GROUPS", "KINDS", "Kind", "OTHER", "ResultPane", "display_name", "figures_for", "group_of", "grouped",

@@ -11,10 +11,9 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
+from browser import serve_explorer  # noqa: E402
 from widgets.chart_style import contrast  # noqa: E402
 from widgets.live import dispatch  # noqa: E402
-
-from browser import serve_explorer  # noqa: E402
 
 RUN_TIMEOUT = 120_000  # ms: the default model on a shared CPU
 

@@ -303,3 +303,31 @@ def test_serve_app_binds_the_given_address(session, monkeypatch, capsys):
     assert callable(calls["panels"])  # one app per browser session, served at "/"
     serve_app(session, port=80, address="0.0.0.0", allow_websocket_origin=["example.org:80"])
     assert calls["address"] == "0.0.0.0" and calls["websocket_origin"] == ["example.org:80"]
+
+
+def test_a_result_as_a_notebook_cell_draws_its_charts(result):
+    """``logit_lens(session, p)`` as a cell's last line: Panel picks the registry's pane."""
+    from widgets.registry import ResultPane, display_name, kind_of
+
+    pane = pn.panel(result)
+    assert isinstance(pane, ResultPane)
+    assert pane.get_root(Document()) is not None
+    figures = [o.object for o in pane._pane.objects if isinstance(o, pn.pane.Bokeh)]
+    assert figures and figures[0].name == charts.HEATMAP
+    assert display_name(result) == "logit lens" and kind_of(result).view == "lens"
+
+
+def test_every_result_type_has_a_name_for_people():
+    import importlib
+
+    from explorer.core.results import RESULT_TYPES
+    from explorer.persistence.snapshot import RESULT_MODULES
+    from widgets import registry
+
+    for module in RESULT_MODULES:  # every snapshot-able result type registers itself on import
+        importlib.import_module(f"explorer.{module}")
+    for name, cls in RESULT_TYPES.items():
+        kind = registry.kind_for(cls)
+        shown = registry.display_name(cls.__new__(cls))
+        assert shown != name and "Result" not in shown, name
+        assert kind is None or kind.group in registry.GROUPS
