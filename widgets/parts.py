@@ -18,7 +18,7 @@ import panel as pn
 import param
 
 from explorer.core.errors import ExplorerError
-from explorer.core.jobs import FAILED, Job, JobContext, Progress
+from explorer.core.jobs import FAILED, RUNNING, Job, JobContext, Progress
 
 from .live import LiveJob, served_doc
 
@@ -140,6 +140,11 @@ def push(pane: pn.pane.Bokeh) -> None:
         pn.io.push_notebook(pane)
 
 
+def job_running(live: LiveJob) -> bool:
+    """Whether the live job's job is running (also a foreground one, which has no thread)."""
+    return live.job is not None and live.job.status == RUNNING
+
+
 class JobPanel(param.Parameterized):
     """One long job of a view: Start/Cancel buttons, a progress bar, its status and error line.
 
@@ -227,4 +232,4 @@ def token_hint(session, text: str) -> str:
 
 
 __all__ = ["ALERT_COLORS", "ALERT_CSS", "JobPanel", "RunState", "TEXT_LIMIT", "alert", "error_text", "guarded",
-           "help_text", "progress_text", "push", "set_bar", "stale_note", "text_field", "token_hint"]
+           "help_text", "job_running", "progress_text", "push", "set_bar", "stale_note", "text_field", "token_hint"]

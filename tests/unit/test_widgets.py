@@ -11,9 +11,8 @@ from bokeh.document import Document
 from bokeh.models import ColumnDataSource, Span
 
 from explorer import CompareRequest, compare_prompts, logit_lens
-from widgets import ExplorerApp, LogitLensView, create_app, serve_app
+from widgets import ExplorerApp, LogitLensView, charts, create_app, serve_app
 from widgets import app as app_module
-from widgets import charts
 from widgets import lens_view as lens_view_module
 
 PROMPT = "The capital of France is"
