@@ -306,6 +306,9 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     first = cards[0].objects
     assert [type(o).__name__ for o in first] == ["Markdown", "Bokeh", "Markdown", "Bokeh", "Markdown"]
     assert first[1].object.name == charts.HEATMAP
+    # each result's kind in words people use, never a class name (issue 15, 10)
+    assert first[0].object == "*logit lens*"
+    assert not any("Result" in c.objects[0].object or "Comparison" in c.objects[0].object for c in cards)
     manifest = view._layout.objects[1].object
     identity = model_identity(session)
     for text in (identity["name"], identity["config_hash"], identity["weights_hash"], "created", "torch"):
