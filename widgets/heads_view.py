@@ -41,14 +41,13 @@ from explorer.analyses.heads import (
     head_scores,
     parse_head,
 )
-from explorer.core.errors import ExplorerError
 from explorer.core.session import ModelSession
 from explorer.persistence.history import History
 
 from . import heads_charts as hc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
-from .parts import TEXT_LIMIT, alert
+from .parts import TEXT_LIMIT, alert, error_text
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +127,8 @@ class HeadsView(QueuedRuns, pn.viewable.Viewer):
             request = HeadsRequest(self.prompt, target, self.seq_len, self.seed)
             scores, attention = await asyncio.to_thread(compute_heads, self.session, request)
             self._publish(scores, attention, time.perf_counter() - started)
-        except ExplorerError as e:  # bad input: say what to do, keep the previous charts
-            self.error = f"**Could not compute head scores:** {e}"
-        except Exception as e:  # a bug or a broken model: tell the user, log the traceback
-            log.exception("head scores failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+        except Exception as e:  # bad input says what to do; a bug is logged; the previous charts stay
+            self.error = error_text(e, "compute head scores", log)
 
     def _publish(self, scores: HeadScores, attention: AttentionResult, seconds: float) -> None:
         if self.history is not None:

@@ -21,7 +21,7 @@ from explorer.persistence.history import History
 
 from . import charts
 from .live import QueuedRuns
-from .parts import TEXT_LIMIT, alert, token_hint
+from .parts import TEXT_LIMIT, alert, error_text, token_hint
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,8 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
                 result = await asyncio.to_thread(logit_lens, self.session, request)
             # Back on the event loop: publish everything in one batch of parameter changes.
             self._publish(result, comparison, time.perf_counter() - started)
-        except ExplorerError as e:  # bad input: say what to do, keep the previous charts
-            self.error = f"**Could not run the lens:** {e}"
-        except Exception as e:  # a bug or a broken model: tell the user, log the traceback
-            log.exception("logit lens failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+        except Exception as e:  # bad input says what to do; a bug is logged; the previous charts stay
+            self.error = error_text(e, "run the lens", log)
 
     def _publish(self, result: LensResult, comparison: LensComparison | None, seconds: float) -> None:
         if self.history is not None:

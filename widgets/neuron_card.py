@@ -34,7 +34,7 @@ from explorer.neurons.index import (
 
 from . import neuron_charts
 from .chart_style import neuron_spec
-from .parts import TEXT_LIMIT, job_running
+from .parts import TEXT_LIMIT, error_text, job_running
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,8 @@ class CardPart(param.Parameterized):
             self.examples_busy = True
             try:
                 top, rand = await asyncio.to_thread(example_activations, index, layer, neuron, self.session)
-            except ExplorerError as e:
-                self.error = f"**Could not compute the examples' activations:** {e}"
-                return
             except Exception as e:
-                log.exception("neuron example activations failed")
-                self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+                self.error = error_text(e, "compute the examples' activations", log)
                 return
             finally:
                 self._computing -= 1
@@ -270,12 +266,8 @@ class CardPart(param.Parameterized):
         self.prompt_busy = True
         try:
             result = await asyncio.to_thread(prompt_activation, self.session, self.prompt, layer=layer, neuron=neuron)
-        except ExplorerError as e:
-            self.error = f"**Could not run the prompt:** {e}"
-            return
         except Exception as e:
-            log.exception("neuron prompt activation failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+            self.error = error_text(e, "run the prompt", log)
             return
         finally:
             self.prompt_busy = False

@@ -28,7 +28,7 @@ from explorer.neurons.index import (
 )
 
 from . import neuron_charts
-from .parts import job_running
+from .parts import error_text, job_running
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,8 @@ class IndexPart(param.Parameterized):
         try:
             index = await asyncio.to_thread(NeuronIndex.open, path)
             self.set_index(index)
-        except ExplorerError as e:
-            self.error = f"**Could not open the index:** {e}"
         except Exception as e:
-            log.exception("opening a neuron index failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+            self.error = error_text(e, "open the index", log)
         finally:
             self.busy = False
 

@@ -71,11 +71,12 @@ def help_text(text: str, css: str, **kw) -> pn.pane.Markdown:
                             sizing_mode="stretch_width", **kw)
 
 
-def error_text(e: BaseException, what: str) -> str:
-    """The one error policy: bad input says what to do; anything else is a bug, logged."""
+def error_text(e: BaseException, what: str, logger: logging.Logger | None = None) -> str:
+    """The one error policy: bad input says what to do; anything else is a bug, logged (with its
+    traceback) on ``logger``."""
     if isinstance(e, ExplorerError):
         return f"**Could not {what}:** {e}"
-    log.error("%s failed", what, exc_info=e)
+    (logger or log).error("%s failed", what, exc_info=e)
     return (f"**Unexpected error** while trying to {what} ({type(e).__name__}: {e}). "
             "Check the inputs and try again; if it repeats, the details are in the server log.")
 

@@ -16,14 +16,13 @@ import panel as pn
 import param
 
 from explorer.analyses.patchscope import DEFAULT_IDENTITY, PatchscopeRequest, PatchscopeResult, patchscope
-from explorer.core.errors import ExplorerError
 from explorer.core.session import ModelSession
 from explorer.persistence.history import History
 
 from . import probe_charts as pc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
-from .parts import TEXT_LIMIT, alert
+from .parts import TEXT_LIMIT, alert, error_text
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +75,8 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                                     top_k=self.top_k)
         try:
             result = await asyncio.to_thread(patchscope, self.session, request)
-        except ExplorerError as e:
-            self.error = f"**Could not run the patchscope:** {e}"
-            return
-        except Exception as e:  # a bug or a broken model: say so, keep the page
-            log.exception("patchscope failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+        except Exception as e:  # bad input says what to do; a bug is logged; the page stays
+            self.error = error_text(e, "run the patchscope", log)
             return
         self.show(result, time.perf_counter() - started)
 

@@ -166,7 +166,7 @@ def test_unexpected_errors_are_shown_and_logged(session, monkeypatch, caplog):
     with caplog.at_level(logging.ERROR, logger=lens_view_module.__name__):
         run(view)
     assert "Unexpected error" in view.error and "boom" in view.error
-    assert "logit lens failed" in caplog.text
+    assert "run the lens failed" in caplog.text
     assert not view.busy
 
 
