@@ -7,4 +7,5 @@ from .lens_view import LogitLensView
 from .neuron_view import NeuronView
 from .snapshot_view import SnapshotView
 
-__all__ = ["AblationView", "ExplorerApp", "HeadsView", "InterventionView", "LogitLensView", "NeuronView", "SnapshotView", "create_app", "serve_app"]
+__all__ = ["AblationView", "ExplorerApp", "HeadsView", "InterventionView", "LogitLensView", "NeuronView",
+           "SnapshotView", "create_app", "serve_app"]

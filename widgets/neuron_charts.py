@@ -183,7 +183,7 @@ def overview_data(sel: SelectiveNeurons) -> dict[str, list]:
         "max": [float(v) for v in sel.max],
         "frequency": [float(v) for v in sel.frequency],
         "token": [quote_token(t) for t in sel.top_token],
-        "spec": [f"{int(l)}:{int(n)}" for l, n in zip(sel.layers, sel.neurons)],
+        "spec": [neuron_spec(int(layer), int(n)) for layer, n in zip(sel.layers, sel.neurons)],
     }
 
 
@@ -246,7 +246,10 @@ def examples_html(ex: ExampleActivations, scale: float | None = None, limit: int
         pos = int(ex.positions[i])
         spans = []
         for j, tok in enumerate(ex.tokens[i]):
-            a = float(per_token[i, j]) if per_token is not None else (float(ex.activations[i]) if j == pos else math.nan)
+            if per_token is not None:
+                a = float(per_token[i, j])
+            else:
+                a = float(ex.activations[i]) if j == pos else math.nan
             known = math.isfinite(a)
             cls = "tok peak" if j == pos else "tok"
             title = f"{quote_token(tok)}: {a:.4g}" if known else quote_token(tok)

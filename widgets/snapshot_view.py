@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 VIEW_CSS = """
 .snapshot-manifest table { border-collapse: collapse; font-size: 13px; }
-.snapshot-manifest th { text-align: left; color: #666; font-weight: normal; padding: 2px 14px 2px 0; vertical-align: top; }
+.snapshot-manifest th { text-align: left; color: #666; font-weight: normal; padding: 2px 14px 2px 0;
+                        vertical-align: top; }
 .snapshot-manifest td { padding: 2px 0; word-break: break-word; }
 """
 
