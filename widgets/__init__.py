@@ -9,4 +9,5 @@ from .neuron_view import NeuronView
 from .snapshot_view import SnapshotView
 from .steering_view import SteeringView
 
-__all__ = ["AblationView", "ExplorerApp", "GenerateView", "SteeringView", "HeadsView", "InterventionView", "LogitLensView", "NeuronView", "SnapshotView", "create_app", "serve_app"]
+__all__ = ["AblationView", "ExplorerApp", "GenerateView", "HeadsView", "InterventionView", "LogitLensView",
+           "NeuronView", "SnapshotView", "SteeringView", "create_app", "serve_app"]

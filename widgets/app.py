@@ -9,14 +9,14 @@ import functools
 import html
 import io
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import panel as pn
 import param
 from panel_material_ui import Page
 
-from explorer.persistence.history import History
 from explorer.core.session import ModelSession
+from explorer.persistence.history import History
 from explorer.persistence.snapshot import SnapshotError, model_identity, snapshot_bytes, snapshot_of
 
 from .ablation_view import AblationView
@@ -28,6 +28,9 @@ from .lens_view import LogitLensView
 from .live import served_doc
 from .neuron_view import NeuronView
 from .sae_train_view import SAETrainView
+from .parts import alert
+from .patchscope_view import PatchscopeView
+from .probes_view import ProbesView
 from .snapshot_view import SnapshotView
 from .steering_view import SteeringView
 
@@ -72,14 +75,76 @@ MODEL_CARD_CSS = """
 """
 
 
-HOW_TO_READ = """
-### Reading the lens
-Each row reads the residual stream after a layer through the final norm and the
-unembedding; each cell shows that row's **top-1 token**. Hover a cell for its top-k,
-entropy and KL to the final layer. **Click a cell** to track its token across layers.
-Tick *Compare* to see where a second prompt changes the answer.
+# The sidebar's help follows the tab in front (a snapshot tab gets SNAPSHOT_TAB_HELP).
+TAB_HELP = {
+    "Logit lens": (
+        "### Reading the lens\nEach row reads the residual stream after a layer through the final norm and the "
+        "unembedding; each cell shows that row's **top-1 token**. Hover a cell for its top-k, entropy and KL to "
+        "the final layer. **Click a cell** to track its token across layers. Tick *Compare* to see where a "
+        "second prompt changes the answer."),
+    "Heads": (
+        "### Reading the heads\nEach cell is a head (**L.H**, layer.head, higher layers on top), coloured by its "
+        "score: induction and duplicate-token scores come from a repeated random sequence; DLA is the head's "
+        "direct push on the target's logit. Pick heads to overlay their attention patterns."),
+    "Ablation": (
+        "### Ablating\n**Single ablation** removes the listed components together and compares the target's "
+        "logit, probability and rank. **Sweep** ablates each head / block / neuron alone; click a bar or cell "
+        "to put it in the single-ablation field. **Activation patching** restores clean activations in a "
+        "corrupted run, cell by cell. Each section keeps its own inputs."),
+    "Neurons": (
+        "### Neurons\nOpen or build an index of every MLP neuron's top examples over a corpus, search the "
+        "descriptions (or `token: he`), and open a neuron's card (**L:N**, layer:neuron): its examples shaded by "
+        "activation, statistics, and its activation on your prompt. *Ablate this neuron* opens the ablation tab."),
+    "Pronoun swap": (
+        "### Pronoun swap\nPreview how a corpus changes when its pronouns are swapped, then fine-tune two copies "
+        "of the model (original and swapped text) and watch the bias metrics move. *Across checkpoints* "
+        "compares saved checkpoints on a prompt."),
+    "Probes": (
+        "### Probes\nA linear probe per layer reads a label (e.g. true/false) from the hidden states; the curve "
+        "shows held-out accuracy per layer. *Also CCS* adds the unsupervised contrast-consistent probe."),
+    "Patchscope": (
+        "### Patchscope\nEach cell patches one block's hidden state at one position into an identity prompt "
+        "and shows what the model then says (colour = its probability). Click a cell for its top-k."),
+    "Generate": (
+        "### Generating\nThe model continues your prompt, token by token, as it produces them (**Stop** ends it "
+        "within one token). Give arm **B** an intervention (ablated components, the Steering tab's vector, or "
+        "its direction ablated) to see both arms side by side with the same seed. **Click a generated token** "
+        "for its logit-lens column and the chosen token's rank per layer."),
+    "Steering": (
+        "### Steering\nBuild a direction at a layer from two prompt lists (mean of differences, first principal "
+        "component, or logistic regression), then add α times it to the residual stream. *Apply* compares the "
+        "target's logit with and without it; *Sweep* charts it against α with the steered text."),
+    "Train SAE": (
+        "### Sparse autoencoders\nTrain a TopK SAE on one layer's residual (or MLP output) over a corpus: FVU, "
+        "L0, dead latents and the loss with the reconstruction spliced in fill in live; *Cancel* keeps a "
+        "checkpoint, *Resume* continues it. Encode a prompt to see which features fire where."),
+}
+SNAPSHOT_TAB_HELP = ("### A saved snapshot\nEvery chart as it was saved, without running the model. "
+                     "*Continue from here* loads a result's settings into its live tab.")
+
+# Runs in the browser when the tab in front changes: land at the top of the new tab (the page
+# otherwise keeps the old tab's scroll position, far below the new tab's fields).
+SCROLL_TOP_JS = """
+setTimeout(() => {
+  window.scrollTo(0, 0)
+  const tall = 0.5 * window.innerHeight  // page-sized scroll boxes only, not a card's example list
+  const walk = (root) => {
+    for (const el of root.querySelectorAll('*')) {
+      if (el.scrollTop > 0 && el.clientHeight >= tall) el.scrollTop = 0
+      if (el.shadowRoot) walk(el.shadowRoot)
+    }
+  }
+  walk(document)
+}, 50)
 """
 
+# Panel's download links look like plain text in the material page: make them look like buttons
+# (white on the accent colour: 7.0:1).
+DOWNLOAD_CSS = f"""
+.bk-btn {{ background-color: {ACCENT} !important; color: #ffffff !important; border: 1px solid {ACCENT} !important;
+          border-radius: 4px; font-weight: 500; }}
+.bk-btn:hover {{ filter: brightness(1.15); }}
+"""
 
 SNAPSHOT_HELP = ("**Save snapshot** downloads every result of this session (a .zip that reopens here or in a "
                  "notebook); **Export HTML** a standalone page of their charts. **Open snapshot** shows a saved "
@@ -91,6 +156,7 @@ class ExplorerApp(pn.viewable.Viewer):
 
     snapshot_error = param.String(default="", doc="Why the last snapshot could not be opened; empty when none.")
     snapshot_status = param.String(default="", doc="What the last snapshot action did (markdown).")
+    help = param.String(default=TAB_HELP["Logit lens"], doc="The sidebar's help for the tab in front (markdown).")
 
     def __init__(self, session: ModelSession, **params) -> None:
         super().__init__(**params)
@@ -108,6 +174,8 @@ class ExplorerApp(pn.viewable.Viewer):
         # The Generate tab steers with the Steering tab's current vector.
         self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
         self.sae = SAETrainView(session, history=self.history)
+        self.probes = ProbesView(session, history=self.history)
+        self.patchscope = PatchscopeView(session, history=self.history)
         self._tabs = pn.Tabs(
             ("Logit lens", self.lens),
             ("Heads", self.heads),
@@ -116,24 +184,35 @@ class ExplorerApp(pn.viewable.Viewer):
             ("Pronoun swap", self.swap),
             ("Generate", self.generate),
             ("Steering", self.steering),
+            ("Probes", self.probes),
+            ("Patchscope", self.patchscope),
             ("Train SAE", self.sae),
             sizing_mode="stretch_width", css_classes=["explorer-tabs"],
         )
+        self._tabs.param.watch(self._on_tab, "active")
+        self._tabs.jscallback(active=SCROLL_TOP_JS)
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
         ablation_tab = 2  # the tabs' order above
         self.neurons.param.watch(lambda e: (self.ablation.select_components(list(e.new)),
                                             setattr(self._tabs, "active", ablation_tab)), "ablate_request")
         self._save = pn.widgets.FileDownload(callback=self.snapshot_file, filename="interp-explorer-snapshot.zip",
                                              label="Save snapshot", css_classes=["save-snapshot"],
+                                             stylesheets=[DOWNLOAD_CSS],
                                              sizing_mode="stretch_width")
         self._export = pn.widgets.FileDownload(callback=self.html_file, filename="interp-explorer-snapshot.html",
                                                label="Export HTML", css_classes=["export-html"],
+                                               stylesheets=[DOWNLOAD_CSS],
                                                sizing_mode="stretch_width")
         self._open = pn.widgets.FileInput(accept=".zip", css_classes=["open-snapshot"], sizing_mode="stretch_width")
         self._open.param.watch(self._on_upload, "value")
         if served_doc() is not None:
             # A closed browser tab: stop this session's jobs and drop its results (the model stays).
             pn.state.on_session_destroyed(self._on_session_destroyed)
+
+    def _on_tab(self, event) -> None:
+        names = self._tabs._names
+        name = names[event.new] if 0 <= event.new < len(names) else ""
+        self.help = TAB_HELP.get(name, SNAPSHOT_TAB_HELP if name.startswith("Snapshot") else "")
 
     # ---------------------------------------------------------------- snapshots
     def snapshot(self):
@@ -191,8 +270,7 @@ class ExplorerApp(pn.viewable.Viewer):
     # ---------------------------------------------------------------- closing
     def close(self) -> None:
         """Stop this session's jobs and drop its results (the shared model session stays)."""
-        self.ablation.cancel_sweep()
-        self.ablation.cancel_patch()
+        self.ablation.close()
         self.swap.close()  # a running intervention stops after its step, checkpointed
         self.sae.close()   # a running SAE training stops after its forward pass, checkpointed
         self.generate.close()  # a generation stops within one token
@@ -222,13 +300,12 @@ class ExplorerApp(pn.viewable.Viewer):
             self._export,
             pn.pane.Markdown("Open snapshot (.zip)", margin=(6, 10, 0, 10)),
             self._open,
-            pn.pane.Alert(self.param.snapshot_error, alert_type="danger", css_classes=["snapshot-open-error"],
-                          visible=self.param.snapshot_error.rx.bool(), sizing_mode="stretch_width"),
+            alert(self.param.snapshot_error, "snapshot-open-error"),
             pn.pane.Markdown(self.param.snapshot_status, css_classes=["snapshot-status-line"],
                              sizing_mode="stretch_width", margin=(0, 10)),
             pn.pane.Markdown(SNAPSHOT_HELP, css_classes=["snapshot-help"], sizing_mode="stretch_width",
                              styles={"font-size": "12px", "color": "#555"}),
-            pn.pane.Markdown(HOW_TO_READ, css_classes=["how-to-read"], sizing_mode="stretch_width"),
+            pn.pane.Markdown(self.param.help, css_classes=["how-to-read", "tab-help"], sizing_mode="stretch_width"),
         ]
 
     def template(self) -> Page:

@@ -32,7 +32,6 @@ import panel as pn
 import param
 from bokeh.events import Tap
 
-from explorer.core.errors import ExplorerError
 from explorer.analyses.heads import (
     AttentionResult,
     HeadPattern,
@@ -42,12 +41,13 @@ from explorer.analyses.heads import (
     head_scores,
     parse_head,
 )
-from explorer.persistence.history import History
 from explorer.core.session import ModelSession
+from explorer.persistence.history import History
 
 from . import heads_charts as hc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
+from .parts import TEXT_LIMIT, alert, error_text
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,8 @@ class HeadsView(QueuedRuns, pn.viewable.Viewer):
             request = HeadsRequest(self.prompt, target, self.seq_len, self.seed)
             scores, attention = await asyncio.to_thread(compute_heads, self.session, request)
             self._publish(scores, attention, time.perf_counter() - started)
-        except ExplorerError as e:  # bad input: say what to do, keep the previous charts
-            self.error = f"**Could not compute head scores:** {e}"
-        except Exception as e:  # a bug or a broken model: tell the user, log the traceback
-            log.exception("head scores failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+        except Exception as e:  # bad input says what to do; a bug is logged; the previous charts stay
+            self.error = error_text(e, "compute head scores", log)
 
     def _publish(self, scores: HeadScores, attention: AttentionResult, seconds: float) -> None:
         if self.history is not None:
@@ -242,7 +239,8 @@ class HeadsView(QueuedRuns, pn.viewable.Viewer):
     # ------------------------------------------------------------------ layout
     def _build_layout(self) -> pn.viewable.Viewable:
         prompt = pn.widgets.TextAreaInput.from_param(
-            self.param.prompt, rows=2, auto_grow=True, max_rows=8, sizing_mode="stretch_width",
+            self.param.prompt, max_length=TEXT_LIMIT, rows=2, auto_grow=True, max_rows=8,
+            sizing_mode="stretch_width",
             placeholder="Type a prompt; repeat a phrase to see induction", css_classes=["heads-prompt"])
         target = pn.widgets.TextInput.from_param(self.param.target, width=170, css_classes=["heads-target"],
                                                  placeholder="default: final top-1")
@@ -263,8 +261,7 @@ class HeadsView(QueuedRuns, pn.viewable.Viewer):
                        sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
-        error = pn.pane.Alert(self.param.error, alert_type="danger", css_classes=["heads-error"],
-                              visible=self.param.error.rx.bool(), sizing_mode="stretch_width")
+        error = alert(self.param.error, "heads-error")
         status = pn.pane.Markdown(self.param.status, css_classes=["heads-status"], sizing_mode="stretch_width",
                                   margin=(0, 10))
         caption = pn.pane.Markdown(self.param.selection_text, css_classes=["heads-selection"],

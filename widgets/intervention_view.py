@@ -34,24 +34,28 @@ from typing import Any
 import panel as pn
 import param
 
-from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
 from explorer.core.errors import ExplorerError
+from explorer.core.jobs import CANCELLED, FAILED, Job, JobContext, Progress
 from explorer.persistence.history import History
 from explorer.training.intervene import (
-    InterventionConfig, InterventionResult, corpus_audit, default_runs_dir, list_runs, load_run, run_intervention,
+    InterventionConfig,
+    InterventionResult,
+    corpus_audit,
+    default_runs_dir,
+    list_runs,
+    load_run,
+    run_intervention,
 )
-from explorer.core.jobs import CANCELLED, FAILED, Job, JobContext, Progress
 from explorer.training.swap import SwapAudit
 
 from . import intervention_charts as ic
-from .ablation_view import _push, _set_bar
+from .checkpoints_view import CheckpointsPart
 from .live import LiveJob
+from .parts import alert, push, set_bar
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"masculine → feminine": "m2f", "feminine → masculine": "f2m"}
-CKPT_METRICS = {"pronoun preference": "pronoun_preference", "stereotype alignment": "stereotype_alignment",
-                "minimal pairs": "minimal_pairs"}
 CORPUS_HELP = ("Empty: the default news corpus (300 articles). Or a path: plain text (.txt, one document per "
                "line or paragraph), JSONL or parquet with a text field, or a folder saved by `datasets`.")
 FULL_SIZE = ("The full demo: `python -m explorer intervene --out DIR` (40 steps, evaluations every 10, "
@@ -64,7 +68,18 @@ def run_label(result: InterventionResult) -> str:
             f"{result.config.direction} · {result.model}")
 
 
-class InterventionView(pn.viewable.Viewer):
+def next_step_text(config: InterventionConfig | None, done: int, total: int) -> str:
+    """' · now: step 10, then evaluating both arms…' when the step under way ends in an evaluation
+    (tens of seconds with nothing else to report), else ''."""
+    if config is None or done >= total:
+        return ""
+    step = done + 1
+    if step % config.eval_every == 0 or step == total:
+        return f" · now: step {step}, then **evaluating** both arms…"
+    return ""
+
+
+class InterventionView(CheckpointsPart, pn.viewable.Viewer):
     """The pronoun-swap intervention for one model (a ModelSession, or the embedded default)."""
 
     # ---- corpus and swap
@@ -82,7 +97,8 @@ class InterventionView(pn.viewable.Viewer):
     batch_size = param.Integer(default=8, bounds=(1, None), label="Batch size")
     seq_len = param.Integer(default=64, bounds=(2, None), label="Sequence length")
     lr = param.Number(default=3e-4, bounds=(0, None), label="Learning rate")
-    train = param.String(default="last:4", label="Train", doc="'all', or 'last:N' (the last N blocks and the final norm).")
+    train = param.String(default="last:4", label="Train",
+                         doc="'all', or 'last:N' (the last N blocks and the final norm).")
     eval_every = param.Integer(default=10, bounds=(1, None), label="Evaluate every")
     checkpoint_every = param.Integer(default=20, bounds=(1, None), label="Checkpoint every")
     seed = param.Integer(default=0, label="Seed")
@@ -103,27 +119,6 @@ class InterventionView(pn.viewable.Viewer):
                                 doc="Runs under the runs folder, newest first.")
     refresh = param.Event(label="Refresh")
     open = param.Event(label="Open run")
-    # ---- across checkpoints
-    ckpt_run = param.Selector(default=None, objects={}, allow_None=True, label="Run",
-                              doc="The run whose checkpoints are listed.")
-    ckpt_selected = param.ListSelector(default=[], objects={}, label="Checkpoints")
-    ckpt_dirs = param.String(default="", label="Other model directories (one per line)",
-                             doc="Local model directories, e.g. Pythia revisions saved with save_pretrained.")
-    ckpt_prompt = param.String(default="The nurse said that", label="Prompt")
-    ckpt_target = param.String(default=" she", label="Target token",
-                               doc="Empty: the first checkpoint's top-1 at the last position, kept for all.")
-    ckpt_metric = param.Selector(default="pronoun_preference", objects=CKPT_METRICS, label="Metric")
-    ckpt_templates = param.Integer(default=3, bounds=(1, None), label="Templates",
-                                   doc="Templates of the pronoun probe per checkpoint (3: the run's evaluations).")
-    ckpt_start = param.Event(label="Compare")
-    ckpt_cancel = param.Event(label="Cancel")
-    comparison = param.ClassSelector(class_=CheckpointComparison, default=None, allow_None=True)
-    ckpt_running = param.Boolean(default=False)
-    ckpt_done = param.Integer(default=0)
-    ckpt_total = param.Integer(default=1)
-    ckpt_status = param.String(default="")
-    ckpt_error = param.String(default="")
-
     def __init__(self, session=None, history: History | None = None, runs_dir: str | Path | None = None,
                  base_config: InterventionConfig | None = None, background: bool = True, **params) -> None:
         base = base_config or InterventionConfig()
@@ -138,7 +133,6 @@ class InterventionView(pn.viewable.Viewer):
         self.background = background  # False: jobs run on the caller's thread (notebooks, tests)
         self._tokenizer = None
         self._run_job = LiveJob(self._on_run_progress, self._on_run_finish)
-        self._cmp_job = LiveJob(self._on_cmp_progress, self._on_cmp_finish)
         self._figures: dict[str, Any] | None = None
         self._figures_key: str | None = None
         self._chart_panes = {key: pn.pane.Bokeh(None, css_classes=[ic.chart_name(key)], margin=(5, 10))
@@ -148,14 +142,9 @@ class InterventionView(pn.viewable.Viewer):
                                         sizing_mode="stretch_width", margin=(5, 10))
         self._effect_table = pn.pane.HTML("", css_classes=["swap-effect-table"], stylesheets=[ic.EFFECT_CSS],
                                           margin=(0, 10))
-        self._ckpt_metric_pane = pn.pane.Bokeh(None, css_classes=["swap-ckpt-metric"], margin=(5, 10))
-        self._ckpt_lens_pane = pn.pane.Bokeh(None, css_classes=["swap-ckpt-lens"], margin=(5, 10))
-        self._ckpt_table = pn.pane.HTML("", css_classes=["swap-ckpt-table"], stylesheets=[ic.EFFECT_CSS],
-                                        margin=(5, 10))
         self._run_bar = pn.indicators.Progress(value=0, max=1, width=260, margin=(14, 10, 4, 10),
                                                css_classes=["swap-progress"])
-        self._ckpt_bar = pn.indicators.Progress(value=0, max=1, width=260, margin=(14, 10, 4, 10),
-                                                css_classes=["swap-ckpt-progress"])
+        self._init_checkpoints()
         self.refresh_runs()
         self._layout = self._build()
 
@@ -246,8 +235,8 @@ class InterventionView(pn.viewable.Viewer):
         except ExplorerError as e:
             self.error = f"**Check the settings:** {e}"
             return None
-        return self._launch(config, self._new_run_dir(), "Starting: copying the model, tokenising the corpus…",
-                            background)
+        return self._launch(config, self._new_run_dir(), "Starting: copying the model, tokenising the corpus, "
+                                                          "then evaluating the starting model…", background)
 
     def resume_run(self, background: bool | None = None) -> Job | None:
         """Continue the shown run from its last checkpoint (up to the current Steps)."""
@@ -260,6 +249,7 @@ class InterventionView(pn.viewable.Viewer):
         return self._launch(config, Path(self.result.out_dir), "Resuming from the last checkpoint…", background)
 
     def _launch(self, config: InterventionConfig, out: Path, status: str, background: bool | None) -> Job:
+        self._run_config = config  # what the next step does (evaluations) is said in the status line
         self.param.update(running=True, error="", run_done=0, run_total=config.steps, status=status)
         model = self.session  # None: the engine loads the embedded default itself
         return self._run_job.start(lambda ctx: _guarded_run(model, config, out, ctx), name="intervene",
@@ -285,6 +275,7 @@ class InterventionView(pn.viewable.Viewer):
         eta = progress.eta
         if eta is not None and progress.done < progress.total:
             text += f" · ~{eta:.0f} s left"
+        text += next_step_text(getattr(self, "_run_config", None), progress.done, progress.total)
         self.param.update(run_done=progress.done, run_total=max(1, progress.total), status=text)
 
     def _on_run_finish(self, job: Job) -> None:
@@ -316,13 +307,13 @@ class InterventionView(pn.viewable.Viewer):
                 pane.object = self._figures[key]
         elif ic.update_run_charts(self._figures, result):
             for pane in self._chart_panes.values():
-                _push(pane)
+                push(pane)
         self._effect_table.object = ic.effect_table(result)
         self.param.update(result=result, effect=ic.effect_text(result))
 
     @param.depends("run_done", "run_total", watch=True)
     def _update_run_bar(self) -> None:
-        _set_bar(self._run_bar, self.run_done, self.run_total)
+        set_bar(self._run_bar, self.run_done, self.run_total)
 
     # ============================================================ finished runs
     @param.depends("refresh", watch=True)
@@ -375,84 +366,6 @@ class InterventionView(pn.viewable.Viewer):
             self.history.add(result, f"pronoun swap run {Path(result.out_dir).name} (reopened, {result.status})")
         return result
 
-    # ============================================================ across checkpoints
-    @param.depends("ckpt_run", watch=True)
-    def _update_ckpt_choices(self) -> None:
-        choices: dict[str, str] = {}
-        if self.ckpt_run:
-            try:
-                choices = {f"{p.parent.parent.name}/{p.name}": str(p) for p in run_checkpoint_dirs(self.ckpt_run)}
-            except ExplorerError as e:
-                self.ckpt_error = f"**Could not list the checkpoints:** {e}"
-        self.param.ckpt_selected.objects = choices
-        self.ckpt_selected = list(choices.values())  # all of them, both arms, by default
-
-    def comparison_dirs(self) -> list[str]:
-        typed = [line.strip() for line in self.ckpt_dirs.splitlines() if line.strip()]
-        return list(self.ckpt_selected) + typed
-
-    @param.depends("ckpt_start", watch=True)
-    def _on_ckpt_start(self) -> None:
-        self.start_comparison()
-
-    @param.depends("ckpt_cancel", watch=True)
-    def _on_ckpt_cancel(self) -> None:
-        self.cancel_comparison()
-
-    def start_comparison(self, background: bool | None = None) -> Job | None:
-        """Compare the chosen checkpoints (bias metrics and the lens curve) as a job."""
-        if self._cmp_job.running:
-            return None
-        dirs = self.comparison_dirs()
-        if not dirs:
-            self.ckpt_error = "**No checkpoints chosen:** pick some of a run's, or type model directories."
-            return None
-        prompt = self.ckpt_prompt if self.ckpt_prompt.strip() else None
-        target = self.ckpt_target or None
-        kwargs = dict(prompt=prompt, target=target, device=self.base_config.device, max_templates=self.ckpt_templates)
-        self.param.update(ckpt_running=True, ckpt_error="", ckpt_done=0, ckpt_total=len(dirs),
-                          ckpt_status=f"Starting: {len(dirs)} checkpoints…")
-        return self._cmp_job.start(lambda ctx: _guarded_compare(dirs, kwargs, ctx), name="checkpoints",
-                                   background=self.background if background is None else background)
-
-    def cancel_comparison(self) -> None:
-        if self._cmp_job.running:
-            self.ckpt_status = "Cancelling after the current checkpoint…"
-        self._cmp_job.cancel()
-
-    def _on_cmp_progress(self, progress: Progress, partial: Any) -> None:
-        self.param.update(ckpt_done=progress.done, ckpt_total=max(1, progress.total),
-                          ckpt_status=f"{progress.done}/{progress.total} checkpoints · {progress.message}")
-
-    def _on_cmp_finish(self, job: Job) -> None:
-        self.ckpt_running = False
-        if job.status == FAILED:
-            self.param.update(ckpt_error=f"**Could not compare the checkpoints:** {job.error}", ckpt_status="Failed.")
-            return
-        comparison: CheckpointComparison = job.result
-        n, total = len(comparison.labels), job.progress.total
-        cancelled = job.status == CANCELLED
-        status = (f"Cancelled after {n} checkpoints: those are shown." if cancelled
-                  else f"Done: {n} checkpoints in {job.progress.elapsed:.0f} s.")
-        self.param.update(comparison=comparison, ckpt_error="", ckpt_status=status, ckpt_done=n,
-                          ckpt_total=max(1, total))
-        if self.history is not None and n:
-            self.history.add(comparison, f"across {n} checkpoints" + (" (cancelled)" if cancelled else "")
-                             + (f": {comparison.prompt!r}" if comparison.prompt else ""))
-
-    @param.depends("comparison", "ckpt_metric", watch=True)
-    def _update_ckpt_charts(self) -> None:
-        c = self.comparison
-        if c is None:
-            return
-        self._ckpt_metric_pane.object = ic.checkpoint_metric_chart(c, self.ckpt_metric)
-        self._ckpt_lens_pane.object = ic.checkpoint_lens_chart(c) if c.layer_labels else None
-        self._ckpt_table.object = ic.checkpoints_summary_html(c)
-
-    @param.depends("ckpt_done", "ckpt_total", watch=True)
-    def _update_ckpt_bar(self) -> None:
-        _set_bar(self._ckpt_bar, self.ckpt_done, self.ckpt_total)
-
     # ============================================================ closing
     def close(self) -> None:
         """Stop this view's jobs (a run is checkpointed when it stops)."""
@@ -461,13 +374,13 @@ class InterventionView(pn.viewable.Viewer):
 
     # ============================================================ layout
     def _alert(self, p: param.Parameter, css: str) -> pn.pane.Alert:
-        return pn.pane.Alert(p, alert_type="danger", css_classes=[css], visible=p.rx.bool(),
-                             sizing_mode="stretch_width")
+        return alert(p, css)
 
     def _build_run(self) -> pn.viewable.Viewable:
         corpus = pn.widgets.TextInput.from_param(self.param.corpus, css_classes=["swap-corpus"],
                                                  sizing_mode="stretch_width",
-                                                 placeholder="default news corpus, or /path/to/corpus.txt|.jsonl|.parquet")
+                                                 placeholder="default news corpus, or "
+                                                             "/path/to/corpus.txt|.jsonl|.parquet")
         text_mode = pn.widgets.Select.from_param(self.param.text_mode, width=170)
         direction = pn.widgets.Select.from_param(self.param.direction, width=190, css_classes=["swap-direction"])
         preview = pn.widgets.Button.from_param(self.param.preview, width=140, height=36, margin=(26, 10, 10, 10),
@@ -518,34 +431,6 @@ class InterventionView(pn.viewable.Viewer):
             pn.Row(runs, refresh, open_, sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
 
-    def _build_checkpoints(self) -> pn.viewable.Viewable:
-        run = pn.widgets.Select.from_param(self.param.ckpt_run, css_classes=["swap-ckpt-run"], width=520)
-        chosen = pn.widgets.MultiSelect.from_param(self.param.ckpt_selected, css_classes=["swap-ckpt-selected"],
-                                                   size=8, width=300)
-        dirs = pn.widgets.TextAreaInput.from_param(self.param.ckpt_dirs, css_classes=["swap-ckpt-dirs"], rows=4,
-                                                   sizing_mode="stretch_width",
-                                                   placeholder="/models/pythia-160m-step100000\n/models/pythia-160m-step143000")
-        prompt = pn.widgets.TextInput.from_param(self.param.ckpt_prompt, css_classes=["swap-ckpt-prompt"], width=300)
-        target = pn.widgets.TextInput.from_param(self.param.ckpt_target, css_classes=["swap-ckpt-target"], width=140)
-        metric = pn.widgets.Select.from_param(self.param.ckpt_metric, css_classes=["swap-ckpt-metric-choice"],
-                                              width=200)
-        templates = pn.widgets.IntInput.from_param(self.param.ckpt_templates, width=100)
-        start = pn.widgets.Button.from_param(self.param.ckpt_start, color="primary", width=110, height=36,
-                                             margin=(26, 10, 10, 10), disabled=self.param.ckpt_running,
-                                             css_classes=["swap-ckpt-start"])
-        cancel = pn.widgets.Button.from_param(self.param.ckpt_cancel, width=100, height=36, margin=(26, 10, 10, 10),
-                                              disabled=self.param.ckpt_running.rx.not_(),
-                                              css_classes=["swap-ckpt-cancel"])
-        status = pn.pane.Markdown(self.param.ckpt_status, css_classes=["swap-ckpt-status"], margin=(4, 10),
-                                  sizing_mode="stretch_width")
-        return pn.Column(
-            pn.Row(run, sizing_mode="stretch_width"), pn.Row(chosen, dirs, sizing_mode="stretch_width"),
-            pn.FlexBox(prompt, target, metric, templates, start, cancel, sizing_mode="stretch_width"),
-            pn.Row(self._ckpt_bar, status, sizing_mode="stretch_width"),
-            self._alert(self.param.ckpt_error, "swap-ckpt-error"),
-            pn.Row(self._ckpt_metric_pane, self._ckpt_lens_pane, sizing_mode="stretch_width"),
-            self._ckpt_table, sizing_mode="stretch_width")
-
     def _build(self) -> pn.viewable.Viewable:
         self._sections = pn.Tabs(("Intervention run", self._build_run()),
                                  ("Across checkpoints", self._build_checkpoints()),
@@ -564,14 +449,4 @@ def _guarded_run(model, config: InterventionConfig, out: Path, ctx: JobContext) 
         raise
     except Exception as e:
         log.exception("intervention run failed")
-        raise ExplorerError(f"unexpected error ({type(e).__name__}: {e}); details are in the server log") from e
-
-
-def _guarded_compare(dirs: list[str], kwargs: dict, ctx: JobContext) -> CheckpointComparison:
-    try:
-        return compare_checkpoints(dirs, ctx=ctx, **kwargs)
-    except ExplorerError:
-        raise
-    except Exception as e:
-        log.exception("checkpoint comparison failed")
         raise ExplorerError(f"unexpected error ({type(e).__name__}: {e}); details are in the server log") from e

@@ -14,13 +14,14 @@ import time
 import panel as pn
 import param
 
-from explorer.core.errors import ExplorerError
-from explorer.persistence.history import History
 from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
+from explorer.core.errors import ExplorerError
 from explorer.core.session import ModelSession, fast_bfloat16
+from explorer.persistence.history import History
 
 from . import charts
 from .live import QueuedRuns
+from .parts import TEXT_LIMIT, alert, error_text, token_hint
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
     status = param.String(default="Type a prompt and press **Run lens**.", doc="Status line (markdown).")
     error = param.String(default="", doc="The last error shown to the user; empty when none.")
     busy = param.Boolean(default=False, doc="True while the model is running.")
+    target_hint = param.String(default="", doc="A hint when the target is likely missing its leading space.")
 
     def __init__(self, session: ModelSession, history: History | None = None, **params) -> None:
         super().__init__(**params)
@@ -85,8 +87,10 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
                                             sizing_mode="stretch_width")
         self._topk = pn.pane.HTML("", css_classes=["lens-topk"], width=300,
                                   visible=False, margin=(10, 10, 10, 20), stylesheets=[TOPK_CSS])
-        # A prompt longer than the page is wide scrolls the heatmap sideways.
-        self._heat_box = pn.Column(self._heatmap, scroll="x-auto", sizing_mode="stretch_width")
+        # A long prompt's heatmap shows a window of positions (chart_style), never a wider canvas.
+        self._heat_box = pn.Column(self._heatmap, sizing_mode="stretch_width")
+        self._picked = False   # the user chose a position (slider or cell) since the prompts last changed
+        self._placing = False  # the view itself is moving the position
         # Short prompts: target curve and top-k beside the heatmap; long prompts: below it.
         self._beside = pn.Row(sizing_mode="stretch_width")
         self._below = pn.Row(sizing_mode="stretch_width")
@@ -116,11 +120,8 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
                 result = await asyncio.to_thread(logit_lens, self.session, request)
             # Back on the event loop: publish everything in one batch of parameter changes.
             self._publish(result, comparison, time.perf_counter() - started)
-        except ExplorerError as e:  # bad input: say what to do, keep the previous charts
-            self.error = f"**Could not run the lens:** {e}"
-        except Exception as e:  # a bug or a broken model: tell the user, log the traceback
-            log.exception("logit lens failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+        except Exception as e:  # bad input says what to do; a bug is logged; the previous charts stay
+            self.error = error_text(e, "run the lens", log)
 
     def _publish(self, result: LensResult, comparison: LensComparison | None, seconds: float) -> None:
         if self.history is not None:
@@ -132,12 +133,29 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
                    status=self._status_text(result, comparison, seconds))
 
     def _show(self, result: LensResult, **more) -> None:
-        """Show a result: keep the position on the same prompt, else select the last one."""
+        """Show a result at the last position, unless the user picked another on this same prompt."""
         last = result.n_positions - 1
         same_prompt = self.result is not None and list(self.result.tokens) == list(result.tokens)
-        position = min(self.position, last) if same_prompt else last
-        self.param.position.bounds = (0, max(1, last))  # a slider needs start < end
-        self.param.update(result=result, position=position, **more)
+        position = min(self.position, last) if same_prompt and self._picked else last
+        self._placing = True
+        try:
+            self.param.position.bounds = (0, max(1, last))  # a slider needs start < end
+            self.param.update(result=result, position=position, **more)
+        finally:
+            self._placing = False
+
+    @param.depends("position", watch=True)
+    def _on_position(self) -> None:
+        if not self._placing:
+            self._picked = True
+
+    @param.depends("prompt", "prompt_b", "compare", watch=True)
+    def _on_new_prompt(self) -> None:
+        self._picked = False  # a new prompt or a compare run starts at the last position
+
+    @param.depends("target", watch=True)
+    def _update_target_hint(self) -> None:
+        self.target_hint = token_hint(self.session, self.target)
 
     def _status_text(self, result: LensResult, comparison: LensComparison | None, seconds: float) -> str:
         final = result.top_probs[-1, -1, 0]
@@ -233,10 +251,11 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
     def _build_layout(self) -> pn.viewable.Viewable:
         prompt = pn.widgets.TextAreaInput.from_param(
             self.param.prompt, rows=2, auto_grow=True, max_rows=8, sizing_mode="stretch_width",
-            placeholder="Type a prompt, e.g. The capital of France is", css_classes=["lens-prompt"])
+            max_length=TEXT_LIMIT, placeholder="Type a prompt, e.g. The capital of France is",
+            css_classes=["lens-prompt"])
         prompt_b = pn.widgets.TextAreaInput.from_param(
             self.param.prompt_b, rows=2, auto_grow=True, max_rows=8, sizing_mode="stretch_width",
-            placeholder="e.g. The capital of France is London. The capital of France is",
+            max_length=TEXT_LIMIT, placeholder="e.g. The capital of France is London. The capital of France is",
             css_classes=["lens-prompt-b"], visible=self.param.compare)
         target = pn.widgets.TextInput.from_param(self.param.target, width=170, css_classes=["lens-target"],
                                                  placeholder="default: final top-1")
@@ -270,8 +289,10 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
                        sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
-        error = pn.pane.Alert(self.param.error, alert_type="danger", css_classes=["lens-error"],
-                              visible=self.param.error.rx.bool(), sizing_mode="stretch_width")
+        error = alert(self.param.error, "lens-error")
+        hint = pn.pane.Markdown(self.param.target_hint, css_classes=["lens-target-hint"], margin=(0, 10),
+                                visible=self.param.target_hint.rx.bool(), styles={"color": "#664d03"},
+                                sizing_mode="stretch_width")
         status = pn.pane.Markdown(self.param.status, css_classes=["lens-status"], sizing_mode="stretch_width",
                                   margin=(0, 10))
         divergence = pn.pane.Markdown(self.param.divergence.rx.pipe(lambda s: f"**{s}**" if s else ""),
@@ -287,7 +308,7 @@ class LogitLensView(QueuedRuns, pn.viewable.Viewer):
             loading=self.param.busy,  # the spinner while the model runs
             css_classes=["lens-results"],
         )
-        return pn.Column(controls, error, results, sizing_mode="stretch_width", css_classes=["lens-view"])
+        return pn.Column(controls, hint, error, results, sizing_mode="stretch_width", css_classes=["lens-view"])
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout

@@ -32,7 +32,7 @@ from explorer.neurons.index import (
     SelectiveNeurons,
 )
 
-from .chart_style import position_axis, style_figure
+from .chart_style import neuron_spec, position_axis, style_figure
 from .charts import quote_token
 
 HISTOGRAM = "neuron-histogram"
@@ -108,7 +108,8 @@ def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None
     y_top = max(1, int(hist.counts.max(initial=0))) * 1.08
     fig = figure(name=HISTOGRAM, height=250, sizing_mode="stretch_width", x_range=x_range,
                  y_range=Range1d(0, y_top), tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
-                 title=f"L{hist.layer} N{hist.neuron}: {hist.sampled_tokens:,} sampled tokens (1 in {hist.stride})")
+                 title=f"Neuron {neuron_spec(hist.layer, hist.neuron)}: {hist.sampled_tokens:,} sampled tokens "
+                       f"(1 in {hist.stride})")
     style_figure(fig)
     bars = fig.vbar(x="x", top="count", width=0.9, color="color", source=source, line_color=None)
     fig.add_tools(HoverTool(renderers=[bars], tooltips=[("activation", "@range"), ("tokens", "@count"),
@@ -160,7 +161,7 @@ def prompt_activation_chart(result: PromptActivation, window: tuple[int, int] | 
                  min_width=max(300, min(34 * bars_in_view, 1000)),
                  sizing_mode="stretch_width", y_range=Range1d(lo - 0.08 * span, hi + 0.08 * span),
                  tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
-                 title=f"L{result.layer} N{result.neuron} on the prompt: activation per token")
+                 title=f"Neuron {neuron_spec(result.layer, result.neuron)} on the prompt: activation per token")
     style_figure(fig)
     bars = fig.vbar(x="x", top="activation", width=0.8, color="color", source=source)
     fig.add_tools(HoverTool(renderers=[bars], tooltips=[("position", "@pos"), ("token", "@token"),
@@ -182,7 +183,7 @@ def overview_data(sel: SelectiveNeurons) -> dict[str, list]:
         "max": [float(v) for v in sel.max],
         "frequency": [float(v) for v in sel.frequency],
         "token": [quote_token(t) for t in sel.top_token],
-        "spec": [f"{int(l)}:{int(n)}" for l, n in zip(sel.layers, sel.neurons)],
+        "spec": [neuron_spec(int(layer), int(n)) for layer, n in zip(sel.layers, sel.neurons)],
     }
 
 
@@ -245,7 +246,10 @@ def examples_html(ex: ExampleActivations, scale: float | None = None, limit: int
         pos = int(ex.positions[i])
         spans = []
         for j, tok in enumerate(ex.tokens[i]):
-            a = float(per_token[i, j]) if per_token is not None else (float(ex.activations[i]) if j == pos else math.nan)
+            if per_token is not None:
+                a = float(per_token[i, j])
+            else:
+                a = float(ex.activations[i]) if j == pos else math.nan
             known = math.isfinite(a)
             cls = "tok peak" if j == pos else "tok"
             title = f"{quote_token(tok)}: {a:.4g}" if known else quote_token(tok)

@@ -16,13 +16,13 @@ import panel as pn
 import param
 
 from explorer.analyses.patchscope import DEFAULT_IDENTITY, PatchscopeRequest, PatchscopeResult, patchscope
-from explorer.core.errors import ExplorerError
 from explorer.core.session import ModelSession
 from explorer.persistence.history import History
 
 from . import probe_charts as pc
 from .charts import quote_token, shorten
 from .live import QueuedRuns
+from .parts import TEXT_LIMIT, alert, error_text
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,8 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                                     top_k=self.top_k)
         try:
             result = await asyncio.to_thread(patchscope, self.session, request)
-        except ExplorerError as e:
-            self.error = f"**Could not run the patchscope:** {e}"
-            return
-        except Exception as e:  # a bug or a broken model: say so, keep the page
-            log.exception("patchscope failed")
-            self.error = f"**Unexpected error** ({type(e).__name__}: {e}). Details are in the server log."
+        except Exception as e:  # bad input says what to do; a bug is logged; the page stays
+            self.error = error_text(e, "run the patchscope", log)
             return
         self.show(result, time.perf_counter() - started)
 
@@ -116,9 +112,10 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         self.select_cell(len(self.result.layer_labels) - 1, hi - 1)
 
     def _build_layout(self) -> pn.viewable.Viewable:
-        prompt = pn.widgets.TextAreaInput.from_param(self.param.prompt, rows=2, auto_grow=True, max_rows=6,
+        prompt = pn.widgets.TextAreaInput.from_param(self.param.prompt, max_length=TEXT_LIMIT, rows=2, auto_grow=True,
+                                                     max_rows=6,
                                                      sizing_mode="stretch_width", css_classes=["patchscope-prompt"])
-        identity = pn.widgets.TextAreaInput.from_param(self.param.identity, rows=4, width=260,
+        identity = pn.widgets.TextAreaInput.from_param(self.param.identity, max_length=TEXT_LIMIT, rows=4, width=260,
                                                        css_classes=["patchscope-identity"])
         run = pn.widgets.Button.from_param(self.param.run, color="primary", width=150, height=36,
                                            margin=(26, 10, 10, 10), disabled=self.param.busy,
@@ -126,8 +123,7 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         top_k = pn.widgets.IntInput.from_param(self.param.top_k, width=80)
         placeholder = pn.widgets.IntInput.from_param(self.param.placeholder, width=140)
         start = pn.widgets.IntInput.from_param(self.param.start, width=120)
-        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
-                              sizing_mode="stretch_width", css_classes=["patchscope-error"])
+        error = alert(self.param.error, "patchscope-error")
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
         grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")
         inputs = pn.Row(prompt, identity, pn.Column(run, pn.Row(top_k, start), placeholder),

@@ -38,6 +38,7 @@ from explorer.persistence.history import History
 
 from . import probe_charts as pc
 from .live import LiveJob
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,7 @@ class ProbesView(pn.viewable.Viewer):
                                             visible=self.param.busy, css_classes=["probes-stop"])
         bar = pn.indicators.Progress(value=(self.param.progress.rx() * 100).rx.pipe(int), max=100, width=300,
                                      visible=self.param.busy, css_classes=["probes-progress"])
-        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
-                              sizing_mode="stretch_width", css_classes=["probes-error"])
+        error = alert(self.param.error, "probes-error")
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["probes-status"])
         help_text = pn.pane.Markdown(
             "Held-out accuracy of a logistic-regression probe at every layer (k-fold; items of one *group* stay "

@@ -14,39 +14,41 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import panel as pn
 import param
 from bokeh.models import DataTable, Div, NumberFormatter
 
-from explorer.interventions.ablation import AblationResult, SweepResult
-from explorer.core.errors import ExplorerError
 from explorer.analyses.heads import AttentionResult, HeadPattern, HeadScores
 from explorer.analyses.lens import LensComparison, LensResult
-from explorer.interventions.patching import PatchResult
+from explorer.core.errors import ExplorerError
 from explorer.core.results import Result
-from explorer.persistence.snapshot import Snapshot, SnapshotError, load_snapshot, model_differences, model_identity, read_snapshot
 from explorer.core.session import ModelSession
+from explorer.interventions.ablation import AblationResult, SweepResult
+from explorer.interventions.patching import PatchResult
+from explorer.persistence.snapshot import (
+    Snapshot,
+    SnapshotError,
+    load_snapshot,
+    model_differences,
+    model_identity,
+    read_snapshot,
+)
 
 from . import export
 from .heads_charts import chip_label
+from .parts import alert
+from .registry import display_name, figures_for, grouped, kind_of
 
 log = logging.getLogger(__name__)
 
-# What "Continue from here" can load: result type -> the view kind it goes to.
-CONTINUE_KINDS: dict[type, str] = {
-    LensResult: "lens", LensComparison: "lens",
-    HeadScores: "heads", HeadPattern: "heads", AttentionResult: "heads",
-    AblationResult: "ablation", SweepResult: "ablation", PatchResult: "ablation",
-}
-ABLATION_SECTIONS = {AblationResult: 0, SweepResult: 1, PatchResult: 2}  # the ablation view's inner tabs
-RERUN = (LensResult, LensComparison, HeadScores, HeadPattern, AttentionResult, AblationResult)  # seconds, not minutes
-
 VIEW_CSS = """
 .snapshot-manifest table { border-collapse: collapse; font-size: 13px; }
-.snapshot-manifest th { text-align: left; color: #666; font-weight: normal; padding: 2px 14px 2px 0; vertical-align: top; }
+.snapshot-manifest th { text-align: left; color: #666; font-weight: normal; padding: 2px 14px 2px 0;
+                        vertical-align: top; }
 .snapshot-manifest td { padding: 2px 0; word-break: break-word; }
 """
 
@@ -85,7 +87,8 @@ def table_div(table: DataTable) -> Div:
 
 def continue_kind(result: Result) -> str | None:
     """The live view a result's settings go back to ("lens", "heads", "ablation"), or None."""
-    return next((kind for cls, kind in CONTINUE_KINDS.items() if isinstance(result, cls)), None)
+    kind = kind_of(result)
+    return kind.view if kind is not None else None
 
 
 def _opt(value: str | None) -> str:
@@ -118,12 +121,12 @@ def settings_for(result: Result) -> dict[str, Any]:
         if isinstance(result, AblationResult):
             out["components"] = ", ".join(r.components)  # as the user wrote them
         else:
-            out.update(sweep_kind=r.kind, sweep_method=r.method, top_n=r.top_n)
+            out.update(kind=r.kind, method=r.method, top_n=r.top_n)
         return out
     if isinstance(result, PatchResult):
         r = result.request
-        return dict(clean=r.clean, corrupt=r.corrupt, patch_target=r.target, patch_site=r.site,
-                    patch_compare=_opt(r.compare_token))
+        return dict(clean=r.clean, corrupt=r.corrupt, target=r.target, site=r.site,
+                    compare_token=_opt(r.compare_token))
     raise ExplorerError(f"a {type(result).__name__} has no settings to continue from")
 
 
@@ -183,29 +186,30 @@ class SnapshotView(pn.viewable.Viewer):
         """Load entry ``index``'s settings into its live view (made here if none was given) and,
         with ``run``, rerun the quick analyses. Returns the view, or None (the error is shown)."""
         result = self.snapshot.entries[index].result
-        kind = continue_kind(result)
+        entry = kind_of(result)
+        kind = entry.view if entry is not None else None
         if kind is None:
-            self.error = f"**Cannot continue:** this result ({type(result).__name__}) has no settings to load."
+            self.error = f"**Cannot continue:** this result ({display_name(result)}) has no settings to load."
             return None
         if not self.can_continue:
             reason = self.model_warning if self.session is not None and self.model_warning else "no model is attached."
             self.error = f"**Cannot continue:** {reason}"
             return None
         view = self.views.get(kind) or self._make_view(kind)
+        target = view.part(entry.part) if entry.part else view  # a part brings its section to the front
         try:
-            view.param.update(**settings_for(result))
+            target.param.update(**settings_for(result))
         except Exception as e:  # e.g. a setting this view cannot take (a CLI-only sweep method)
             self.error = f"**Could not load the settings:** {e}"
             return None
-        if kind == "ablation" and hasattr(view, "_sections"):
-            view._sections.active = ABLATION_SECTIONS[type(result)]  # the section the result came from
-        quick = isinstance(result, RERUN)
+        quick = entry.rerun
         if run and quick:
-            view.param.trigger("run")
+            target.param.trigger("run")
         label = self.snapshot.entries[index].label
         then = (" and ran it again." if run and quick else "; press its Run button to compute it." if quick
                 else "; press its Start button to run it again (a long job).")
-        self.param.update(error="", status=f"Loaded the settings of **{html.escape(label)}** into the {kind} view{then}")
+        self.param.update(error="", status=f"Loaded the settings of **{html.escape(label)}** into the {kind} view"
+                                           f"{then}")
         if self._on_continue is not None:
             self._on_continue(kind)
         return view
@@ -223,14 +227,14 @@ class SnapshotView(pn.viewable.Viewer):
     def entry_panel(self, index: int) -> pn.Card:
         """One stored result: its charts with their captions (and Continue from here)."""
         entry = self.snapshot.entries[index]
-        kind = type(entry.result).__name__
+        kind = display_name(entry.result)
         objects: list = [pn.pane.Markdown(f"*{kind}*", css_classes=["snapshot-kind"], margin=(0, 10))]
         if self.can_continue and continue_kind(entry.result) is not None:
             button = pn.widgets.Button(label="Continue from here", width=170, css_classes=["snapshot-continue"],
                                        description="Load these settings into the live view")
             button.on_click(lambda _event, i=index: self.continue_from(i))
             objects.append(button)
-        for caption, fig in export.figures_for(entry.result, self.snapshot.model):
+        for caption, fig in figures_for(entry.result, self.snapshot.model):
             if isinstance(fig, DataTable):
                 fig = table_div(fig)  # see table_div: a DataTable cannot render inside a Card
             objects.append(pn.pane.Bokeh(fig, css_classes=["snapshot-figure"]))
@@ -248,14 +252,12 @@ class SnapshotView(pn.viewable.Viewer):
                                   css_classes=["snapshot-title"], sizing_mode="stretch_width")
         manifest = pn.pane.HTML(export.manifest_html(snap.manifest), css_classes=["snapshot-manifest"],
                                 stylesheets=[VIEW_CSS], sizing_mode="stretch_width")
-        warning = pn.pane.Alert(self.param.model_warning, alert_type="warning", css_classes=["snapshot-warning"],
-                                visible=self.param.model_warning.rx.bool(), sizing_mode="stretch_width")
-        error = pn.pane.Alert(self.param.error, alert_type="danger", css_classes=["snapshot-error"],
-                              visible=self.param.error.rx.bool(), sizing_mode="stretch_width")
+        warning = alert(self.param.model_warning, "snapshot-warning", kind="warning")
+        error = alert(self.param.error, "snapshot-error")
         status = pn.pane.Markdown(self.param.status, css_classes=["snapshot-status"], sizing_mode="stretch_width",
                                   visible=self.param.status.rx.bool())
         body: list = []
-        for group, items in export.grouped(snap.entries):
+        for group, items in grouped(snap.entries):
             body.append(pn.pane.Markdown(f"### {group} ({len(items)})", css_classes=["snapshot-group"],
                                          sizing_mode="stretch_width"))
             body += [self.entry_panel(i) for i, _ in items]

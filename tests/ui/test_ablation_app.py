@@ -44,7 +44,7 @@ def test_single_ablation_of_a_head_shows_the_card_and_both_lenses(page, served):
     page.locator(".ablation-run button").click()
     caption = page.locator(".ablation-card .caption")
     expect(caption).to_have_text("Ablated 23.4 · zero", timeout=RUN_TIMEOUT)
-    result = view.result
+    result = view.single.result
     assert result.components == ("23.4",) and result.request.prompt == "The capital of France is"
     cells = page.locator(".ablation-card td")
     # Row "logit": name, baseline, ablated, change; the numbers are the engine's.
@@ -54,7 +54,7 @@ def test_single_ablation_of_a_head_shows_the_card_and_both_lenses(page, served):
     assert result.ablated.logit < result.baseline.logit  # head 23.4 pushes ' Paris' up
     for css in ("ablation-lens-baseline", "ablation-lens-ablated", "ablation-target-pair"):
         expect(page.locator(f".{css} canvas").first).to_be_visible()
-    assert view._lens_ablated.object.name == ac.LENS_ABLATED
+    assert view.single._lens_ablated.object.name == ac.LENS_ABLATED
     expect(page.locator(".ablation-status p")).to_contain_text("ablated 23.4 (zero)")
     assert app.history.entries[-1].result is result
     assert console_errors(messages) == []
@@ -74,14 +74,14 @@ def test_head_sweep_fills_live_and_cancel_keeps_the_finished_cells(page, served)
     expect(status).to_contain_text(re.compile(r"^\d+/270 heads · [\d.]+ heads/s · ~\d+ s left"),
                                    timeout=RUN_TIMEOUT)
     expect(page.locator(".ablation-sweep-chart canvas").first).to_be_visible()
-    partial = view.sweep_result
+    partial = view.sweep.result
     assert partial is not None and 0 < partial.done < 270 and np.isnan(partial.effects).any()
     page.locator(".sweep-cancel button").click()
     expect(status).to_contain_text(re.compile(r"Cancelled after \d+/270 heads: the finished cells are kept"),
                                    timeout=RUN_TIMEOUT)
-    result = view.sweep_result
+    result = view.sweep.result
     assert 0 < result.done < result.total == 270
-    effects = np.asarray(view._sweep_pane.object.select_one({"name": ac.SWEEP_SOURCE}).data["effect"], float)
+    effects = np.asarray(view.sweep._pane.object.select_one({"name": ac.SWEEP_SOURCE}).data["effect"], float)
     assert np.isfinite(effects).sum() == result.done and np.isnan(effects).sum() == 270 - result.done
     assert "cancelled" in app.history.entries[-1].label and app.history.entries[-1].result is result
     expect(page.locator(".sweep-start button")).to_be_enabled()
@@ -92,7 +92,7 @@ def test_head_sweep_fills_live_and_cancel_keeps_the_finished_cells(page, served)
     cell_w, cell_h = frame["width"] / n_heads, frame["height"] / n_layers
     page.mouse.click(frame["left"] + 2.5 * cell_w, frame["top"] + (n_layers - 0.5) * cell_h)  # L0: the bottom row
     expect(page.locator(".sweep-hint p")).to_contain_text("0.2 is now in the single-ablation field")
-    assert view.components == "0.2"
+    assert view.single.components == "0.2"
     section(page, "Single ablation")
     expect(page.locator(".ablation-components input")).to_have_value("0.2")
     assert console_errors(messages) == []
@@ -116,9 +116,9 @@ def test_patching_shows_token_counts_errors_and_the_heatmap(page, served):
     expect(page.locator(".patch-status p")).to_contain_text("Done: 150 cells", timeout=RUN_TIMEOUT)
     expect(page.locator(".patch-error")).to_be_hidden()
     expect(page.locator(".ablation-patch-chart canvas").first).to_be_visible()
-    result = view.patch_result
+    result = view.patching.result
     assert result.complete and result.restored.shape == (30, 5) and result.compare == " Rome"
-    fig = view._patch_pane.object
+    fig = view.patching._pane.object
     assert list(fig.x_range.factors) == position_labels(result.corrupt_tokens)
     assert "Italy" in fig.x_range.factors[3]
     # Patching the clean residual stream at the last layer and last position restores it fully.

@@ -100,6 +100,12 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
     expect(peak).to_have_count(1)
     assert "background: rgba(253, 141, 60, 1.000)" in (peak.get_attribute("style") or "")
 
+    # no blank gap between the examples and "Run on prompt" (issue 15, 6): the lists scroll
+    examples_box = page.locator(".neuron-examples").first.bounding_box()
+    prompt_box = page.locator(".neuron-prompt").first.bounding_box()
+    gap = prompt_box["y"] - (examples_box["y"] + examples_box["height"])
+    assert examples_box["height"] < 560 and 0 <= gap < 60, (examples_box, prompt_box)
+
     # the neuron on a prompt: a bar per token
     page.locator(".neuron-run-prompt button").click()
     expect(page.locator(".neuron-prompt-chart canvas").first).to_be_visible(timeout=TIMEOUT)
@@ -107,12 +113,13 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
 
     # "Ablate this neuron" selects it in the ablation tab and shows that tab
     page.locator(".neuron-ablate-this button").click()
-    wait_until(lambda: app.ablation.components == f"{layer}:{neuron}", page, timeout=TIMEOUT)
+    wait_until(lambda: app.ablation.single.components == f"{layer}:{neuron}", page, timeout=TIMEOUT)
     expect(page.locator(".explorer-tabs .bk-tab", has_text=re.compile(r"^Ablation$"))).to_have_class(
         re.compile(r"\bbk-active\b"))
     expect(page.locator(".explorer-tabs .bk-tab", has_text=re.compile(r"^Neurons$"))).not_to_have_class(
         re.compile(r"\bbk-active\b"))
     assert app._tabs.active == 2
+    expect(page.locator(".ablation-components input")).to_be_in_viewport()  # landed at the tab's top
     assert view.ablate_request == (f"{layer}:{neuron}",)
     assert console_errors(messages) == []
 

@@ -179,10 +179,10 @@ def test_a_closed_session_stops_its_job_and_frees_its_state(browser, served):
     page.locator(".sweep-target input").fill(" Paris")
     page.locator(".sweep-start button").click()
     expect(page.locator(".sweep-cancel button")).to_be_enabled(timeout=RUN_TIMEOUT)
-    wait_until(lambda: app.ablation._sweep_job.job is not None, page, timeout=RUN_TIMEOUT)
-    job = app.ablation._sweep_job.job
+    wait_until(lambda: app.ablation.sweep.job.job is not None, page, timeout=RUN_TIMEOUT)
+    job = app.ablation.sweep.job.job
     assert job is not None and job.alive
-    wait_until(lambda: app.ablation.sweep_done > 0, page, timeout=RUN_TIMEOUT)
+    wait_until(lambda: app.ablation.sweep.job.done > 0, page, timeout=RUN_TIMEOUT)
     assert job.progress.done < job.progress.total  # mid-sweep
     context.close()  # the tab goes away mid-sweep
     wait_until(lambda: not job.alive, timeout=60_000)  # stopped by the session's destroy hook

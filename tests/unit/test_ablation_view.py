@@ -18,14 +18,16 @@ import pytest
 from bokeh.document import Document
 from bokeh.models import LinearColorMapper
 
-from explorer.interventions.ablation import AblationRequest, SweepResult, ablate, sweep
-from explorer.persistence.history import History
 from explorer.core.jobs import CANCELLED, DONE, Progress
+from explorer.interventions.ablation import AblationRequest, SweepResult, ablate, sweep
 from explorer.interventions.patching import PatchRequest, patch, restored_fraction
-from widgets import AblationView, ExplorerApp
+from explorer.persistence.history import History
+from widgets import AblationView, ExplorerApp, parts
 from widgets import ablation_charts as ac
-from widgets import ablation_view as view_module
+from widgets.ablation_single import SingleAblation
+from widgets.ablation_sweep import AblationSweep
 from widgets.charts import position_labels
+from widgets.patching_view import PatchingPanel
 
 PROMPT = "The capital of France is"
 ITALY = "The capital of Italy is"  # same token count as PROMPT
@@ -43,18 +45,18 @@ def session(tiny_sessions):
     return tiny_sessions["llama"]
 
 
-def run(view: AblationView) -> None:
+def run(view: SingleAblation) -> None:
     asyncio.run(view.compute())
 
 
-def sweep_source(view: AblationView):
-    return view._sweep_pane.object.select_one({"name": ac.SWEEP_SOURCE})
+def sweep_source(view: AblationSweep):
+    return view._pane.object.select_one({"name": ac.SWEEP_SOURCE})
 
 
 # ----------------------------------------------------------- single ablation
 def test_card_and_lenses_show_the_engines_numbers(session):
     history = History()
-    view = AblationView(session, history=history, prompt=PROMPT, target=" Paris", compare_token=" Rome",
+    view = SingleAblation(session, history=history, prompt=PROMPT, target=" Paris", compare_token=" Rome",
                         components="1.2, 0:7")
     run(view)
     assert view.error == "" and view.result is not None
@@ -102,7 +104,7 @@ def test_card_and_lenses_show_the_engines_numbers(session):
 
 def test_mean_and_resample_modes(session):
     text = "Cats sleep most of the day, and dogs like to run in the park with their owners."
-    view = AblationView(session, prompt=PROMPT, components="mlp:1", mode="mean", mean_source="text", mean_text=text)
+    view = SingleAblation(session, prompt=PROMPT, components="mlp:1", mode="mean", mean_source="text", mean_text=text)
     run(view)
     assert view.error == ""
     fresh = ablate(session, AblationRequest(PROMPT, " Paris", ("mlp:1",), mode="mean", mean_text=text, lens=False))
@@ -128,7 +130,7 @@ def test_mean_and_resample_modes(session):
 
 
 def test_single_ablation_errors_are_shown_and_the_result_kept(session):
-    view = AblationView(session, prompt=PROMPT, components="0.1")
+    view = SingleAblation(session, prompt=PROMPT, components="0.1")
     run(view)
     previous, card, lens = view.result, view._card.object, view._lens_ablated.object
     for components, prompt, target, message in (
@@ -150,50 +152,87 @@ def test_unexpected_errors_are_shown_and_logged(session, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(view_module, "ablate", broken)
-    monkeypatch.setattr(view_module, "sweep", broken)
-    view = AblationView(session, prompt=PROMPT, components="0.1")
-    with caplog.at_level(logging.ERROR, logger=view_module.__name__):
-        run(view)
-        job = view.start_sweep(background=False)
-    assert "Unexpected error" in view.error and "boom" in view.error
-    assert job.status == "error" and "unexpected error (RuntimeError: boom)" in view.sweep_error
-    assert "ablation failed" in caplog.text and "sweep failed" in caplog.text
-    assert not view.busy and not view.sweep_running
+    from explorer.interventions import ablation as engine
+
+    monkeypatch.setattr(engine, "ablate", broken)
+    monkeypatch.setattr(engine, "sweep", broken)
+    view = AblationView(session)
+    view.single.components = "0.1"
+    with caplog.at_level(logging.ERROR, logger=parts.__name__):
+        run(view.single)
+        job = view.sweep.run(background=False)
+    assert "Unexpected error" in view.single.error and "boom" in view.single.error
+    assert job.status == "error" and "unexpected error (RuntimeError: boom)" in view.sweep.job.error
+    assert "run the ablation failed" in caplog.text and "sweep failed" in caplog.text
+    assert not view.single.busy and not view.sweep.job.running
 
 
 def test_select_components(session):
-    view = AblationView(session, components="2.3")
-    assert view.components == "2.3"
+    view = AblationView(session)
+    view.single.components = "2.3"
     view._sections.active = 2
     view.select_components(["1.2", " 0:5 ", ""])
-    assert view.components == "1.2, 0:5" and view.error == "" and view._sections.active == 0
-    run(view)
-    assert view.result.components == ("0:5", "1.2")
+    assert view.single.components == "1.2, 0:5" and view.single.error == "" and view._sections.active == 0
+    run(view.single)
+    assert view.single.result.components == ("0:5", "1.2")
     view.select_components(["7.0"])
-    assert view.components == "7.0" and "out of range" in view.error
+    assert view.single.components == "7.0" and "out of range" in view.single.error
     view._sections.active = 1
     view.select_components(["mlp:2"], show=False)
-    assert view._sections.active == 1 and view.error == ""
+    assert view._sections.active == 1 and view.single.error == ""
+
+
+def test_each_section_owns_its_inputs_and_marks_a_stale_result(session):
+    """Issue 15 (8): editing the sweep's prompt leaves the single ablation's alone; a result whose
+    inputs changed is marked stale until the next run."""
+    view = AblationView(session)
+    view.single.param.update(prompt=PROMPT, components="0.1")
+    view.sweep.prompt = "A different prompt for the sweep"
+    view.patching.target = " Rome"
+    assert view.single.prompt == PROMPT and view.single.target == " Paris"
+    run(view.single)
+    assert view.single.result is not None and not view.single.stale
+    view.single.components = "0.2"
+    assert view.single.stale  # the card still shows 0.1
+    view.single.prompt = "   "
+    run(view.single)  # an error: the old result stays, still marked stale
+    assert "empty" in view.single.error and view.single.stale and view.single.result.components == ("0.1",)
+    view.single.prompt = PROMPT
+    run(view.single)
+    assert not view.single.stale and view.single.result.components == ("0.2",)
+    view.sweep.prompt = PROMPT
+    view.sweep.run(background=False)
+    assert not view.sweep.stale
+    view.sweep.kind = "blocks"
+    assert view.sweep.stale and not view.single.stale
+
+
+def test_a_target_without_its_leading_space_gets_a_hint(session):
+    view = AblationView(session)
+    for part in (view.single, view.sweep, view.patching):
+        assert part.target_hint == ""
+        part.target = "Paris"
+        assert "' Paris'" in part.target_hint
+    assert view.single.target_hint and view.single.target == "Paris"
 
 
 # -------------------------------------------------------------------- sweeps
 def test_foreground_sweep_fills_the_heatmap_live(session):
     history = History()
-    view = AblationView(session, history=history, prompt=LONG, target=" the")
-    view._sweep_job.interval = 0.0  # flush every batch's report
+    view = AblationSweep(session, history=history, prompt=LONG, target=" the")
+    view.job.live.interval = 0.0  # flush every batch's report
     seen = []
-    original = view._on_sweep_progress
+    original = view.job._progress
 
     def record(progress, partial):
         original(progress, partial)
-        seen.append((view._sweep_pane.object, int(np.isnan(sweep_source(view).data["effect"]).sum()),
-                     view._sweep_bar.value, view.sweep_status))
+        seen.append((view._pane.object, int(np.isnan(sweep_source(view).data["effect"]).sum()),
+                     view.job.bar.value, view.job.status))
 
-    view._sweep_job._on_progress = record
-    job = view.start_sweep(background=False)
-    assert job.status == DONE and view.sweep_error == ""
-    result = view.sweep_result
+    view.job.live._on_progress = record
+    job = view.run(background=False)
+    assert job.status == DONE and view.job.error == ""
+    result = view.result
     assert result.complete and result.effects.shape == (N_LAYERS, N_HEADS)
     # One figure, filled in place: fewer empty cells after every batch, the bar and text moving.
     figs = {id(fig) for fig, *_ in seen}
@@ -210,27 +249,27 @@ def test_foreground_sweep_fills_the_heatmap_live(session):
     reference = sweep(session, dataclasses.replace(result.request, method="sequential"))
     assert np.allclose(data["effect"], reference.effects.ravel(), atol=1e-4)
     assert data["x"][:5] == ["0", "1", "2", "3", "0"] and data["y"][:5] == ["L0"] * 4 + ["L1"]
-    mapper = view._sweep_pane.object.select_one({"name": ac.SWEEP_MAPPER})
+    mapper = view._pane.object.select_one({"name": ac.SWEEP_MAPPER})
     assert mapper.high == pytest.approx(float(np.abs(result.effects).max())) and mapper.low == -mapper.high
-    assert view.sweep_status.startswith("Done: 12 heads") and view._sweep_bar.value == view._sweep_bar.max == 12
+    assert view.job.status.startswith("Done: 12 heads") and view.job.bar.value == view.job.bar.max == 12
     assert [e.result for e in history.entries] == [result] and "heads sweep (exact, zero)" in history.entries[0].label
     top = result.top(3)
-    assert top[0][0] in view._sweep_top.object and f"{top[0][1]:+.3f}" in view._sweep_top.object
+    assert top[0][0] in view._top.object and f"{top[0][1]:+.3f}" in view._top.object
 
 
 def test_cancelled_sweep_keeps_the_finished_cells(session):
     history = History()
-    view = AblationView(session, history=history, prompt=LONG, target=" and", mode="zero")
-    original = view._on_sweep_progress
+    view = AblationSweep(session, history=history, prompt=LONG, target=" and", mode="zero")
+    original = view.job._progress
 
     def cancel_after_first_batch(progress, partial):
         original(progress, partial)
-        view.cancel_sweep()
+        view.job.cancel()
 
-    view._sweep_job._on_progress = cancel_after_first_batch
-    job = view.start_sweep(background=False)
+    view.job.live._on_progress = cancel_after_first_batch
+    job = view.run(background=False)
     assert job.status == CANCELLED
-    result = view.sweep_result
+    result = view.result
     assert 0 < result.done < result.total == N_LAYERS * N_HEADS
     data = np.asarray(sweep_source(view).data["effect"], dtype=float)
     finished = ~np.isnan(data)
@@ -238,70 +277,72 @@ def test_cancelled_sweep_keeps_the_finished_cells(session):
     full = sweep(session, result.request)  # the complete sweep (a cancelled one is never cached)
     assert full.complete and full is not result
     assert np.allclose(data[finished], full.effects.ravel()[finished], atol=1e-5)
-    assert view.sweep_status.startswith(f"Cancelled after {result.done}/12 heads") and "kept" in view.sweep_status
+    assert view.job.status.startswith(f"Cancelled after {result.done}/12 heads") and "kept" in view.job.status
     assert len(history) == 1 and history.entries[0].result is result and "cancelled" in history.entries[0].label
-    assert not view.sweep_running
+    assert not view.job.running
 
 
 def test_blocks_and_neuron_sweeps_and_the_attribution_method(session):
-    view = AblationView(session, prompt=PROMPT, sweep_kind="blocks")
-    view.start_sweep(background=False)
-    result = view.sweep_result
+    view = AblationSweep(session, prompt=PROMPT, kind="blocks")
+    view.run(background=False)
+    result = view.result
     data = sweep_source(view).data
     assert result.effects.shape == (N_LAYERS, 2) and data["x"][:2] == ["attn", "mlp"]
     assert np.allclose(data["effect"], result.effects.ravel())
 
-    view.param.update(sweep_kind="neurons", top_n=20)
-    view.start_sweep(background=False)
-    result = view.sweep_result
-    fig = view._sweep_pane.object
+    view.param.update(kind="neurons", top_n=20)
+    view.run(background=False)
+    result = view.result
+    fig = view._pane.object
     # A ranked chart: the largest |effect| on top, every component's row kept in the source.
     assert len(result.components) == 20
     assert list(fig.y_range.factors) == [spec for spec, _ in reversed(result.top(ac.SWEEP_TOP_N))]
     assert ac.sweep_hint(result).startswith("Click a bar")
     data = sweep_source(view).data
     assert np.allclose(data["effect"], result.effects) and np.allclose(data["activation"], result.activations)
-    assert view.sweep_status.startswith("Done: 20 neurons")
+    assert view.job.status.startswith("Done: 20 neurons")
 
-    view.param.update(sweep_kind="heads", sweep_method="attribution")
-    view.start_sweep(background=False)
-    result = view.sweep_result
-    assert result.request.method == "attribution" and "attribution estimate" in view._sweep_pane.object.title.text
+    view.param.update(kind="heads", method="attribution")
+    view.run(background=False)
+    result = view.result
+    assert result.request.method == "attribution" and "attribution estimate" in view._pane.object.title.text
     assert np.allclose(sweep_source(view).data["effect"], result.effects.ravel())
 
 
 def test_sweep_errors_keep_the_previous_chart_and_a_tap_selects_the_component(session):
-    view = AblationView(session, prompt=PROMPT)
-    view.start_sweep(background=False)
-    fig, result = view._sweep_pane.object, view.sweep_result
+    view = AblationSweep(session, prompt=PROMPT)
+    view.run(background=False)
+    fig, result = view._pane.object, view.result
     view.prompt = ""
-    job = view.start_sweep(background=False)
-    assert job.status == "error" and "empty" in view.sweep_error
-    assert view._sweep_pane.object is fig and view.sweep_result is result
+    job = view.run(background=False)
+    assert job.status == "error" and "empty" in view.job.error
+    assert view._pane.object is fig and view.result is result
     view.param.update(mode="resample", second_prompt="Too short")
     view.prompt = PROMPT
-    view.start_sweep(background=False)
-    assert "equal token length" in view.sweep_error and view._sweep_pane.object is fig
+    view.run(background=False)
+    assert "equal token length" in view.job.error and view._pane.object is fig
     # What a click on a cell does in the browser: the component goes to the single-ablation field.
+    picked = []
+    view.on_pick = picked.append
     source = sweep_source(view)
     source.selected.indices = [6]
-    assert view.components == source.data["spec"][6] == "1.2"
-    assert "1.2" in view.sweep_hint
+    assert picked == [source.data["spec"][6]] == ["1.2"]
+    assert "1.2" in view.hint
 
 
 def test_progress_text():
-    assert view_module.progress_text(Progress(54, 270, 10.0), "heads") == "54/270 heads · 5.4 heads/s · ~40 s left"
-    assert view_module.progress_text(Progress(0, 270, 0.5), "heads") == "0/270 heads"
-    assert view_module.progress_text(Progress(60, 60, 2.0), "neurons") == "60/60 neurons · 30.0 neurons/s"
+    assert parts.progress_text(Progress(54, 270, 10.0), "heads") == "54/270 heads · 5.4 heads/s · ~40 s left"
+    assert parts.progress_text(Progress(0, 270, 0.5), "heads") == "0/270 heads"
+    assert parts.progress_text(Progress(60, 60, 2.0), "neurons") == "60/60 neurons · 30.0 neurons/s"
 
 
 def test_sweep_chart_from_a_restored_result(session):
     """Charts need only the result: a snapshot's round-tripped (partial) sweep draws the same."""
-    view = AblationView(session, prompt=PROMPT, sweep_kind="blocks")
-    original = view._on_sweep_progress
-    view._sweep_job._on_progress = lambda p, part: (original(p, part), view.cancel_sweep())
-    view.start_sweep(background=False)
-    result = view.sweep_result
+    view = AblationSweep(session, prompt=PROMPT, kind="blocks")
+    original = view.job._progress
+    view.job.live._on_progress = lambda p, part: (original(p, part), view.job.cancel())
+    view.run(background=False)
+    result = view.result
     again = SweepResult.from_dict(result.to_dict())
     a, b = ac.sweep_data(result), ac.sweep_data(again)
     assert a["spec"] == b["spec"] and np.allclose(a["effect"], b["effect"], equal_nan=True)
@@ -310,20 +351,20 @@ def test_sweep_chart_from_a_restored_result(session):
 # ------------------------------------------------------------------ patching
 def test_patching_fills_the_heatmap_with_the_engines_fractions(session):
     history = History()
-    view = AblationView(session, history=history, clean=CLEAN_LONG, corrupt=CORRUPT_LONG, patch_target=" Paris",
-                        patch_compare=" Rome")
+    view = PatchingPanel(session, history=history, clean=CLEAN_LONG, corrupt=CORRUPT_LONG, target=" Paris",
+                        compare_token=" Rome")
     n = session.encode(CLEAN_LONG).numel()
-    assert n >= 12 and view.patch_counts == f"clean: {n} tokens · corrupted: {n} tokens · equal ✓"
-    view._patch_job.interval = 0.0
+    assert n >= 12 and view.counts == f"clean: {n} tokens · corrupted: {n} tokens · equal ✓"
+    view.job.live.interval = 0.0
     seen = []
-    original = view._on_patch_progress
-    view._patch_job._on_progress = lambda p, part: (original(p, part), seen.append(view._patch_pane.object))
-    job = view.start_patch(background=False)
-    assert job.status == DONE and view.patch_error == ""
-    result = view.patch_result
+    original = view.job._progress
+    view.job.live._on_progress = lambda p, part: (original(p, part), seen.append(view._pane.object))
+    job = view.run(background=False)
+    assert job.status == DONE and view.job.error == ""
+    result = view.result
     assert result.complete and result.restored.shape == (N_LAYERS, n)
     assert len({id(f) for f in seen}) == 1 and len(seen) >= N_LAYERS  # one figure, filled in place
-    fig = view._patch_pane.object
+    fig = view._pane.object
     data = fig.select_one({"name": ac.PATCH_SOURCE}).data
     assert np.allclose(data["restored"], result.restored.ravel())
     assert list(fig.x_range.factors) == position_labels(result.corrupt_tokens)
@@ -333,41 +374,41 @@ def test_patching_fills_the_heatmap_with_the_engines_fractions(session):
     for layer, pos in ((0, n - 2), (1, n - 2), (2, n - 1), (0, 0)):
         assert result.restored[layer, pos] == pytest.approx(restored_fraction(session, request, [(layer, [pos])]),
                                                             abs=1e-4)
-    assert view.patch_status.startswith(f"Done: {3 * n} cells") and view._patch_bar.value == 3 * n
+    assert view.job.status.startswith(f"Done: {3 * n} cells") and view.job.bar.value == 3 * n
     assert history.entries[-1].result is result
 
 
 def test_patching_errors_keep_the_previous_heatmap(session):
-    view = AblationView(session, clean=PROMPT, corrupt=ITALY, patch_target=" Paris", patch_site="mlp")
-    view.start_patch(background=False)
-    fig, result = view._patch_pane.object, view.patch_result
+    view = PatchingPanel(session, clean=PROMPT, corrupt=ITALY, target=" Paris", site="mlp")
+    view.run(background=False)
+    fig, result = view._pane.object, view.result
     view.corrupt = "The capital city of Italy is"
-    assert "clean: 5 tokens · corrupted: 6 tokens · **they differ**" in view.patch_counts
-    job = view.start_patch(background=False)
+    assert "clean: 5 tokens · corrupted: 6 tokens · **they differ**" in view.counts
+    job = view.run(background=False)
     assert job.status == "error"
-    assert "equal token length" in view.patch_error and "5 tokens" in view.patch_error
-    assert view._patch_pane.object is fig and view.patch_result is result
+    assert "equal token length" in view.job.error and "5 tokens" in view.job.error
+    assert view._pane.object is fig and view.result is result
     view.corrupt = ""
-    assert view.patch_counts.startswith("clean: 5 tokens · corrupted: 0 tokens")
-    view.start_patch(background=False)
-    assert "empty" in view.patch_error
+    assert view.counts.startswith("clean: 5 tokens · corrupted: 0 tokens")
+    view.run(background=False)
+    assert "empty" in view.job.error
     view.corrupt = ITALY
-    view.start_patch(background=False)
-    assert view.patch_error == ""
+    view.run(background=False)
+    assert view.job.error == ""
 
 
 def test_cancelled_patching_keeps_what_finished(session):
     history = History()
-    view = AblationView(session, history=history, clean=CLEAN_LONG, corrupt=CORRUPT_LONG, patch_target=" Paris",
-                        patch_site="attn")
-    original = view._on_patch_progress
-    view._patch_job._on_progress = lambda p, part: (original(p, part), view.cancel_patch())
-    job = view.start_patch(background=False)
-    result = view.patch_result
+    view = PatchingPanel(session, history=history, clean=CLEAN_LONG, corrupt=CORRUPT_LONG, target=" Paris",
+                        site="attn")
+    original = view.job._progress
+    view.job.live._on_progress = lambda p, part: (original(p, part), view.job.cancel())
+    job = view.run(background=False)
+    result = view.result
     assert job.status == CANCELLED and 0 < result.done < result.total
-    restored = np.asarray(view._patch_pane.object.select_one({"name": ac.PATCH_SOURCE}).data["restored"])
+    restored = np.asarray(view._pane.object.select_one({"name": ac.PATCH_SOURCE}).data["restored"])
     assert np.isfinite(restored).sum() == result.done
-    assert view.patch_status.startswith("Cancelled") and "cancelled" in history.entries[-1].label
+    assert view.job.status.startswith("Cancelled") and "cancelled" in history.entries[-1].label
     full = patch(session, result.request)
     finite = np.isfinite(result.restored)
     assert np.allclose(result.restored[finite], full.restored[finite], atol=1e-5)
@@ -381,4 +422,4 @@ def test_view_and_app_render(session):
     app = ExplorerApp(session)
     assert "Ablation" in app._tabs._names and isinstance(app.ablation, AblationView)
     assert app.ablation.history is app.history
-    assert math.isfinite(view.param.top_n.bounds[1])
+    assert math.isfinite(view.sweep.param.top_n.bounds[1])

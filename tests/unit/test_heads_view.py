@@ -369,7 +369,7 @@ def test_unexpected_errors_are_shown_and_logged(llama, monkeypatch, caplog):
     with caplog.at_level(logging.ERROR, logger=heads_view_module.__name__):
         run(view)
     assert "Unexpected error" in view.error and "boom" in view.error
-    assert "head scores failed" in caplog.text
+    assert "compute head scores failed" in caplog.text
     assert not view.busy
 
 

@@ -308,7 +308,19 @@ def test_the_app_has_the_pronoun_swap_tab(session, monkeypatch, tmp_path):
 
     monkeypatch.setenv("EXPLORER_CACHE", str(tmp_path))
     app = ExplorerApp(session)
-    assert app._tabs._names[-1] == "Pronoun swap" and isinstance(app.swap, InterventionView)
+    assert "Pronoun swap" in app._tabs._names and isinstance(app.swap, InterventionView)
     assert app.swap.history is app.history and app.swap.session is session
     assert pn.panel(app).get_root(Document()) is not None
     app.close()
+
+
+def test_the_status_says_when_an_evaluation_is_under_way():
+    """Issue 15 (10): the step that ends in an evaluation says so (it takes tens of seconds)."""
+    from explorer.training.intervene import InterventionConfig
+    from widgets.intervention_view import next_step_text
+
+    config = InterventionConfig(steps=20, eval_every=10)
+    assert next_step_text(config, 9, 20) == " · now: step 10, then **evaluating** both arms…"
+    assert next_step_text(config, 19, 20).startswith(" · now: step 20")
+    assert next_step_text(config, 3, 20) == "" and next_step_text(config, 20, 20) == ""
+    assert next_step_text(None, 9, 20) == ""

@@ -15,9 +15,13 @@ import torch
 from bokeh.document import Document
 from bokeh.models import Span
 
-from tiny_models import make_tiny_model
-from explorer.neurons.describe import ExampleActivations, example_activations, import_descriptions, search, token_pattern
-from explorer.persistence.history import History
+from explorer.neurons.describe import (
+    ExampleActivations,
+    example_activations,
+    import_descriptions,
+    search,
+    token_pattern,
+)
 from explorer.neurons.index import (
     IndexRequest,
     NeuronHistogram,
@@ -28,8 +32,9 @@ from explorer.neurons.index import (
     neuron_activations,
     prompt_activation,
 )
-from widgets import NeuronView
-from widgets import neuron_charts
+from explorer.persistence.history import History
+from tiny_models import make_tiny_model
+from widgets import NeuronView, neuron_card, neuron_charts, neuron_index
 from widgets import neuron_view as neuron_view_module
 
 WINDOW, MAX_TOKENS, TOP_K, N_RANDOM, BATCH = 32, 1024, 6, 4, 8
@@ -206,7 +211,7 @@ def test_card_values_equal_the_index(view, built):
     assert source.data["count"] == index.arrays["hist"][1, 5].tolist()
     assert {s.name for s in view._histogram.object.select({"type": Span})} >= {"histogram-median", "histogram-max"}
     labels = [e.label for e in view.history.entries]
-    assert "neuron L1 N5 stats" in labels and "neuron L1 N5 top examples" in labels
+    assert "neuron 1:5 stats" in labels and "neuron 1:5 top examples" in labels
 
 
 def test_highlighted_activations_equal_the_model_on_the_stored_ids(view, built, session, plain):
@@ -231,13 +236,13 @@ def test_highlighted_activations_equal_the_model_on_the_stored_ids(view, built, 
 
 def test_examples_are_computed_once_per_neuron(view, monkeypatch):
     calls = []
-    real = neuron_view_module.example_activations
+    real = neuron_card.example_activations
 
     def counting(index, layer, neuron, session=None):
         calls.append(session is not None)
         return real(index, layer, neuron, session)
 
-    monkeypatch.setattr(neuron_view_module, "example_activations", counting)
+    monkeypatch.setattr(neuron_card, "example_activations", counting)
     run(view.open_neuron(0, 3))
     run(view.open_neuron(0, 4))
     run(view.open_neuron(0, 3))
@@ -262,7 +267,7 @@ def test_no_index_says_how_to_build_one(session):
     assert "No index is open" in v.error
     v.do_search()
     assert "No index is open" in v.error
-    assert "Build / Resume" in neuron_view_module.NO_INDEX_TEXT and v.max_tokens == 20_000
+    assert "Build / Resume" in neuron_index.NO_INDEX_TEXT and v.max_tokens == 20_000
 
 
 # ------------------------------------------------------------------ search

@@ -16,31 +16,36 @@ import pytest
 from bokeh.document import Document
 from bokeh.models import ColumnDataSource, Div
 
-from explorer.training.bias import BiasRequest, bias_probe
-from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
-from explorer.analyses.demonstrations import DemoRequest, OverthinkingRequest, overthinking
-from explorer.neurons.describe import example_activations, explain_neuron, search, token_pattern
-from explorer.analyses.heads import HeadsRequest, attention_patterns, head_scores
-from explorer.core.jobs import Job
-from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.neurons.index import IndexRequest, build_index, prompt_activation
-from explorer.interventions.patching import PatchRequest, patch
 from explorer.analyses.ccs import pairs_from_statements, run_ccs
+from explorer.analyses.demonstrations import DemoRequest, OverthinkingRequest, overthinking
+from explorer.analyses.heads import HeadsRequest, attention_patterns, head_scores
 from explorer.analyses.hidden import collect_hidden
+from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
 from explorer.analyses.patchscope import patchscope
 from explorer.analyses.probes import run_probes
+from explorer.core.jobs import Job
 from explorer.core.results import RESULT_TYPES
-from explorer.training.bias_datasets import bias_dataset
 from explorer.core.session import ModelSession
+from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
+from explorer.interventions.patching import PatchRequest, patch
+from explorer.neurons.describe import example_activations, explain_neuron, search, token_pattern
+from explorer.neurons.index import IndexRequest, build_index, prompt_activation
 from explorer.persistence.snapshot import (
-    Entry, SnapshotError, _register_result_types, load_snapshot, model_identity, read_snapshot, save_snapshot,
+    Entry,
+    SnapshotError,
+    _register_result_types,
+    load_snapshot,
+    model_identity,
+    read_snapshot,
+    save_snapshot,
     snapshot_bytes,
 )
+from explorer.training.bias import BiasRequest, bias_probe
+from explorer.training.bias_datasets import bias_dataset
 from explorer.training.swap import audit_swap
 from tiny_models import make_tiny_model
 from widgets import ablation_charts as ac
-from widgets import charts
-from widgets import export
+from widgets import charts, export, registry
 from widgets import heads_charts as hc
 from widgets import intervention_charts as ic
 from widgets import neuron_charts as nc
@@ -74,8 +79,8 @@ def index(session, tmp_path_factory):
 @pytest.fixture(scope="module")
 def intervention(session, tmp_path_factory):
     """A two-step run of the tiny model on a few news lines, and its checkpoints compared."""
-    from explorer.training.checkpoints import compare_checkpoints, run_checkpoint_dirs
     from explorer.core.defaults import ensure_default_corpus
+    from explorer.training.checkpoints import compare_checkpoints, run_checkpoint_dirs
     from explorer.training.intervene import InterventionConfig, run_intervention
 
     with open(ensure_default_corpus(), encoding="utf-8") as f:
@@ -324,7 +329,9 @@ def test_summary_table_for_a_broken_chart(entries, monkeypatch):
     def broken(result, model):
         raise ValueError("boom")
 
-    monkeypatch.setitem(export.BUILDERS, type(entries[0].result), broken)
+    kinds = tuple(dataclasses.replace(k, figures=broken) if k.type is type(entries[0].result) else k
+                  for k in registry.KINDS)
+    monkeypatch.setattr(registry, "KINDS", kinds)
     (caption, table), = export.figures_for(entries[0].result)
     assert "could not be drawn: ValueError: boom" in caption and table.name == export.FIELDS
 
@@ -351,12 +358,15 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
                              "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (7)",
-                             "### Probes (4)", "### Generate and steering (5)", "### Features (SAEs) (4)",
+                             "### Probes and patchscopes (4)", "### Generate and steering (5)", "### Features (SAEs) (4)",
                              "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
     assert [type(o).__name__ for o in first] == ["Markdown", "Bokeh", "Markdown", "Bokeh", "Markdown"]
     assert first[1].object.name == charts.HEATMAP
+    # each result's kind in words people use, never a class name (issue 15, 10)
+    assert first[0].object == "*logit lens*"
+    assert not any("Result" in c.objects[0].object or "Comparison" in c.objects[0].object for c in cards)
     manifest = view._layout.objects[1].object
     identity = model_identity(session)
     for text in (identity["name"], identity["config_hash"], identity["weights_hash"], "created", "torch"):
@@ -388,7 +398,7 @@ def test_settings_for_each_request(entries):
     assert settings_for(by_label["head scores"]) == dict(prompt=REPEATED, target="", seq_len=6, seed=0)
     assert settings_for(by_label["head pattern L1H2"]) == dict(prompt=REPEATED, selected=["1.2"])
     assert settings_for(by_label["ablation 1.2, 0:5"])["components"] == "1.2, 0:5"
-    assert settings_for(by_label["heads sweep"])["sweep_kind"] == "heads"
+    assert settings_for(by_label["heads sweep"])["kind"] == "heads"
     assert settings_for(by_label["patching"])["corrupt"] == "The capital of Italy is"
     assert [continue_kind(e.result) for e in entries[:9]] == ["lens", "lens", "heads", "heads", "heads", None,
                                                             "ablation", "ablation", "ablation"]
@@ -407,12 +417,12 @@ def test_continue_from_here_with_the_same_model(snapshot_path, entries, session)
     heads = view.continue_from(4, run=False)  # a head pattern: its prompt, that head selected
     assert heads.prompt == REPEATED and heads.selected == ["1.2"]
     abl = view.continue_from(6, run=False)
-    assert abl.components == "1.2, 0:5" and abl.target == " Paris" and abl._sections.active == 0
-    asyncio.run(abl.compute())
-    assert abl.result.ablated.logit == pytest.approx(entries[6].result.ablated.logit, abs=1e-5)
-    assert view.continue_from(7, run=False) is abl and abl.sweep_kind == "heads" and abl._sections.active == 1
+    assert abl.single.components == "1.2, 0:5" and abl.single.target == " Paris" and abl._sections.active == 0
+    asyncio.run(abl.single.compute())
+    assert abl.single.result.ablated.logit == pytest.approx(entries[6].result.ablated.logit, abs=1e-5)
+    assert view.continue_from(7, run=False) is abl and abl.sweep.kind == "heads" and abl._sections.active == 1
     assert "Start" in view.status
-    assert view.continue_from(8, run=False) is abl and abl.clean == PROMPT and abl._sections.active == 2
+    assert view.continue_from(8, run=False) is abl and abl.patching.clean == PROMPT and abl._sections.active == 2
     assert shown == ["lens", "heads", "ablation", "ablation", "ablation"]
     assert view.continue_from(5) is None and "no settings" in view.error  # a DLA result alone
 

@@ -11,9 +11,8 @@ from bokeh.document import Document
 from bokeh.models import ColumnDataSource, Span
 
 from explorer import CompareRequest, compare_prompts, logit_lens
-from widgets import ExplorerApp, LogitLensView, create_app, serve_app
+from widgets import ExplorerApp, LogitLensView, charts, create_app, serve_app
 from widgets import app as app_module
-from widgets import charts
 from widgets import lens_view as lens_view_module
 
 PROMPT = "The capital of France is"
@@ -167,7 +166,7 @@ def test_unexpected_errors_are_shown_and_logged(session, monkeypatch, caplog):
     with caplog.at_level(logging.ERROR, logger=lens_view_module.__name__):
         run(view)
     assert "Unexpected error" in view.error and "boom" in view.error
-    assert "logit lens failed" in caplog.text
+    assert "run the lens failed" in caplog.text
     assert not view.busy
 
 
@@ -230,6 +229,34 @@ def test_tapping_a_cell_selects_its_position_and_token(session):
     assert view.result is not result
 
 
+def test_a_new_prompt_or_a_compare_run_resets_the_position(session):
+    """Issue 15 (5): after a cell click a compare run must not keep the old position."""
+    view = LogitLensView(session, prompt=PROMPT, top_k=5)
+    run(view)
+    last = view.result.n_positions - 1
+    view.position = 1  # the user picks a position: a rerun of the same prompt keeps it
+    run(view)
+    assert view.position == 1
+    view.param.update(compare=True, prompt_b=PROMPT + " the")  # a compare run: back to the last position
+    run(view)
+    assert view.position == view.result.n_positions - 1 == last
+    view.position = 2  # picked again on the compare run: kept by its rerun
+    run(view)
+    assert view.position == 2
+    view.param.update(compare=False, prompt="The capital of Italy is")  # a new prompt: its last position
+    run(view)
+    assert view.position == view.result.n_positions - 1
+
+
+def test_a_target_without_its_leading_space_gets_a_hint(session):
+    view = LogitLensView(session)
+    assert view.target_hint == ""
+    view.target = "Paris"
+    assert "' Paris'" in view.target_hint and "leading space" in view.target_hint
+    view.target = " Paris"
+    assert view.target_hint == ""
+
+
 def test_view_renders_for_a_notebook(session):
     view = LogitLensView(session)
     root = pn.panel(view).get_root(Document())
@@ -246,7 +273,17 @@ def test_app_renders_with_model_card(session):
     info = session.info()
     assert info.name in card and f"{info.n_heads} ({info.n_kv_heads} KV)" in card
     assert [title for title in app._tabs._names] == ["Logit lens", "Heads", "Ablation", "Neurons", "Pronoun swap",
-                                                     "Generate", "Steering", "Train SAE"]
+                                                     "Generate", "Steering", "Probes", "Patchscope", "Train SAE"]
+    assert app.probes.history is app.history and app.patchscope.history is app.history
+
+
+def test_sidebar_help_follows_the_tab(session):
+    app = ExplorerApp(session)
+    assert app.help.startswith("### Reading the lens")
+    for i, name in enumerate(app._tabs._names):
+        app._tabs.active = i
+        assert app.help == app_module.TAB_HELP[name] and app.help.startswith("### ")
+    assert len({app_module.TAB_HELP[n] for n in app._tabs._names}) == len(app._tabs._names)  # one per tab
 
 
 def test_human_count():
@@ -265,3 +302,31 @@ def test_serve_app_binds_the_given_address(session, monkeypatch, capsys):
     assert callable(calls["panels"])  # one app per browser session, served at "/"
     serve_app(session, port=80, address="0.0.0.0", allow_websocket_origin=["example.org:80"])
     assert calls["address"] == "0.0.0.0" and calls["websocket_origin"] == ["example.org:80"]
+
+
+def test_a_result_as_a_notebook_cell_draws_its_charts(result):
+    """``logit_lens(session, p)`` as a cell's last line: Panel picks the registry's pane."""
+    from widgets.registry import ResultPane, display_name, kind_of
+
+    pane = pn.panel(result)
+    assert isinstance(pane, ResultPane)
+    assert pane.get_root(Document()) is not None
+    figures = [o.object for o in pane._pane.objects if isinstance(o, pn.pane.Bokeh)]
+    assert figures and figures[0].name == charts.HEATMAP
+    assert display_name(result) == "logit lens" and kind_of(result).view == "lens"
+
+
+def test_every_result_type_has_a_name_for_people():
+    import importlib
+
+    from explorer.core.results import RESULT_TYPES
+    from explorer.persistence.snapshot import RESULT_MODULES
+    from widgets import registry
+
+    for module in RESULT_MODULES:  # every snapshot-able result type registers itself on import
+        importlib.import_module(f"explorer.{module}")
+    for name, cls in RESULT_TYPES.items():
+        kind = registry.kind_for(cls)
+        shown = registry.display_name(cls.__new__(cls))
+        assert shown != name and "Result" not in shown, name
+        assert kind is None or kind.group in registry.GROUPS
