@@ -69,7 +69,7 @@ def synthetic_corpus(path: Path, n_tokens: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     n_words = int(n_tokens * 1.1) + 1000  # ≥ 1 token per word, and a margin
     with open(path, "w", encoding="utf-8") as f:
-        for start in range(0, n_words, 200):
+        for _ in range(0, n_words, 200):
             f.write(" ".join(words[i] for i in rng.integers(len(words), size=200)) + "\n")
 
 

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         top_a = set(np.argsort(-np.abs(approx.effects.reshape(-1)))[:10])
         speedup = t_ref / t_exact
         goal = 5.0 if n_tokens <= 16 else 2.5
-        note = " (extrapolated from %d heads)" % len(ref_heads) if len(ref_heads) < len(heads) else ""
+        note = f" (extrapolated from {len(ref_heads)} heads)" if len(ref_heads) < len(heads) else ""
         print(f"\nT={n_tokens}: target {str(session.decode_each([target])[0])!r}; exact runs "
               + ", ".join(f"{t:.2f}" for t in t_exact_runs) + " s")
         print(f"  reference, 1 plain forward per head: {t_ref:7.2f} s  {len(heads) / t_ref:7.1f} heads/s{note}")

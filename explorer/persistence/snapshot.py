@@ -189,7 +189,8 @@ def append_to_snapshot(path: str | os.PathLike, result: Result, label: str | Non
         snap = load_snapshot(path)
         entries = list(snap.entries)
         if model and snap.model and model_differences(snap.model, model):
-            raise SnapshotError(f"{path} was made with another model ({'; '.join(model_differences(snap.model, model))})")
+            differences = "; ".join(model_differences(snap.model, model))
+            raise SnapshotError(f"{path} was made with another model ({differences})")
         model = model or snap.model
     entries.append(Entry(label or type(result).__name__, result))
     return save_snapshot(path, entries, model)

@@ -238,7 +238,8 @@ def _batches(seqs: list[list[int]], batch_size: int):
         yield order[start:start + batch_size]
 
 
-def _padded(seqs: list[list[int]], idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _padded(seqs: list[list[int]], idx: list[int],
+            device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask, position ids and lengths for the sequences ``idx``."""
     lengths = torch.tensor([len(seqs[i]) for i in idx])
     width = int(lengths.max())

@@ -288,7 +288,8 @@ class ArmMetrics(Result):
     checkpoints: tuple[str, ...]          # checkpoint directories, oldest first
 
     @classmethod
-    def from_rows(cls, arm: str, rows: list[dict], steps: list[dict], checkpoints: tuple[str, ...] = ()) -> "ArmMetrics":
+    def from_rows(cls, arm: str, rows: list[dict], steps: list[dict],
+                  checkpoints: tuple[str, ...] = ()) -> ArmMetrics:
         def col(key, dtype):
             return np.array([math.nan if r.get(key) is None else r[key] for r in rows], dtype=dtype)
 

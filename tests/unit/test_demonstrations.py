@@ -38,7 +38,6 @@ from explorer.analyses.demonstrations import (
     random_head_sets,
     task_from_dict,
 )
-from explorer.core.session import ModelSession
 
 FAMILIES = ("llama", "gpt2")
 PATHS = {  # embeddings output, blocks, final norm, attention output projection (per block)
@@ -164,7 +163,7 @@ def test_prompts_are_balanced_paired_and_show_the_permuted_labels(tokenizer):
             shown = ps.demo_class[i] if cond == 0 else ps.permutation[ps.demo_class[i]]
             assert np.array_equal(ps.shown_class(cond)[i], shown)
             # Each recorded position holds the shown label's token, after "Label:".
-            for pos, c, j in zip(ps.label_positions[cond, i], shown, ps.demo_index[i]):
+            for pos, c in zip(ps.label_positions[cond, i], shown):
                 assert ids[pos] == ps.label_ids[c]
                 assert tokenizer.decode(ids[pos - 2:pos]) == "Label:"
             # The demonstrations' texts appear in order, with the shown label.

@@ -215,7 +215,6 @@ def test_card_values_equal_the_index(view, built):
 
 
 def test_highlighted_activations_equal_the_model_on_the_stored_ids(view, built, session, plain):
-    index = built[0].index
     layer, neuron = 2, 7
     run(view.open_neuron(layer, neuron))
     for ex in (view.top, view.random):

@@ -33,7 +33,7 @@ def test_closed_sessions_apps_are_collected(tiny_sessions):
         assert app._page is not None and len(app.history) == 1
         del app
         client.close()
-    del strong
+    strong.clear()
     # destroyed (its cleanup ran: Page watchers on pn.state dropped) and collected
     wait_until(lambda: gc.collect() >= 0 and all(ref() is None for ref in apps), timeout=30_000)
 
