@@ -6,7 +6,6 @@ import json
 import sys
 
 
-
 def log(msg: str) -> None:
     """A progress or status line on stderr (stdout carries the result)."""
     print(msg, file=sys.stderr, flush=True)

@@ -73,9 +73,10 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
     return out
 
 
-def check_device_map(value: str | None) -> str | None:
-    """A ``--device-map`` strategy (None: the whole model on one device)."""
-    if value is None or value in DEVICE_MAPS:
+def check_device_map(value: str | dict | None) -> str | dict | None:
+    """A ``--device-map`` strategy (None: the whole model on one device), or an explicit
+    {module path: device} map as accelerate takes it (from Python only)."""
+    if value is None or isinstance(value, dict) or value in DEVICE_MAPS:
         return value
     raise PlacementError(f"unknown device map {value!r} (use {', '.join(DEVICE_MAPS)})")
 

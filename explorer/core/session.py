@@ -179,16 +179,16 @@ class ModelSession:
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
-        device_map: str | None = None,
+        device_map: str | dict | None = None,
         max_memory: str | dict | None = None,
         offload_dir: str | Path | None = None,
     ) -> "ModelSession":
         """Attach a model: None (the embedded default), a local directory, or a cached hub id.
 
-        ``device_map`` ("auto", "balanced", "sequential") shards a model too big for one device
-        with accelerate: blocks go to the GPUs, then the CPU, then ``offload_dir`` on disk,
-        within ``max_memory`` ("cuda:0=20GiB,cpu=60GiB" or accelerate's dict). ``device`` then
-        only picks the ``auto`` dtype.
+        ``device_map`` ("auto", "balanced", "sequential", or an explicit {module: device} map)
+        shards a model too big for one device with accelerate: blocks go to the GPUs, then the
+        CPU, then ``offload_dir`` on disk, within ``max_memory`` ("cuda:0=20GiB,cpu=60GiB" or
+        accelerate's dict). ``device`` then only picks the ``auto`` dtype.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
