@@ -1,4 +1,4 @@
-"""The embedded default model sharded by accelerate between the CPU and the disk.
+"""The embedded default model sharded by accelerate between the CPU (or a GPU and the CPU) and the disk.
 
 Loaded once with ``--device-map auto --max-memory cpu=200MB --offload-dir DIR`` (a third of its
 540 MB of float32 weights in memory, the rest of the blocks and the final norm read from disk at
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,13 +25,18 @@ from explorer.neurons.index import build_index
 pytestmark = pytest.mark.model
 
 PROMPT = "The capital of France is"
-ATOL = 1e-4
+# Where default_session runs (tests/conftest.py): on a GPU (benchmarks/gpu_check.py) the sharded
+# copy gets 100 MB of it, 100 MB of CPU memory and the disk, and computes on the GPU throughout.
+DEVICE = os.environ.get("EXPLORER_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("EXPLORER_TEST_DTYPE", "float32")
+MAX_MEMORY = "cpu=200MB" if DEVICE == "cpu" else f"{DEVICE if ':' in DEVICE else 'cuda:0'}=100MB,cpu=100MB"
+ATOL = 1e-4 if DTYPE == "float32" else 1e-2
 
 
 @pytest.fixture(scope="module")
 def offloaded(default_model_dir, tmp_path_factory):
-    return ModelSession.load(str(default_model_dir), device="cpu", dtype="float32", device_map="auto",
-                             max_memory="cpu=200MB", offload_dir=tmp_path_factory.mktemp("offload"))
+    return ModelSession.load(str(default_model_dir), device=DEVICE, dtype=DTYPE, device_map="auto",
+                             max_memory=MAX_MEMORY, offload_dir=tmp_path_factory.mktemp("offload"))
 
 
 def _close(a, b, path="result"):
@@ -48,7 +54,7 @@ def _close(a, b, path="result"):
 
 def test_it_is_sharded_between_cpu_and_disk(offloaded):
     placed = offloaded.device_map
-    assert placed is not None and set(placed.values()) == {"cpu", "disk"}
+    assert placed is not None and "disk" in placed.values() and len(set(placed.values())) >= 2
     on_disk = [m for m, d in placed.items() if d == "disk"]
     print(f"\n{len(on_disk)} of {len(placed)} modules on disk: {on_disk[0]} .. {on_disk[-1]}")
     assert "model.norm" in on_disk and len(on_disk) > 15
