@@ -56,6 +56,12 @@ SHAPES = {
     "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                    num_key_value_heads=8, vocab_size=32768, rope_theta=1e6,
                                    max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None)),
+    # Llama-3-8B's 458,752 neurons (32 blocks × 14,336) on a narrow residual stream: the index's
+    # state at full size (it depends on blocks × MLP width only), in 1.7 GB of float32 weights.
+    "llama3-8b-neurons": ("llama", dict(num_hidden_layers=32, hidden_size=256, intermediate_size=14336,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                                        vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                                        rms_norm_eps=1e-5)),
     "gemma2-9b": ("gemma2", dict(hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
                                  num_key_value_heads=8, head_dim=256, vocab_size=256000,
                                  max_position_embeddings=8192, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
@@ -95,7 +101,8 @@ def random_model(shape: str, blocks: int, dtype: torch.dtype, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     family, sizes = SHAPES[shape]
-    config = AutoConfig.for_model(family, num_hidden_layers=blocks, tie_word_embeddings=False, **sizes)
+    sizes = {"num_hidden_layers": blocks, **sizes}  # a shape may fix its own number of blocks
+    config = AutoConfig.for_model(family, tie_word_embeddings=False, **sizes)
     config.use_cache = False
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

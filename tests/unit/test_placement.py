@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from explorer.analyses.heads import HeadsRequest, direct_logit_attribution, head_scores
+from explorer.analyses.hidden import collect_hidden
 from explorer.analyses.lens import chunk_rows, logit_lens
 from explorer.core.errors import UnsupportedModelError
 from explorer.core.placement import (
@@ -124,7 +125,7 @@ def test_the_offloaded_model_is_sharded_as_asked(pair):
     assert off.info().device.startswith("sharded: cpu") and plain.info().device == "cpu"
 
 
-@pytest.mark.parametrize("name", ["lens", "heads", "dla", "ablate", "mean-ablate", "sweep", "patch"])
+@pytest.mark.parametrize("name", ["lens", "heads", "dla", "ablate", "mean-ablate", "sweep", "patch", "hidden"])
 def test_offloaded_results_equal_the_plain_load(pair, name):
     plain, off = pair
     run = {
@@ -136,6 +137,7 @@ def test_offloaded_results_equal_the_plain_load(pair, name):
                                         mean_text="Once upon a time there was a quiet town by the sea."),
         "sweep": lambda s: sweep(s, PROMPT, target=" Paris", kind="heads"),
         "patch": lambda s: patch(s, clean=PROMPT, corrupt="The capital of Italy is", target=" Paris"),
+        "hidden": lambda s: collect_hidden(s, texts=("A cat.", PROMPT), sites=("last", "mean")),
     }[name]
     _arrays_equal(run(plain), run(off), atol=1e-5)
 
