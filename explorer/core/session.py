@@ -249,7 +249,9 @@ class ModelSession:
     def device_map(self) -> dict[str, str] | None:
         """accelerate's module → device map when the model is sharded or offloaded, else None."""
         placed = getattr(self.hf, "hf_device_map", None)
-        return {k: str(v) for k, v in placed.items()} if placed and len(set(placed.values())) > 1 else None
+        if not placed or len(set(placed.values())) < 2:
+            return None
+        return {k: f"cuda:{v}" if isinstance(v, int) else str(v) for k, v in placed.items()}  # GPUs: ints
 
     @property
     def dtype(self) -> torch.dtype:
