@@ -12,7 +12,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test check lint unit setup setup-test chromium constraints bench clean
+.PHONY: run test check lint unit setup setup-test chromium constraints bench gpu-check clean
 
 # serve fetches the default model and corpus itself the first time (one process: faster start).
 run: $(VENV)/.installed
@@ -63,6 +63,11 @@ constraints: $(VENV)/.installed-test
 
 bench: setup
 	$(BIN)/python benchmarks/lens.py
+
+# On a CUDA machine: every benchmark's ratio and the model tests in bfloat16, one table
+# (without CUDA it says so and stops).
+gpu-check: setup-test
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

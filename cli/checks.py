@@ -12,6 +12,7 @@ from typing import Callable
 
 from explorer.core.components import Geometry, check_component, geometry_from_config, parse_components
 from explorer.core.errors import ExplorerError
+from explorer.core.placement import PlacementError, check_device_map, parse_max_memory
 
 
 def _number(kind: Callable, low, what: str) -> Callable[[str], object]:
@@ -98,6 +99,40 @@ def head_spec(value: str) -> tuple[int, int]:
         return parse_head(value)
     except ExplorerError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def device_map(value: str) -> str:
+    """A --device-map strategy (auto, balanced, balanced_low_0, sequential)."""
+    try:
+        check_device_map(value)
+    except PlacementError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def max_memory(value: str) -> dict:
+    """--max-memory: DEVICE=SIZE pairs, e.g. cuda:0=20GiB,cpu=60GiB (bytes per device)."""
+    try:
+        return parse_max_memory(value)
+    except PlacementError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def offload_dir(value: str) -> str:
+    """An offload folder: a directory, or a path where one can be made (not a file)."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a file; give a folder for the offloaded weights")
+    return str(path)
+
+
+def check_placement(args) -> None:
+    """--max-memory and --offload-dir only mean something with --device-map."""
+    if getattr(args, "device_map", None) is None:
+        given = [f for f, v in (("--max-memory", getattr(args, "max_memory", None)),
+                                ("--offload-dir", getattr(args, "offload_dir", None))) if v]
+        if given:
+            raise ExplorerError(f"{' and '.join(given)} need --device-map (e.g. --device-map auto)")
 
 
 # ---------------------------------------------------------------- against the model's sizes

@@ -6,7 +6,6 @@ import json
 import sys
 
 
-
 def log(msg: str) -> None:
     """A progress or status line on stderr (stdout carries the result)."""
     print(msg, file=sys.stderr, flush=True)
@@ -17,8 +16,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="local model directory or a hub id already in the local cache "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     add_device_args(p)
+    add_placement_args(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code to run (off by default)")
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """Sharding and offloading by accelerate, for a model bigger than one device."""
+    from cli import checks
+
+    p.add_argument("--device-map", default=None, type=checks.device_map,
+                   help="shard the model with accelerate: auto, balanced, sequential (GPUs first, then "
+                        "the CPU, then --offload-dir); --device is then ignored")
+    p.add_argument("--max-memory", default=None, type=checks.max_memory, metavar="DEV=SIZE,...",
+                   help="memory each device may hold with --device-map, e.g. cuda:0=20GiB,cpu=60GiB")
+    p.add_argument("--offload-dir", default=None, type=checks.offload_dir, metavar="DIR",
+                   help="folder for the weights that fit nowhere else with --device-map (disk offload)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -33,10 +46,15 @@ def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
 
 
 def load_session(args):
+    from cli.checks import check_placement
     from explorer.core.session import ModelSession
 
+    check_placement(args)
     return ModelSession.load(args.model, device=args.device, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code,
+                             device_map=getattr(args, "device_map", None),
+                             max_memory=getattr(args, "max_memory", None),
+                             offload_dir=getattr(args, "offload_dir", None))
 
 
 def add_snapshot_arg(p: argparse.ArgumentParser) -> None:

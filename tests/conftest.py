@@ -52,8 +52,10 @@ def tiny_session(request, tiny_sessions):
 
 @pytest.fixture(scope="session")
 def default_session(default_model_dir):
-    """The embedded default model (real weights), loaded once per test run."""
-    return ModelSession.load(str(default_model_dir), device="cpu", dtype="float32")
+    """The embedded default model (real weights), loaded once per test run: on the CPU in float32,
+    or where EXPLORER_TEST_DEVICE / EXPLORER_TEST_DTYPE say (benchmarks/gpu_check.py: cuda, bfloat16)."""
+    return ModelSession.load(str(default_model_dir), device=os.environ.get("EXPLORER_TEST_DEVICE", "cpu"),
+                             dtype=os.environ.get("EXPLORER_TEST_DTYPE", "float32"))
 
 
 def pytest_collection_modifyitems(config, items):

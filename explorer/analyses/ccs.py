@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from explorer.analyses.hidden import HiddenError, HiddenRequest, check_texts, collect_hidden
+from explorer.analyses.lens import chunk_rows
 from explorer.analyses.probes import OffsetContext, binomial_se, fit_logistic, standardise
 from explorer.core.errors import ExplorerError
 from explorer.core.requests import build_request
@@ -267,16 +267,17 @@ def check_request(request: CCSRequest) -> None:
 def lens_logprob(session: ModelSession, states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log p(token) of the logit lens at each state: ``states`` [R, N, d], ``token_ids`` [N] → [R, N]."""
     R, N, d = states.shape
-    weight, bias = session.unembed_weight(), session.unembed_bias()
     flat = states.reshape(-1, d)
     ids = token_ids.repeat(R)
     out = torch.empty(R * N, dtype=torch.float64)
+    # Fewer rows a chunk for a large vocabulary or little free memory (see the lens's chunk_rows).
+    step = min(LENS_CHUNK, chunk_rows(session.unembedding.vocab_size, session.unembedding.device))
     with torch.no_grad():
-        for start in range(0, R * N, LENS_CHUNK):
-            x = session.final_norm(flat[start:start + LENS_CHUNK].to(session.device, session.dtype))
-            logits = F.linear(x, weight, bias).float()
-            logp = logits.log_softmax(-1).gather(-1, ids[start:start + LENS_CHUNK, None].to(logits.device))[:, 0]
-            out[start:start + LENS_CHUNK] = logp.double().cpu()
+        for start in range(0, R * N, step):
+            x = session.final_norm(flat[start:start + step].to(session.device, session.dtype))
+            logits = session.logits(x, normed=True)  # W_U loaded per chunk when offloaded
+            logp = logits.log_softmax(-1).gather(-1, ids[start:start + step, None].to(logits.device))[:, 0]
+            out[start:start + step] = logp.double().cpu()
     return out.view(R, N)
 
 

@@ -374,9 +374,10 @@ def _trace_batch(session: ModelSession, seqs: Sequence[torch.Tensor], label_ids:
                         pats.append(submodule(block, adapter.attn).output[1][:, :, -1].save())
                     out = block.output
                     rows.append((out[0] if isinstance(out, tuple) else out)[:, -1].save())
-        stream = torch.stack(list(rows), dim=1)                    # [B, R, d]
+        out_dev = session.unembedding.device  # one device for a sharded model's layers
+        stream = torch.stack([r.to(out_dev) for r in rows], dim=1)  # [B, R, d]
         logits = session.logits(stream, tokens=label_ids)          # [B, R, C]: only the label rows
-        att = torch.stack(list(pats), dim=1).float() if attention else None  # [B, L, H, width]
+        att = torch.stack([p.to(out_dev) for p in pats], dim=1).float() if attention else None  # [B, L, H, width]
     return logits.float().cpu(), None if att is None else att.cpu()
 
 

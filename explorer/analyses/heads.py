@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from explorer.core.errors import ExplorerError, UnsupportedModelError
+from explorer.core.placement import materialized
 from explorer.core.jobs import JobContext
 from explorer.core.modules import linear_weight, submodule
 from explorer.core.requests import build_request
@@ -419,18 +420,19 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
                             acts["final"].append(session.module(adapter.final_norm).input[0, -1].save())
                             acts["logits"].append(session.module(adapter.unembed).output[0, -1].save())
     captured = _Captured(patterns=[])
+    out = session.unembedding.device  # one device for what a sharded model's layers left
     for ids, rows in zip(seqs, pats):
         if rows:
             t = ids.numel()
             # [L, H, t, t]: drop the left padding of a shorter invoke; float32 for bf16 models.
-            captured.patterns.append(torch.stack([w[0, :, -t:, -t:] for w in rows]).float())
+            captured.patterns.append(torch.stack([w[0, :, -t:, -t:].to(out) for w in rows]).float())
     if dla:
-        captured.resid = acts["resid"][0]
-        captured.z = torch.stack(acts["z"])
-        captured.attn = torch.stack(acts["attn"]) if acts["attn"] else None
-        captured.mlp = torch.stack(acts["mlp"])
-        captured.final = acts["final"][0]
-        captured.logits = acts["logits"][0]
+        captured.resid = acts["resid"][0].to(out)
+        captured.z = torch.stack([z.to(out) for z in acts["z"]])
+        captured.attn = torch.stack([a.to(out) for a in acts["attn"]]) if acts["attn"] else None
+        captured.mlp = torch.stack([m.to(out) for m in acts["mlp"]])
+        captured.final = acts["final"][0].to(out)
+        captured.logits = acts["logits"][0].to(out)
     return captured
 
 
@@ -440,13 +442,18 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     logits = cap.logits.float()
     if target_id is None:
         target_id = int(logits.argmax())
-    kind, gain, norm_bias, eps = _final_norm_params(session)
     # float64 where the device has it, so the parts add up to rounding of the model's own run.
-    ct = torch.float32 if session.device.type == "mps" else torch.float64
+    ct = torch.float32 if cap.final.device.type == "mps" else torch.float64
+    dev = cap.final.device
+    with session.lock, materialized(session.unembedding.final_norm):  # loaded if offloaded
+        kind, gain, norm_bias, eps = _final_norm_params(session)
+        gain = gain.to(dev, ct)
+        norm_bias = None if norm_bias is None else norm_bias.to(dev, ct)
     final = cap.final.to(ct)
     w_row, b_row = session.unembedding.rows(target_id)     # the linear readout of the target
-    w_u = w_row.to(ct)
-    u = gain.to(ct) * w_u
+    w_u = w_row.to(dev, ct)
+    b_row = None if b_row is None else b_row.to(dev)
+    u = gain * w_u
     if kind == "rmsnorm":
         scale = torch.sqrt(final.pow(2).mean() + eps)
     else:
@@ -463,29 +470,35 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     u_layers = u.expand(n_layers, -1)
     if session.adapter.attn_post_norm:
         rows = []
-        for layer, b in enumerate(blocks):
-            _, g, _, e = norm_params(b.get_submodule(session.adapter.attn_post_norm),
-                                     session.adapter.norm_gain_offset)
-            o = cap.attn[layer].to(ct)
-            rows.append(g.to(ct) * u / torch.sqrt(o.pow(2).mean() + e))
+        with session.lock:
+            for layer, b in enumerate(blocks):
+                post = b.get_submodule(session.adapter.attn_post_norm)
+                with materialized(post):
+                    _, g, _, e = norm_params(post, session.adapter.norm_gain_offset)
+                    g = g.to(dev, ct)
+                o = cap.attn[layer].to(ct)
+                rows.append(g * u / torch.sqrt(o.pow(2).mean() + e))
         u_layers = torch.stack(rows)
-    # Each head's vector through W_O^T u_l: per layer one [d, H*dh] matvec (weights stay in place).
-    # bfloat16/float16 weights are read in float32 (one layer's W_O at a time): a half-precision
-    # matvec would round every head's part to ~3 digits.
-    back = torch.stack([
-        u_layers[layer].to(w.dtype) @ w
-        for layer, w in enumerate(_at_least_float32(linear_weight(b.get_submodule(session.adapter.attn_out)))
-                                  for b in blocks)
-    ]).to(ct)                                                 # [L, H*dh]
-    heads = (z * back).view(n_layers, n_heads, width // n_heads).sum(-1)
-    biases = [b.get_submodule(session.adapter.attn_out).bias for b in blocks]
-    attn_bias = torch.stack([
-        bias.to(ct) @ u_layers[layer] if bias is not None else torch.zeros((), dtype=ct, device=u.device)
-        for layer, bias in enumerate(biases)
-    ])
+    # Each head's vector through W_O^T u_l: per layer one [d, H*dh] matvec (weights stay in place,
+    # on their layer's device; an offloaded layer's are loaded for its matvec only). bfloat16/float16
+    # weights are read in float32 (one layer's W_O at a time): a half-precision matvec would round
+    # every head's part to ~3 digits.
+    back, attn_bias = [], []
+    with session.lock:
+        for layer, b in enumerate(blocks):
+            proj = b.get_submodule(session.adapter.attn_out)
+            with materialized(proj):
+                w = _at_least_float32(linear_weight(proj))
+                back.append((u_layers[layer].to(w.device, w.dtype) @ w).to(dev, ct))
+                bias = proj.bias
+                attn_bias.append(bias.to(dev, ct) @ u_layers[layer] if bias is not None
+                                 else torch.zeros((), dtype=ct, device=dev))
+    back_t = torch.stack(back)                                # [L, H*dh]
+    heads = (z * back_t).view(n_layers, n_heads, width // n_heads).sum(-1)
+    attn_bias_t = torch.stack(attn_bias)
     mlp = cap.mlp.to(ct) @ u
     embed = cap.resid.to(ct) @ u
-    nb = (norm_bias.to(ct) @ w_u) if norm_bias is not None else torch.zeros((), dtype=ct)
+    nb = (norm_bias @ w_u) if norm_bias is not None else torch.zeros((), dtype=ct)
     unembed_bias = b_row.to(ct) if b_row is not None else torch.zeros((), dtype=ct)
     return DLAResult(
         request=request,
@@ -497,7 +510,7 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
         logit=float(logits[target_id]),
         embed=float(embed),
         heads=heads.cpu().numpy().astype(np.float64),
-        attn_bias=attn_bias.cpu().numpy().astype(np.float64),
+        attn_bias=attn_bias_t.cpu().numpy().astype(np.float64),
         mlp=mlp.cpu().numpy().astype(np.float64),
         final_norm_bias=float(nb),
         unembed_bias=float(unembed_bias),

@@ -158,6 +158,7 @@ def collect_hidden(session: ModelSession, request: HiddenRequest | None = None, 
     def hook(row: int):
         def on_output(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
+            h = h.to(state["mask"].device)  # a sharded model's layer may sit on another device
             for s, value in enumerate(_reduce(h, sites, state["mask"], state["last"])):
                 state["rows"][s, row] = value.float()
         return on_output

@@ -14,13 +14,16 @@ import numpy as np
 import torch
 
 from explorer.core.jobs import JobContext
+from explorer.core.placement import memory_budget
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import DTYPES, ModelSession
 
-# Rows unembedded per matmul: big enough to run near the matmul peak, small enough to cap
-# memory (1024 rows × 49k vocab × 4 B ≈ 200 MB per temporary).
+# Rows unembedded per matmul, at most: big enough to run near the matmul peak (1024 rows × 49k
+# vocab × 4 B ≈ 200 MB per temporary). Fewer where the vocabulary is large (Gemma: 256k) or
+# memory is short: see ``chunk_rows``.
 CHUNK_ROWS = 1024
+LENS_MEMORY = 768 * 2**20  # bytes the vocabulary-sized buffers of one chunk may take, at most
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,10 @@ def residual_streams(session: ModelSession, prompts: list[torch.Tensor]) -> list
                         out = block.output
                         saved[i].append((out[0] if isinstance(out, tuple) else out).save())
     streams = []
+    device = session.unembedding.device  # a sharded model's rows come from several devices
     for ids, rows in zip(prompts, saved):
         t = ids.numel()
-        streams.append(torch.stack([r[0, -t:] for r in rows]))  # drop left padding
+        streams.append(torch.stack([r[0, -t:].to(device) for r in rows]))  # drop left padding
     return streams
 
 
@@ -149,6 +153,19 @@ def final_top1(session: ModelSession, stream: torch.Tensor, dtype: torch.dtype |
     """The model's own top-1 token at the last position of a [R, T, d] stream (its last row)."""
     with torch.no_grad():
         return int(session.logits(stream[-1, -1:], dtype=dtype).argmax(-1)[0])
+
+
+def chunk_rows(vocab: int, device: torch.device | str, n_rows: int = 1) -> int:
+    """Rows to unembed per chunk: ``CHUNK_ROWS``, fewer when the chunk's float32 buffers
+    (about 3 × rows × vocab × 4 B: logits, exponentials, the final row's copy, the matmul's
+    output) would pass ``LENS_MEMORY`` or a quarter of the device's free memory; never fewer than
+    ``n_rows`` (one position of every layer).
+
+    >>> chunk_rows(49_152, "cpu") <= 1024, chunk_rows(256_000, "cpu") <= 262
+    (True, True)
+    """
+    per_row = 3 * vocab * 4
+    return max(n_rows, min(CHUNK_ROWS, memory_budget(device, LENS_MEMORY) // per_row))
 
 
 def reduce_rows(
@@ -164,10 +181,11 @@ def reduce_rows(
     and two reused vocabulary-sized buffers do all the work in place.
     """
     n_rows, n_pos, d = stream.shape
-    per_chunk = max(1, CHUNK_ROWS // n_rows)  # positions per chunk
+    vocab = session.unembed_weight().shape[0]
+    device = session.unembedding.device
+    per_chunk = max(1, chunk_rows(vocab, device, n_rows) // n_rows)  # positions per chunk
     with torch.no_grad():
-        normed = session.final_norm(stream)  # [R, T, d]
-        vocab = session.unembed_weight().shape[0]
+        normed = session.final_norm(stream).to(device)  # [R, T, d]
         z_buf = normed.new_empty((min(per_chunk, n_pos) * n_rows, vocab), dtype=torch.float32)
         e_buf = torch.empty_like(z_buf)
         keys = ("top_ids", "top_probs", "entropy", "kl_to_final", "target_probs", "target_ranks")

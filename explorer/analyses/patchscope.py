@@ -102,7 +102,8 @@ def patch_states(session: ModelSession, identity_ids: torch.Tensor, placeholder:
         def on_output(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
             h = h.clone()
-            h[rows_dev, placeholder] = values[rows_dev]
+            # a sharded model's block may sit on another device than the inputs
+            h[rows_dev.to(h.device), placeholder] = values[rows_dev].to(h.device)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return on_output
 

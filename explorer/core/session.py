@@ -27,6 +27,7 @@ from explorer.core.errors import (
     UnsupportedModelError,
 )
 from explorer.core.modules import submodule
+from explorer.core.placement import PlacementError, check_device_map, execution_device, parse_max_memory
 from explorer.core.results import Result
 from explorer.core.unembed import Unembedding
 
@@ -188,10 +189,27 @@ class ModelSession:
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         trust_remote_code: bool = False,
+        device_map: str | dict | None = None,
+        max_memory: str | dict | None = None,
+        offload_dir: str | Path | None = None,
     ) -> "ModelSession":
-        """Attach a model: None (the embedded default), a local directory, or a cached hub id."""
+        """Attach a model: None (the embedded default), a local directory, or a cached hub id.
+
+        ``device_map`` ("auto", "balanced", "sequential", or an explicit {module: device} map)
+        shards a model too big for one device with accelerate: blocks go to the GPUs, then the
+        CPU, then ``offload_dir`` on disk, within ``max_memory`` ("cuda:0=20GiB,cpu=60GiB" or
+        accelerate's dict). ``device`` then only picks the ``auto`` dtype.
+        """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        try:
+            check_device_map(device_map)
+            if isinstance(max_memory, str):
+                max_memory = parse_max_memory(max_memory)
+        except PlacementError as e:
+            raise UnsupportedModelError(str(e)) from None
+        if device_map is None and (max_memory or offload_dir):
+            raise UnsupportedModelError("--max-memory and --offload-dir need --device-map (e.g. auto)")
         name, path = resolve_model(model)
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -200,17 +218,30 @@ class ModelSession:
         adapter_for(getattr(config, "model_type", "?"))  # fail before loading weights
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
+        placement: dict[str, Any] = {}
+        if device_map is not None:  # sharded by accelerate, so never moved as a whole below
+            placement = {"device_map": device_map, "max_memory": max_memory,
+                         "offload_folder": None if offload_dir is None else str(offload_dir)}
         try:
             hf = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+                path, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code, **placement
             )
         except ValueError as e:
+            if device_map is not None and "offload" in str(e):
+                raise UnsupportedModelError(
+                    f"'{name}' does not fit in the memory allowed (--max-memory): give --offload-dir DIR "
+                    "for the rest") from None
             raise UnsupportedModelError(
                 f"'{name}' is not a causal language model ({str(e).splitlines()[0]})"
             ) from None
         except OSError as e:
             raise ModelNotFoundError(f"cannot load weights of '{name}': {str(e).splitlines()[0]}") from None
-        hf.to(dev)
+        if device_map is None:
+            hf.to(dev)
+        elif next(iter(getattr(hf, "hf_device_map", {"": ""}).values())) == "disk":
+            raise UnsupportedModelError(  # transformers' own pipeline cannot start from the disk
+                f"with this --max-memory even the first module of '{name}' (its embeddings) is offloaded to disk: "
+                "allow more memory on a GPU or the CPU")
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as e:
@@ -220,7 +251,17 @@ class ModelSession:
     # --------------------------------------------------------------------- info
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the embedding's device (its execution device when sharded or offloaded;
+        every other module moves what it gets to its own, see ``explorer.core.placement``)."""
+        return execution_device(self.hf.get_submodule(self.adapter.embed))
+
+    @property
+    def device_map(self) -> dict[str, str] | None:
+        """accelerate's module → device map when the model is sharded or offloaded, else None."""
+        placed = getattr(self.hf, "hf_device_map", None)
+        if not placed or len(set(placed.values())) < 2:
+            return None
+        return {k: f"cuda:{v}" if isinstance(v, int) else str(v) for k, v in placed.items()}  # GPUs: ints
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,10 +300,19 @@ class ModelSession:
             vocab_size=self.unembed_weight().shape[0],
             context_length=self.context_length,
             n_params=sum(p.numel() for p in self.hf.parameters()),
-            device=str(self.device),
+            device=self._device_text(),
             dtype=str(self.dtype).removeprefix("torch."),
             config_hash=_config_hash(cfg),
         )
+
+    def _device_text(self) -> str:
+        placed = self.device_map
+        if placed is None:
+            return str(self.device)
+        counts: dict[str, int] = {}
+        for dev in placed.values():
+            counts[dev] = counts.get(dev, 0) + 1
+        return "sharded: " + ", ".join(f"{dev} ({n} modules)" for dev, n in counts.items())
 
     # ------------------------------------------------------------------ modules
     def module(self, path: str):

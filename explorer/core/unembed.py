@@ -10,13 +10,15 @@ for analyses that decompose the pre-transform logit into linear parts (DLA).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from explorer.core.adapters import Adapter, adapter_for
 from explorer.core.errors import UnsupportedModelError
+from explorer.core.placement import execution_device, is_offloaded, materialized
 
 
 class Unembedding:
@@ -53,9 +55,35 @@ class Unembedding:
                    softcap=softcap)
 
     # ------------------------------------------------------------------ parts
+    @property
+    def device(self) -> torch.device:
+        """Where the logits are computed (the unembedding's execution device)."""
+        return execution_device(self.unembed)
+
+    @property
+    def offloaded(self) -> bool:
+        """W_U lives on the CPU or disk between forwards (accelerate offload): ``weight`` is then
+        a ``meta`` tensor (its shape is right) and ``logits``/``rows`` load it for each call."""
+        return is_offloaded(self.unembed)
+
+    @contextmanager
+    def _readout(self, dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(W_U, bias) as real tensors on the execution device for the duration of the context."""
+        if not self.offloaded:
+            yield self.weight(dtype), self.bias()
+            return
+        with self.lock, materialized(self.unembed):
+            weight = self.unembed.weight
+            # A cast of an offloaded W_U is not kept: that would hold the copy offloading saves.
+            yield weight if dtype is None else weight.to(dtype), self.bias()
+
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W_U [vocab, d_model], optionally cast once and kept (e.g. bfloat16 for a faster lens)."""
+        """W_U [vocab, d_model], optionally cast once and kept (e.g. bfloat16 for a faster lens).
+
+        Offloaded: the ``meta`` placeholder (shape only); use ``logits`` or ``rows``."""
         weight = self.unembed.weight
+        if weight.device.type == "meta":
+            return weight
         if dtype is None or dtype == weight.dtype:
             return weight
         if dtype not in self._cast:
@@ -72,9 +100,9 @@ class Unembedding:
     def rows(self, tokens: int | Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The W_U rows and bias entries of some tokens (the raw linear readout, before any
         transform ``logits`` applies): for decompositions of a logit into parts."""
-        idx = torch.as_tensor(tokens, device=self.unembed.weight.device)
-        bias = self.bias()
-        return self.weight()[idx], None if bias is None else bias[idx]
+        idx = torch.as_tensor(tokens, device=self.device)
+        with self._readout(None) as (weight, bias):
+            return weight[idx].clone(), None if bias is None else bias[idx].clone()
 
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm of residual-stream vectors (outside a trace).
@@ -85,7 +113,7 @@ class Unembedding:
         if self.final_norm is None:
             return hidden
         with self.lock:
-            return self.final_norm(hidden)
+            return self.final_norm(hidden)  # offloaded or sharded: its accelerate hook places it
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
         """The family's transform of float32 logits after the unembedding (Gemma 2's soft-cap
@@ -110,17 +138,16 @@ class Unembedding:
         x = hidden if normed else self.norm(hidden)
         if tokens is not None:
             weight, bias = self.rows(tokens)
-            z = x.to(weight.dtype) @ weight.t()
+            z = x.to(weight.device, weight.dtype) @ weight.t()
             return self.cap((z if bias is None else z + bias).float())
-        weight = self.weight(dtype)
-        bias = self.bias()
-        bias = None if bias is None else bias.to(weight.dtype)
-        x = x.to(weight.dtype)
-        if out is not None and weight.dtype == out.dtype:
-            if bias is None:
-                return self.cap(torch.mm(x, weight.t(), out=out))
-            return self.cap(torch.addmm(bias, x, weight.t(), out=out))
-        logits = F.linear(x, weight, bias).float()
+        with self._readout(dtype) as (weight, bias):
+            bias = None if bias is None else bias.to(weight.dtype)
+            x = x.to(weight.device, weight.dtype)  # a sharded model's final norm may sit elsewhere
+            if out is not None and weight.dtype == out.dtype and out.device == weight.device:
+                if bias is None:
+                    return self.cap(torch.mm(x, weight.t(), out=out))
+                return self.cap(torch.addmm(bias, x, weight.t(), out=out))
+            logits = F.linear(x, weight, bias).float()
         if out is None:
             return self.cap(logits)
         return self.cap(out.copy_(logits))  # a reduced-precision matmul; the reductions stay in float32

@@ -60,6 +60,7 @@ from explorer.interventions.edits import (  # the sweep's forward sizes: CHUNK_T
     metric,
     nnsight_runs,
     replay,
+    replay_tokens,
     resolve_tokens,
     run_clean,
     site_path,
@@ -300,7 +301,8 @@ def mean_activations_many(session: ModelSession, sites: Iterable[str], text: str
                         inp = blk.input if "block" in order else None
                         for site in order:
                             if site == "block":
-                                value = first(blk.output) - inp
+                                out = first(blk.output)
+                                value = out - inp.to(out.device)
                             elif site in ("head", "neuron"):
                                 value = submodule(blk, site_path(session, site)).input
                             else:
@@ -309,7 +311,8 @@ def mean_activations_many(session: ModelSession, sites: Iterable[str], text: str
             for site in order:
                 sums = [v.detach() for v in saved[site]]
                 totals[site] = sums if site not in totals else [a + b for a, b in zip(totals[site], sums)]
-        return {s: (torch.stack(totals[s]) / rows.numel()).to(session.dtype) for s in sites}
+        dev = session.device  # one device for a sharded model's layers
+        return {s: (torch.stack([t.to(dev) for t in totals[s]]) / rows.numel()).to(session.dtype) for s in sites}
 
     return session.cached(("ablation-mean", sites, _text_key(text), max_tokens), compute)
 
@@ -469,7 +472,8 @@ def _sweep(session: ModelSession, request: SweepRequest, ctx) -> SweepResult:
         done = total
     else:
         if request.method == "exact":
-            batches = chunks([(c.layer, i) for i, c in enumerate(comps)], ids.numel(), CHUNK_TOKENS, MERGE_TOKENS)
+            batches = chunks([(c.layer, i) for i, c in enumerate(comps)], ids.numel(),
+                             min(CHUNK_TOKENS, replay_tokens(session, ids.numel())), MERGE_TOKENS)
         else:
             batches = [[(c.layer, i)] for i, c in enumerate(comps)]
         for batch in batches:
@@ -524,7 +528,7 @@ def attribution_effects(session: ModelSession, ids: torch.Tensor, comps: Sequenc
             act = acts[c.kind, c.layer][0].detach().float()
             grad = grads[c.kind, c.layer][0].float()
             a, g = act[e.index], grad[e.index]
-            repl = torch.zeros_like(a) if e.value is None else e.value.float().expand_as(a)
+            repl = torch.zeros_like(a) if e.value is None else e.value.to(a.device).float().expand_as(a)
             out[i] = float(((repl - a) * g).sum())
     return out
 

@@ -44,15 +44,16 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from explorer.core.components import Component, Geometry
+from explorer.core.components import Component, Geometry, geometry
 from explorer.core.errors import ExplorerError
 from explorer.core.modules import submodule
+from explorer.core.placement import memory_budget
 from explorer.core.session import ModelSession
 
 SITES = ("head", "attn", "neuron", "mlp", "block", "resid")
 # The order a block runs its sites in (edits are applied in this order).
 SITE_ORDER = {"head": 0, "attn": 1, "neuron": 2, "mlp": 3, "block": 4, "resid": 4}
-CHUNK_TOKENS = 4096    # batch rows × prompt tokens per replayed forward, at most
+CHUNK_TOKENS = 4096    # batch rows × prompt tokens per replayed forward, at most (see ``replay_tokens``)
 MERGE_TOKENS = 128     # below this many tokens a chunk also takes the next layer's edit sets
 TRIM_LAST_BLOCK = True  # replay: run the last block's output projection and MLP on the last position only
 
@@ -110,16 +111,20 @@ class Edit:
 
 def apply_edit(row: torch.Tensor, e: Edit, inp_row: torch.Tensor | None = None) -> None:
     """Apply ``e`` in place to ``row`` (one prompt's activation at its site); ``inp_row`` is the
-    block's input, needed for ``block`` edits (which act on the contribution, output − input)."""
+    block's input, needed for ``block`` edits (which act on the contribution, output − input).
+    Values and inputs from another device (a sharded model's other layers) are moved to the row's."""
+    value = e.value
+    if value is not None and value.device != row.device:
+        value = value.to(row.device)
     if e.op == "set" and e.site != "block":  # the common case, written directly
-        row[e.index] = 0 if e.value is None else e.value
+        row[e.index] = 0 if value is None else value
         return
     fn = OPS[e.op]
     if e.site == "block":
-        base = inp_row[e.index]
-        row[e.index] = base + fn(row[e.index] - base, e.value)
+        base = inp_row[e.index].to(row.device)
+        row[e.index] = base + fn(row[e.index] - base, value)
     else:
-        row[e.index] = fn(row[e.index], e.value)
+        row[e.index] = fn(row[e.index], value)
 
 
 def component_index(c: Component, geom: Geometry) -> tuple:
@@ -197,7 +202,9 @@ class CleanRun:
         return int(self.ids.numel())
 
     def stacked(self, site: str) -> torch.Tensor:
-        return torch.stack(self.acts[site])
+        """[L, T, W] on the first layer's device (a sharded model's layers sit on several)."""
+        rows = self.acts[site]
+        return torch.stack([r.to(rows[0].device) for r in rows])
 
 
 def run_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = ()) -> CleanRun:
@@ -232,7 +239,7 @@ def run_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = (
                         out = first(out)[0]
                         if site == "block":
                             inp = args[0] if args else kwargs["hidden_states"]
-                            out = out - inp[0]
+                            out = out - inp[0].to(out.device)
                         acts[site][l] = out.detach().clone()
                     handles.append(block.register_forward_hook(cap_blk, with_kwargs=True))
         logits = last_logits(session, ids)
@@ -312,10 +319,11 @@ def nnsight_runs(session: ModelSession, ids: torch.Tensor, edit_sets: Sequence[S
                     # The unembedding's input (normed, last position): logits come from session.logits.
                     saved[i]["normed"] = unembed.input.save()
     results = []
+    device = session.unembedding.device
     for s in saved:
         r = {"logits": session.logits(s["normed"][0, -1], normed=True)}
         if streams:
-            r["stream"] = torch.stack([row[0] for row in s["rows"]])
+            r["stream"] = torch.stack([row[0].to(device) for row in s["rows"]])
         results.append(r)
     return results
 
@@ -413,6 +421,23 @@ def replay(session: ModelSession, run: CleanRun, rows: Sequence[Sequence[Edit]])
     if last.shape[0] != n:
         last = last.expand(n, -1)
     return session.logits(last)
+
+
+def replay_tokens(session: ModelSession, n_tokens: int) -> int:
+    """Batch rows × tokens for one replayed forward of an ``n_tokens`` prompt: ``CHUNK_TOKENS``,
+    fewer when a quarter of the free memory cannot hold their activations, never less than one row.
+
+    Per token alive in one block: the residual, norms, q/k/v and attention output (~8·d), the
+    MLP's gate/up/activation (~4·d_mlp) in the model's dtype, float32 norm upcasts (2·d) and an
+    attention score row (heads × tokens); per row the last position's float32 logits (2 × vocab:
+    the matmul's output and its float32 copy).
+    """
+    g = geometry(session)
+    elem = session.dtype.itemsize
+    per_token = (8 * g.d_model + 4 * g.d_mlp) * elem + 8 * g.d_model + 4 * g.n_heads * n_tokens
+    per_row = n_tokens * per_token + 8 * session.unembedding.vocab_size
+    rows = memory_budget(session.device) // per_row
+    return max(n_tokens, min(CHUNK_TOKENS, rows * n_tokens))
 
 
 def chunks(items: Sequence[tuple[int, Any]], n_tokens: int, max_tokens: int | None = None,

@@ -38,6 +38,7 @@ from explorer.interventions.edits import (
     metric,
     nnsight_runs,
     replay,
+    replay_tokens,
     resolve_tokens,
     run_clean,
 )
@@ -150,7 +151,7 @@ def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
             done=done_now, total=total)
 
     cells = [(l, (l, p)) for l in range(L) for p in range(T)]
-    for batch in chunks(cells, T):
+    for batch in chunks(cells, T, replay_tokens(session, T)):
         if ctx is not None and ctx.cancelled:
             break
         rows = [setup.edits(l, [p]) for _, (l, p) in batch]

@@ -615,7 +615,7 @@ def _reduce_batch(session, state: _State, ids: torch.Tensor, win_ids: list[int])
 
     def hook(layer: int):
         def pre(module, args):
-            state.add_layer(layer, args[0])
+            state.add_layer(layer, args[0].to(state.device))  # a sharded model's layer may sit elsewhere
             if layer == len(mods) - 1:
                 raise _LastSite
         return pre

@@ -106,6 +106,12 @@ BAD = [
     (["checkpoints", "--dirs", "{model}", "--target", " she"], "--target needs --prompt"),
     (["snapshot", "show", "/no/such/snapshot.zip"], "snapshot file not found"),
     (["serve", "--port", "0"], "between 1 and 65535"),
+    (["lens", "--prompt", "hi", "--device-map", "everywhere"], "unknown device map 'everywhere'"),
+    (["lens", "--prompt", "hi", "--device-map", "auto", "--max-memory", "cuda:0=20XB"], "is not a size"),
+    (["lens", "--prompt", "hi", "--device-map", "auto", "--max-memory", "gpu=20GiB"], "DEVICE=SIZE"),
+    (["heads", "--prompt", "hi", "--device-map", "auto", "--max-memory", "cpu=1GB,cpu=2GB"], "names cpu twice"),
+    (["lens", "--prompt", "hi", "--max-memory", "cpu=1GiB"], "--max-memory need --device-map"),
+    (["serve", "--offload-dir", "{tmp}"], "--offload-dir need --device-map"),
 ]
 
 
@@ -124,6 +130,8 @@ def test_a_bad_argument_fails_before_the_model_loads(args, message, no_model_loa
     ["lens", "--prompt", "hi", "--model", "{model}"],
     ["heads", "--prompt", "hi", "--pattern", "2.3", "--model", "{model}"],
     ["ablate", "--prompt", "hi", "--target", " Paris", "--heads", "2.3", "--neurons", "0:255", "--model", "{model}"],
+    ["lens", "--prompt", "hi", "--model", "{model}", "--device-map", "auto", "--max-memory", "cuda:0=20GiB,cpu=60GiB",
+     "--offload-dir", "/tmp/offload"],
 ])
 def test_good_arguments_reach_the_loader(args, no_model_load, model_dir, capsys):
     """The control for the test above: valid arguments pass every check and get to the loader."""
