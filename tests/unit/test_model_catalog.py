@@ -105,3 +105,20 @@ def test_scanning_never_touches_the_network(saved, monkeypatch):
 
 def test_describe_dir_without_config_is_none(tmp_path):
     assert describe_dir(tmp_path) is None
+
+
+def test_the_cli_lists_what_the_picker_offers(saved, tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    models, hub = saved
+    monkeypatch.setenv("EXPLORER_CACHE", str(tmp_path / "no-project-cache"))
+    assert main(["models", "--json", "--dir", str(models), "--hf-cache", str(hub)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hf_cache"] == str(hub)
+    assert [m["name"] for m in data["models"]] == [c.name for c in local_models([models], hf_cache=hub)]
+    bert = next(m for m in data["models"] if m["name"] == "acme/tiny-bert")
+    assert bert["supported"] is False and bert["model_type"] == "bert"
+    assert main(["models", "--dir", str(models), "--hf-cache", str(hub)]) == 0
+    assert "unsupported: no adapter for model type 'bert'" in capsys.readouterr().out
+    assert main(["models", "--dir", str(tmp_path / "missing")]) == 2
+    assert "folder of models not found" in capsys.readouterr().err
