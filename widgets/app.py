@@ -170,7 +170,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self._tabs = pn.Tabs(*self._build_views(session), sizing_mode="stretch_width",
                              css_classes=["explorer-tabs"])
         # Attach another model from the sidebar: the views are rebuilt on it, the history stays.
-        self.picker = ModelPicker(self.attach, device=str(session.device))
+        self.picker = ModelPicker(self.attach, device=session.device.type)
         self._tabs.param.watch(self._on_tab, "active")
         self._tabs.jscallback(active=SCROLL_TOP_JS)
         self._save = pn.widgets.FileDownload(callback=self.snapshot_file, filename="interp-explorer-snapshot.zip",

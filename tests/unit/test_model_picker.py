@@ -115,3 +115,13 @@ def test_choice_labels(saved_models):
     picker.folder = str(saved_models / "models" / "tiny-saved")
     picker.param.trigger("rescan")
     assert [choice_label(c) for c in picker.choices] == ["tiny-saved (folder)"]
+
+
+def test_snapshot_tabs_stay_and_check_the_new_model(app, saved_models):
+    app.history.add(logit_lens(app.session, PROMPT, top_k=3), "lens: before")
+    view = app.open_snapshot(app.snapshot(), "s")
+    assert view is not None and view.can_continue
+    app.picker.load(str(saved_models / "models" / "tiny-saved"), background=False)
+    assert app._tabs._names[-1] == "Snapshot: s" and len(app._tabs) == 11
+    assert view.session is app.session and view.views["lens"] is app.lens
+    assert not view.can_continue and "not the one this snapshot was made with" in view.model_warning
