@@ -76,8 +76,9 @@ class ModelPicker(pn.viewable.Viewer):
         self.choices = local_models(extra, **self.catalog)
         options = {choice_label(c): c.path for c in self.choices}
         self._select.options = options
-        if options:
-            self._select.value = next(iter(options.values()))
+        if options:  # the first model that can be attached, else the first listed
+            first = next((c for c in self.choices if c.supported), self.choices[0])
+            self._select.value = first.path
         self.selected = self._select.value or ""
         if not self.loading:
             self.status = f"{len(self.choices)} local models found." if self.choices else "No local models found."

@@ -54,6 +54,7 @@ def test_the_picker_lists_folder_and_hf_cache_models(app, saved_models):
     assert "acme/tiny-gpt2 (HF cache)" in labels
     assert any(label.startswith("a-bert (folder): no adapter for model type 'bert'") for label in labels)
     assert picker.status == "4 local models found."
+    assert picker.selected == str(saved_models / "models" / "no-weights")  # the first supported one
 
 
 def test_attaching_a_saved_model_resets_the_views_and_keeps_the_history(app, saved_models, tiny_sessions):
