@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from cli import ablate, basic, generate, heads, intervene, neurons, probes, sae
+from cli import ablate, basic, generate, heads, intervene, models, neurons, probes, sae
 from cli.common import log
 from explorer.core.errors import ExplorerError
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="what to do (each command has its own --help)")
 
     # Each module adds its own commands.
-    for module in (basic, ablate, heads, neurons, intervene, probes, generate, sae):
+    for module in (basic, models, ablate, heads, neurons, intervene, probes, generate, sae):
         module.add_commands(sub)
     return parser
 

@@ -26,11 +26,12 @@ from .heads_view import HeadsView
 from .intervention_view import InterventionView
 from .lens_view import LogitLensView
 from .live import served_doc
+from .model_picker import ModelPicker
 from .neuron_view import NeuronView
-from .sae_train_view import SAETrainView
 from .parts import alert
 from .patchscope_view import PatchscopeView
 from .probes_view import ProbesView
+from .sae_train_view import SAETrainView
 from .snapshot_view import SnapshotView
 from .steering_view import SteeringView
 
@@ -157,6 +158,7 @@ class ExplorerApp(pn.viewable.Viewer):
     snapshot_error = param.String(default="", doc="Why the last snapshot could not be opened; empty when none.")
     snapshot_status = param.String(default="", doc="What the last snapshot action did (markdown).")
     help = param.String(default=TAB_HELP["Logit lens"], doc="The sidebar's help for the tab in front (markdown).")
+    card = param.String(default="", doc="The attached model's card (HTML).")
 
     def __init__(self, session: ModelSession, **params) -> None:
         super().__init__(**params)
@@ -164,37 +166,13 @@ class ExplorerApp(pn.viewable.Viewer):
         self.history = History()  # this browser session's results (the model session is shared)
         self.snapshots: list[SnapshotView] = []  # snapshots opened in this session, one tab each
         self._page: Page | None = None  # the template, once made (its pn.state watchers go on close)
-        self.lens = LogitLensView(session, history=self.history)
-        self.heads = HeadsView(session, history=self.history)
-        self.ablation = AblationView(session, history=self.history)
-        self.neurons = NeuronView(session, history=self.history)
-        self.swap = InterventionView(session, history=self.history)
-        self.generate = GenerateView(session, history=self.history)
-        self.steering = SteeringView(session, history=self.history)
-        # The Generate tab steers with the Steering tab's current vector.
-        self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
-        self.sae = SAETrainView(session, history=self.history)
-        self.probes = ProbesView(session, history=self.history)
-        self.patchscope = PatchscopeView(session, history=self.history)
-        self._tabs = pn.Tabs(
-            ("Logit lens", self.lens),
-            ("Heads", self.heads),
-            ("Ablation", self.ablation),
-            ("Neurons", self.neurons),
-            ("Pronoun swap", self.swap),
-            ("Generate", self.generate),
-            ("Steering", self.steering),
-            ("Probes", self.probes),
-            ("Patchscope", self.patchscope),
-            ("Train SAE", self.sae),
-            sizing_mode="stretch_width", css_classes=["explorer-tabs"],
-        )
+        self.card = model_card(session)
+        self._tabs = pn.Tabs(*self._build_views(session), sizing_mode="stretch_width",
+                             css_classes=["explorer-tabs"])
+        # Attach another model from the sidebar: the views are rebuilt on it, the history stays.
+        self.picker = ModelPicker(self.attach, device=session.device.type)
         self._tabs.param.watch(self._on_tab, "active")
         self._tabs.jscallback(active=SCROLL_TOP_JS)
-        # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
-        ablation_tab = 2  # the tabs' order above
-        self.neurons.param.watch(lambda e: (self.ablation.select_components(list(e.new)),
-                                            setattr(self._tabs, "active", ablation_tab)), "ablate_request")
         self._save = pn.widgets.FileDownload(callback=self.snapshot_file, filename="interp-explorer-snapshot.zip",
                                              label="Save snapshot", css_classes=["save-snapshot"],
                                              stylesheets=[DOWNLOAD_CSS],
@@ -208,6 +186,55 @@ class ExplorerApp(pn.viewable.Viewer):
         if served_doc() is not None:
             # A closed browser tab: stop this session's jobs and drop its results (the model stays).
             pn.state.on_session_destroyed(self._on_session_destroyed)
+
+    def _build_views(self, session: ModelSession) -> list[tuple[str, pn.viewable.Viewable]]:
+        """One view per tab on ``session``, wired to each other; returns the (name, view) tabs."""
+        self.lens = LogitLensView(session, history=self.history)
+        self.heads = HeadsView(session, history=self.history)
+        self.ablation = AblationView(session, history=self.history)
+        self.neurons = NeuronView(session, history=self.history)
+        self.swap = InterventionView(session, history=self.history)
+        self.generate = GenerateView(session, history=self.history)
+        self.steering = SteeringView(session, history=self.history)
+        # The Generate tab steers with the Steering tab's current vector.
+        self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
+        self.sae = SAETrainView(session, history=self.history)
+        self.probes = ProbesView(session, history=self.history)
+        self.patchscope = PatchscopeView(session, history=self.history)
+        # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
+        ablation_tab = 2  # the tabs' order below
+        self.neurons.param.watch(lambda e: (self.ablation.select_components(list(e.new)),
+                                            setattr(self._tabs, "active", ablation_tab)), "ablate_request")
+        return [
+            ("Logit lens", self.lens),
+            ("Heads", self.heads),
+            ("Ablation", self.ablation),
+            ("Neurons", self.neurons),
+            ("Pronoun swap", self.swap),
+            ("Generate", self.generate),
+            ("Steering", self.steering),
+            ("Probes", self.probes),
+            ("Patchscope", self.patchscope),
+            ("Train SAE", self.sae),
+        ]
+
+    def attach(self, session: ModelSession) -> None:
+        """Switch this browser session to another model: its jobs stop, every view is rebuilt on
+        ``session`` (inputs back to their defaults), snapshot tabs and the history stay, and
+        results are labelled by model from now on."""
+        old = self.session
+        self._stop_views()
+        tabs = self._build_views(session)
+        snapshot_tabs = list(zip(self._tabs._names, self._tabs.objects))[len(tabs):]
+        self.history.switch_model(old.name, session.name)
+        self.session = session
+        for view in self.snapshots:  # "Continue from here" checks and uses the attached model
+            view.attach(session, {"lens": self.lens, "heads": self.heads, "ablation": self.ablation})
+        with pn.io.hold():
+            self._tabs[:] = tabs + snapshot_tabs
+            self._tabs.active = 0
+            self.card = model_card(session)
+        self.help = TAB_HELP["Logit lens"]
 
     def _on_tab(self, event) -> None:
         names = self._tabs._names
@@ -270,6 +297,16 @@ class ExplorerApp(pn.viewable.Viewer):
     # ---------------------------------------------------------------- closing
     def close(self) -> None:
         """Stop this session's jobs and drop its results (the shared model session stays)."""
+        self._stop_views()
+        self.picker.cancel()  # a model still loading is dropped when it ends
+        self.history.close()  # a job that ends after this (its partial result) adds nothing
+        self.snapshots.clear()
+        if self._page is not None:
+            drop_state_watchers(self._page)
+            self._page = None
+
+    def _stop_views(self) -> None:
+        """Stop the views' running jobs (each keeps what its checkpoint holds)."""
         self.ablation.close()
         self.swap.close()  # a running intervention stops after its step, checkpointed
         self.sae.close()   # a running SAE training stops after its forward pass, checkpointed
@@ -278,11 +315,6 @@ class ExplorerApp(pn.viewable.Viewer):
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
             if live is not None:
                 live.cancel()
-        self.history.close()  # a job that ends after this (its partial result) adds nothing
-        self.snapshots.clear()
-        if self._page is not None:
-            drop_state_watchers(self._page)
-            self._page = None
 
     def _on_session_destroyed(self, session_context) -> None:
         try:
@@ -293,8 +325,10 @@ class ExplorerApp(pn.viewable.Viewer):
     def sidebar(self) -> list[pn.viewable.Viewable]:
         return [
             pn.pane.Markdown("### Model", margin=(0, 10)),
-            pn.pane.HTML(model_card(self.session), css_classes=["model-card"], sizing_mode="stretch_width",
+            pn.pane.HTML(self.param.card, css_classes=["model-card"], sizing_mode="stretch_width",
                          stylesheets=[MODEL_CARD_CSS]),
+            pn.Card(self.picker, title="Attach another model", collapsed=True, sizing_mode="stretch_width",
+                    css_classes=["model-picker-card"], margin=(4, 0)),
             pn.pane.Markdown("### Snapshot", margin=(10, 10, 0, 10)),
             self._save,
             self._export,

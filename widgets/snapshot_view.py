@@ -181,6 +181,13 @@ class SnapshotView(pn.viewable.Viewer):
                     "continued here.")
             self.model_warning = f"{lead} Differences: {'; '.join(differences)}."
 
+    def attach(self, session: ModelSession, views: dict[str, pn.viewable.Viewer]) -> None:
+        """Another model was attached (the sidebar's picker): check it against the snapshot's and
+        continue in its views."""
+        self.session, self.views = session, dict(views)
+        self.param.update(model_warning="", can_continue=False)
+        self._check_model()
+
     # ------------------------------------------------------------------ continue
     def continue_from(self, index: int, run: bool = True) -> pn.viewable.Viewer | None:
         """Load entry ``index``'s settings into its live view (made here if none was given) and,

@@ -5,8 +5,9 @@ history is not, so results never leak between users.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from explorer.core.results import Result
 from explorer.persistence.snapshot import Entry
@@ -21,10 +22,14 @@ class History:
         self._listeners: list[Callable[[Entry], None]] = []
         self.closed = False  # a closed session's history: late results (a job ending) are not kept
         self.limit = limit  # oldest results drop off first: memory stays bounded in long sessions
+        self.model = ""  # set once the session switches model: new labels then start "[model] "
 
     def add(self, result: Result, label: str | None = None) -> Entry:
-        entry = Entry(label or type(result).__name__, result)
+        label = label or type(result).__name__
         with self._lock:
+            if self.model:
+                label = f"[{self.model}] {label}"
+            entry = Entry(label, result)
             if self.closed:
                 return entry
             if self._entries and self._entries[-1].result is result:
@@ -35,6 +40,14 @@ class History:
         for listener in listeners:
             listener(entry)
         return entry
+
+    def switch_model(self, old: str, new: str) -> None:
+        """Label results by the model that made them from now on: entries kept so far (made with
+        ``old`` when no switch came before) get ``[old]`` in front, later ones ``[new]``."""
+        with self._lock:
+            if not self.model:
+                self._entries = [dataclasses.replace(e, label=f"[{old}] {e.label}") for e in self._entries]
+            self.model = new
 
     def on_add(self, listener: Callable[[Entry], None]) -> None:
         with self._lock:
