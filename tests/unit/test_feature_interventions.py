@@ -1,0 +1,178 @@
+"""SAE features used in interventions: Generate's A/B arm with features ablated or clamped, the
+single ablation with ``sae:F`` specs, and a feature's decoder direction as a steering vector.
+
+The references never go through ``explorer.features``: a tiny random TopK SAE is written to disk
+in the SAELens layout, its encode/decode is written out here, and the model is a separate copy of
+the tiny model driven by a plain full-recompute loop with a PyTorch forward hook that replaces
+the site by the SAE's reconstruction with the features edited plus the error term.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli.main import main
+from explorer.core.errors import ExplorerError
+from explorer.features.edits import feature_vector, parse_features, sae_for
+from explorer.features.sae import SAEConfig, SAEError, SparseAutoencoder
+from explorer.features.saelens_io import load_sae, save_sae
+from explorer.interventions.generate import Intervention, generate
+from tiny_models import make_tiny_model
+
+PROMPT = "The capital of France is"
+LAYER, D, D_SAE, K = 1, 64, 96, 6
+
+
+def sae_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(D, D_SAE, generator=g) * 0.4, "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+            "W_dec": torch.randn(D_SAE, D, generator=g) * 1.5, "b_dec": torch.randn(D, generator=g) * 0.1}
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sae")
+    cfg = SAEConfig(d_in=D, d_sae=D_SAE, architecture="topk", k=K,
+                    metadata={"hook_name": f"blocks.{LAYER}.hook_resid_post"})
+    save_sae(SparseAutoencoder(cfg, sae_weights()), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain(tokenizer, tiny_sessions):
+    model = make_tiny_model("llama", len(tokenizer))
+    model.load_state_dict(tiny_sessions["llama"].hf.state_dict())
+    return model
+
+
+def ref_encode(w, x: torch.Tensor) -> torch.Tensor:
+    """TopK (SAELens): pre = (x − b_dec) W_enc + b_enc; keep the k largest, ReLU'd."""
+    h = (x.double() - w["b_dec"].double()) @ w["W_enc"].double() + w["b_enc"].double()
+    out = torch.zeros_like(h)
+    top = h.topk(K, dim=-1)
+    return out.scatter(-1, top.indices, top.values.clamp(min=0))
+
+
+def ref_decode(w, f: torch.Tensor) -> torch.Tensor:
+    return f @ w["W_dec"].double() + w["b_dec"].double()
+
+
+def edited(w, x: torch.Tensor, values: dict[int, float]) -> torch.Tensor:
+    """reconstruction(features set to values) + (x − reconstruction): the error term kept."""
+    f = ref_encode(w, x)
+    g = f.clone()
+    for j, v in values.items():
+        g[..., j] = v
+    return (ref_decode(w, g) + (x.double() - ref_decode(w, f))).to(x.dtype)
+
+
+def plain_generate(model, ids: torch.Tensor, n: int, values: dict[int, float] | None) -> list[int]:
+    """Greedy, a full forward per token; the hook replaces block LAYER's output."""
+    w = sae_weights()
+    seq = ids.tolist()
+    handle = None
+    if values is not None:
+        def hook(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = edited(w, h, values)
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+        handle = model.model.layers[LAYER].register_forward_hook(hook)
+    try:
+        for _ in range(n):
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].float().argmax()))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return seq[ids.numel():]
+
+
+def active_features(session, plain, n: int = 2) -> list[int]:
+    """The most active features at the prompt's last position (so editing them matters)."""
+    ids = session.encode(PROMPT)
+    seen = []
+    handle = plain.model.layers[LAYER].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        plain(ids[None])
+    handle.remove()
+    f = ref_encode(sae_weights(), seen[0][0, -1])
+    return [int(j) for j in f.argsort(descending=True)[:n]]
+
+
+# ============================================================================ generate
+def test_ab_arm_with_features_ablated_or_clamped_equals_a_plain_hooked_loop(tiny_sessions, plain, sae_dir):
+    session = tiny_sessions["llama"]
+    ids = session.encode(PROMPT)
+    a, b = active_features(session, plain)
+    for spec, values in ((f"{a}", {a: 0.0}), (f"{a}, {b}=5.0", {a: 0.0, b: 5.0})):
+        got = generate(session, PROMPT, max_new_tokens=8,
+                       intervention=Intervention(sae=str(sae_dir), features=spec))
+        assert got.intervened.token_ids.tolist() == plain_generate(plain, ids, 8, values), spec
+        assert got.baseline.token_ids.tolist() == plain_generate(plain, ids, 8, None)
+        assert "SAE features" in got.intervened.label
+    # A large clamp changes the text (the test would pass vacuously otherwise).
+    big = generate(session, PROMPT, max_new_tokens=8, intervention=Intervention(sae=str(sae_dir), features=f"{a}=60"))
+    assert big.intervened.token_ids.tolist() == plain_generate(plain, ids, 8, {a: 60.0})
+    assert big.intervened.token_ids.tolist() != big.baseline.token_ids.tolist()
+
+
+def test_ab_arms_identical_without_features(tiny_sessions, sae_dir):
+    session = tiny_sessions["llama"]
+    iv = Intervention(sae=str(sae_dir), features="")
+    assert iv.empty
+    got = generate(session, PROMPT, max_new_tokens=8, intervention=iv, temperature=1.0, seed=3)
+    assert got.baseline.token_ids.tolist() == got.intervened.token_ids.tolist()
+
+
+def test_feature_specs_and_errors(tiny_sessions, sae_dir):
+    assert parse_features("1, 2=5, sae:3=-1.5, 4 = 2") == [(1, 0.0), (2, 5.0), (3, -1.5), (4, 2.0)]
+    for bad in ("x", "1=abc", "1=inf", ""):
+        with pytest.raises(SAEError):
+            parse_features(bad)
+    session = tiny_sessions["llama"]
+    with pytest.raises(ExplorerError, match="SAE folder"):
+        generate(session, PROMPT, max_new_tokens=2, intervention=Intervention(features="1"))
+    with pytest.raises(SAEError, match="out of range"):
+        generate(session, PROMPT, max_new_tokens=2, intervention=Intervention(sae=str(sae_dir), features=f"{D_SAE}"))
+    assert sae_for(session, sae_dir) is sae_for(session, sae_dir)   # one SAE (one edit op) per folder
+
+
+def run(capsys, *argv):
+    code = main([str(x) for x in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_generate_with_features(tmp_path, tokenizer, tiny_sessions, plain, sae_dir, capsys):
+    model_dir = tmp_path / "model"
+    plain.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    a, _ = active_features(tiny_sessions["llama"], plain)
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--device", "cpu", "--prompt", PROMPT,
+                         "--max-new-tokens", 6, "--sae", sae_dir, "--features", f"{a}=60", "--ab", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    ids = tiny_sessions["llama"].encode(PROMPT)
+    assert data["token_ids"] == plain_generate(plain, ids, 6, {a: 60.0})
+    assert data["baseline"]["token_ids"] == plain_generate(plain, ids, 6, None)
+    for argv, message in ((["--features", "1"], "needs --sae"), (["--sae", str(sae_dir)], "--features"),
+                          (["--sae", str(sae_dir), "--features", "1=x"], "bad feature spec"),
+                          (["--sae", str(tmp_path / "none"), "--features", "1"], "")):
+        code, out, err = run(capsys, "generate", "--model", tmp_path / "no-model", "--prompt", PROMPT, *argv)
+        assert code != 0 and message in err and "no-model" not in err
+
+
+# ============================================================================ steering
+def test_feature_steering_vector_is_the_normalised_decoder_row(tiny_sessions, sae_dir):
+    sae = load_sae(sae_dir)
+    vec = feature_vector(sae, 7, model="tiny-llama")
+    row = sae_weights()["W_dec"][7].double().numpy()
+    np.testing.assert_allclose(vec.vector, row / np.linalg.norm(row), rtol=1e-6, atol=1e-7)
+    assert vec.method == "sae-feature" and vec.layer == LAYER and abs(vec.norm - 1) < 1e-6
+    vec.check_for(tiny_sessions["llama"])
+    assert vec.validate() is None
+    with pytest.raises(SAEError, match="out of range"):
+        feature_vector(sae, D_SAE)
