@@ -176,3 +176,31 @@ def test_feature_steering_vector_is_the_normalised_decoder_row(tiny_sessions, sa
     assert vec.validate() is None
     with pytest.raises(SAEError, match="out of range"):
         feature_vector(sae, D_SAE)
+
+
+def test_generate_view_runs_features_and_steers_by_a_feature(tiny_sessions, plain, sae_dir):
+    from widgets.generate_view import GenerateView
+
+    session = tiny_sessions["llama"]
+    a, _ = active_features(session, plain)
+    view = GenerateView(session, prompt=PROMPT, max_new_tokens=5, chat=False, lens=False)
+    view.form.features = f"{a}=60"
+    view.start(background=False)
+    assert "SAE folder" in view.error
+    view.form.sae_dir = str(sae_dir)
+    view.start(background=False)
+    assert view.error == "", view.error
+    ids = session.encode(PROMPT)
+    assert view.result.intervened.token_ids.tolist() == plain_generate(plain, ids, 5, {a: 60.0})
+    assert view.result.baseline.token_ids.tolist() == plain_generate(plain, ids, 5, None)
+    view.form.param.update(features="", steer_feature=7)
+    view.form.param.trigger("use_feature")
+    vec = view.form.vector
+    row = sae_weights()["W_dec"][7].numpy()
+    assert vec.method == "sae-feature" and view.form.steer and "feature 7" in view.form.feature_note
+    np.testing.assert_allclose(vec.vector, row / np.linalg.norm(row), rtol=1e-6, atol=1e-7)
+    iv = view.form.intervention()
+    assert iv.layer == LAYER and iv.features == "" and iv.steer is not None
+    view.form.steer_feature = D_SAE
+    view.form.param.trigger("use_feature")
+    assert "out of range" in view.form.feature_note
