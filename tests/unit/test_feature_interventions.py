@@ -204,3 +204,18 @@ def test_generate_view_runs_features_and_steers_by_a_feature(tiny_sessions, plai
     view.form.steer_feature = D_SAE
     view.form.param.trigger("use_feature")
     assert "out of range" in view.form.feature_note
+
+
+def test_cli_sae_vector_writes_the_normalised_decoder_row(tmp_path, sae_dir, capsys):
+    from explorer.interventions.steering import load_vector
+
+    out = tmp_path / "f7.safetensors"
+    code, text, err = run(capsys, "sae", "vector", "--sae", sae_dir, "--feature", 7, "--out", out, "--json")
+    assert code == 0, err
+    assert json.loads(text)["layer"] == LAYER
+    vec = load_vector(out)
+    row = sae_weights()["W_dec"][7].numpy()
+    np.testing.assert_allclose(vec.vector, row / np.linalg.norm(row), rtol=1e-6, atol=1e-7)
+    assert vec.method == "sae-feature" and vec.layer == LAYER
+    code, text, err = run(capsys, "sae", "vector", "--sae", sae_dir, "--feature", D_SAE, "--out", out)
+    assert code != 0 and "out of range" in err and len(err.strip().splitlines()) == 1
