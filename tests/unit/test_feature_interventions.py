@@ -219,3 +219,63 @@ def test_cli_sae_vector_writes_the_normalised_decoder_row(tmp_path, sae_dir, cap
     assert vec.method == "sae-feature" and vec.layer == LAYER
     code, text, err = run(capsys, "sae", "vector", "--sae", sae_dir, "--feature", D_SAE, "--out", out)
     assert code != 0 and "out of range" in err and len(err.strip().splitlines()) == 1
+
+
+# ============================================================================ ablation
+def plain_last_logits(model, ids: torch.Tensor, values: dict[int, float] | None, zero_mlp0: bool = False):
+    w = sae_weights()
+    handles = []
+    if values is not None:
+        def hook(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = edited(w, h, values)
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+        handles.append(model.model.layers[LAYER].register_forward_hook(hook))
+    if zero_mlp0:
+        handles.append(model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o)))
+    try:
+        with torch.no_grad():
+            return model(ids[None]).logits[0, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_single_ablation_of_features_equals_a_plain_hook(tiny_sessions, plain, sae_dir):
+    from explorer.interventions.ablation import ablate
+
+    session = tiny_sessions["llama"]
+    ids = session.encode(PROMPT)
+    a, b = active_features(session, plain)
+    base = plain_last_logits(plain, ids, None)
+    for specs, values, mlp0 in ((f"sae:{a}", {a: 0.0}, False),
+                                (f"mlp:0, sae:{a}, sae:{b}=5", {a: 0.0, b: 5.0}, True)):
+        r = ablate(session, PROMPT, target=" Paris", components=specs, sae=str(sae_dir), lens=False)
+        want = plain_last_logits(plain, ids, values, mlp0)
+        assert abs(r.ablated.logit - float(want[r.target_id])) < 2e-4, specs
+        assert abs(r.baseline.logit - float(base[r.target_id])) < 2e-4
+        assert r.ablated.rank == int((want > want[r.target_id]).sum()) + 1
+        assert abs(r.ablated.logit - r.baseline.logit) > 1e-3      # the edit matters
+    assert r.components == ("mlp:0", f"sae:{a}", f"sae:{b}=5")
+    with pytest.raises(ExplorerError, match="SAE folder"):
+        ablate(session, PROMPT, target=" Paris", components=f"sae:{a}", lens=False)
+
+
+def test_single_ablation_view_takes_feature_specs(tiny_sessions, plain, sae_dir):
+    import asyncio
+
+    from widgets.ablation_single import SingleAblation
+
+    session = tiny_sessions["llama"]
+    a, _ = active_features(session, plain)
+    view = SingleAblation(session, prompt=PROMPT, target=" Paris", components=f"sae:{a}=7")
+    asyncio.run(view.compute())
+    assert "SAE folder" in view.error
+    view.sae_dir = str(sae_dir)
+    asyncio.run(view.compute())
+    assert view.error == "", view.error
+    want = plain_last_logits(plain, session.encode(PROMPT), {a: 7.0})
+    assert abs(view.result.ablated.logit - float(want[view.result.target_id])) < 2e-4
+    assert f"sae:{a}=7" in view.status
+    view.select([f"sae:{a}", "0.1"])
+    assert view.error == ""
