@@ -279,3 +279,12 @@ def test_single_ablation_view_takes_feature_specs(tiny_sessions, plain, sae_dir)
     assert f"sae:{a}=7" in view.status
     view.select([f"sae:{a}", "0.1"])
     assert view.error == ""
+
+
+def test_module_examples():
+    import doctest
+
+    import explorer.features.edits as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
