@@ -288,3 +288,48 @@ def test_module_examples():
 
     result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_steering_view_makes_a_vector_from_a_feature(tiny_sessions, sae_dir):
+    from widgets.steering_view import SteeringView
+
+    view = SteeringView(tiny_sessions["llama"])
+    view.param.update(sae_dir=str(sae_dir), sae_feature=7)
+    view.param.trigger("from_feature")
+    assert view.error == "", view.error
+    row = sae_weights()["W_dec"][7].numpy()
+    np.testing.assert_allclose(view.vector.vector, row / np.linalg.norm(row), rtol=1e-6, atol=1e-7)
+    assert view.vector.method == "sae-feature" and view.vector.layer == LAYER
+    view.sae_feature = D_SAE
+    view.param.trigger("from_feature")
+    assert "out of range" in view.error
+
+
+def test_mlp_out_sae_features_while_generating_and_result_round_trip(tiny_sessions, plain, tmp_path):
+    """An SAE on block 1's MLP output edits that output (not the residual stream)."""
+    from explorer.core.results import RESULT_TYPES
+
+    cfg = SAEConfig(d_in=D, d_sae=D_SAE, architecture="topk", k=K,
+                    metadata={"hook_name": f"blocks.{LAYER}.hook_mlp_out"})
+    save_sae(SparseAutoencoder(cfg, sae_weights()), tmp_path)
+    session = tiny_sessions["llama"]
+    ids = session.encode(PROMPT)
+    w = sae_weights()
+    seen = []
+    handle = plain.model.layers[LAYER].mlp.register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        plain(ids[None])
+    handle.remove()
+    a = int(ref_encode(w, seen[0][0, -1]).argmax())
+    handle = plain.model.layers[LAYER].mlp.register_forward_hook(lambda m, a_, o: edited(w, o, {a: 40.0}))
+    try:
+        seq = ids.tolist()
+        for _ in range(6):
+            with torch.no_grad():
+                seq.append(int(plain(torch.tensor([seq])).logits[0, -1].argmax()))
+    finally:
+        handle.remove()
+    got = generate(session, PROMPT, max_new_tokens=6, intervention=Intervention(sae=str(tmp_path), features=f"{a}=40"))
+    assert got.intervened.token_ids.tolist() == seq[ids.numel():]
+    back = RESULT_TYPES["GenerateResult"].from_dict(got.to_dict())
+    assert back.request == got.request and back.request.intervention.features == f"{a}=40"
