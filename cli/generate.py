@@ -39,16 +39,6 @@ def _alphas(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _feature_specs(text: str) -> str:
-    from explorer.features.edits import parse_features
-
-    try:
-        parse_features(text)
-    except ExplorerError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _add_vector_args(p, required: bool) -> None:
     p.add_argument("--vector", required=required, metavar="VEC", type=checks.existing("steering vector", "file"),
                    help="a steering vector file (.safetensors, tensor 'vector' [d_model]) from `steer build`")
@@ -89,7 +79,7 @@ def add_commands(sub) -> None:
                    help="project this vector's direction out of every layer (directional ablation)")
     p.add_argument("--sae", metavar="DIR", default=None,
                    help="an SAE folder (SAELens layout: cfg.json + sae_weights.safetensors), for --features")
-    p.add_argument("--features", metavar="SPECS", default=None, type=_feature_specs,
+    p.add_argument("--features", metavar="SPECS", default=None, type=checks.feature_specs,
                    help="SAE features edited while generating, error term kept: a number ablates, F=V clamps "
                         "(e.g. '123, 456=5.0'); needs --sae")
     p.add_argument("--ab", action="store_true", help="also generate without the intervention (same seed)")

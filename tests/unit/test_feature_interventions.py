@@ -333,3 +333,24 @@ def test_mlp_out_sae_features_while_generating_and_result_round_trip(tiny_sessio
     assert got.intervened.token_ids.tolist() == seq[ids.numel():]
     back = RESULT_TYPES["GenerateResult"].from_dict(got.to_dict())
     assert back.request == got.request and back.request.intervention.features == f"{a}=40"
+
+
+def test_cli_ablate_with_features(tmp_path, tokenizer, tiny_sessions, plain, sae_dir, capsys):
+    model_dir = tmp_path / "model"
+    plain.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    session = tiny_sessions["llama"]
+    a, b = active_features(session, plain)
+    code, out, err = run(capsys, "ablate", "--model", model_dir, "--device", "cpu", "--prompt", PROMPT,
+                         "--target", " Paris", "--blocks", "mlp:0", "--sae", sae_dir, "--features", f"{a}, {b}=5",
+                         "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    want = plain_last_logits(plain, session.encode(PROMPT), {a: 0.0, b: 5.0}, zero_mlp0=True)
+    assert abs(data["ablated"]["logit"] - float(want[data["target_id"]])) < 2e-4
+    assert data["components"] == ["mlp:0", f"sae:{a}", f"sae:{b}=5"]
+    for argv, message in ((["--features", "1"], "--sae"), (["--sae", str(sae_dir), "--features", "x"], "bad feature"),
+                          (["--sweep", "heads", "--sae", str(sae_dir), "--features", "1"], "not both")):
+        code, out, err = run(capsys, "ablate", "--model", tmp_path / "no-model", "--prompt", PROMPT,
+                             "--target", " Paris", *argv)
+        assert code != 0 and message in err and "no-model" not in err, err
