@@ -26,6 +26,11 @@ def add_commands(sub) -> None:
                    help="MLP neurons to ablate, e.g. 5:1024")
     p.add_argument("--blocks", default=None, metavar="attn:L,mlp:L,block:L,...", type=checks.component_specs,
                    help="whole attention/MLP outputs or blocks to ablate")
+    p.add_argument("--sae", default=None, metavar="DIR",
+                   help="an SAE folder (SAELens layout: cfg.json + sae_weights.safetensors), for --features")
+    p.add_argument("--features", default=None, metavar="SPECS", type=checks.feature_specs,
+                   help="SAE features ablated (F) or clamped (F=V) together with the components, the SAE's "
+                        "error term kept, e.g. '123, 456=5.0'; needs --sae")
     p.add_argument("--sweep", default=None, choices=["heads", "blocks", "neurons"],
                    help="ablate every head / every block's attention and MLP / the --top-n most active neurons")
     p.add_argument("--top-n", type=checks.positive_int, default=50, help="neurons swept with --sweep neurons")
@@ -107,11 +112,20 @@ def cmd_ablate(args) -> int:
     from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
 
     specs = [s for s in (args.heads, args.neurons, args.blocks) if s]
-    if args.sweep and specs:
-        raise ExplorerError("use either --sweep or components (--heads/--neurons/--blocks), not both")
-    if not args.sweep and not specs:
-        raise ExplorerError("nothing to ablate: give --heads L.H,..., --neurons L:N,..., --blocks attn:L,... "
-                            "or --sweep heads|blocks|neurons")
+    if bool(args.features) != bool(args.sae):
+        raise ExplorerError("--features and --sae go together: the SAE folder and the features to ablate or clamp")
+    features = []
+    if args.features:
+        from explorer.features.edits import parse_features
+        from explorer.features.saelens_io import resolve_sae_dir
+
+        resolve_sae_dir(args.sae)   # a missing folder fails before the model loads
+        features = [f"sae:{f}={v!r}" for f, v in parse_features(args.features)]
+    if args.sweep and (specs or features):
+        raise ExplorerError("use either --sweep or components (--heads/--neurons/--blocks/--features), not both")
+    if not args.sweep and not (specs or features):
+        raise ExplorerError("nothing to ablate: give --heads L.H,..., --neurons L:N,..., --blocks attn:L,..., "
+                            "--features with --sae, or --sweep heads|blocks|neurons")
     if args.mode == "resample" and not args.second_prompt:
         raise ExplorerError("--mode resample needs --second-prompt (same token length as --prompt)")
     if specs:
@@ -129,9 +143,9 @@ def cmd_ablate(args) -> int:
         else:
             _print_sweep(result)
         return 0
-    request = AblationRequest(args.prompt, args.target, tuple(specs), mode=args.mode,
+    request = AblationRequest(args.prompt, args.target, tuple(specs) + tuple(features), mode=args.mode,
                               second_prompt=args.second_prompt, compare_token=args.compare,
-                              mean_text=mean_text, lens=args.lens)
+                              mean_text=mean_text, lens=args.lens, sae=args.sae)
     result = ablate(session, request)
     maybe_snapshot(args, session, result, f"ablate {','.join(result.components)}: {args.prompt[:50]}")
     if args.json:

@@ -7,8 +7,8 @@ neuron numbers with the sizes in the model's ``config.json``, read without loadi
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from explorer.core.components import Geometry, check_component, geometry_from_config, parse_components
 from explorer.core.errors import ExplorerError
@@ -86,6 +86,17 @@ def component_specs(value: str) -> str:
     """Component specs (L.H, L:N, attn:L, mlp:L, block:L), checked for their syntax."""
     try:
         parse_components(value)
+    except ExplorerError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def feature_specs(value: str) -> str:
+    """SAE feature specs ('123, 456=5.0': a number ablates, F=V clamps), checked for their syntax."""
+    from explorer.features.edits import parse_features
+
+    try:
+        parse_features(value)
     except ExplorerError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value

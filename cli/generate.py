@@ -77,6 +77,11 @@ def add_commands(sub) -> None:
     p.add_argument("--ablate-direction", metavar="FILE", default=None,
                    type=checks.existing("direction file", "file"),
                    help="project this vector's direction out of every layer (directional ablation)")
+    p.add_argument("--sae", metavar="DIR", default=None,
+                   help="an SAE folder (SAELens layout: cfg.json + sae_weights.safetensors), for --features")
+    p.add_argument("--features", metavar="SPECS", default=None, type=checks.feature_specs,
+                   help="SAE features edited while generating, error term kept: a number ablates, F=V clamps "
+                        "(e.g. '123, 456=5.0'); needs --sae")
     p.add_argument("--ab", action="store_true", help="also generate without the intervention (same seed)")
     p.add_argument("--lens", action="store_true",
                    help="with --json: each token's logit-lens column and its rank per layer")
@@ -208,10 +213,18 @@ def cmd_generate(args) -> int:
         raise ExplorerError("--layer needs --steer FILE (the vector to add)")
     if args.ablate:
         checks.check_components(args.model, [args.ablate])
+    if args.features and not args.sae:
+        raise ExplorerError("--features needs --sae DIR (the SAE the feature numbers belong to)")
+    if args.sae and not args.features:
+        raise ExplorerError("--sae is used with --features (which features to ablate or clamp)")
+    if args.sae:
+        from explorer.features.saelens_io import resolve_sae_dir
+
+        resolve_sae_dir(args.sae)   # a missing folder fails before the model loads
     steer = _vector(args, args.steer) if args.steer else None
     direction = _vector(args, args.ablate_direction) if args.ablate_direction else None
     intervention = None
-    if steer is not None or direction is not None or args.ablate:
+    if steer is not None or direction is not None or args.ablate or args.features:
         intervention = Intervention(
             components=args.ablate or (),
             mode=args.ablate_mode,
@@ -219,9 +232,11 @@ def cmd_generate(args) -> int:
             layer=None if steer is None else (args.layer if args.layer is not None else steer.layer),
             alpha=args.alpha, positions=args.positions,
             direction=None if direction is None else tuple(direction.vector.tolist()),
-            label=Path(args.steer).name if args.steer else "")
+            label=Path(args.steer).name if args.steer else "",
+            sae=args.sae or "", features=args.features or "")
     if args.ab and intervention is None:
-        raise ExplorerError("--ab compares with an intervention: give --steer, --ablate or --ablate-direction")
+        raise ExplorerError("--ab compares with an intervention: give --steer, --ablate, --ablate-direction "
+                            "or --features")
     request = GenerateRequest(args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed,
                               stop=tuple(args.stop), chat=args.chat, intervention=intervention,

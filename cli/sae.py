@@ -14,7 +14,7 @@ def add_commands(sub) -> None:
                        description="Train a TopK sparse autoencoder on a block's residual output or MLP output "
                                    "(saved in the SAELens layout), or list a prompt's top SAE features.")
     ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION",
-                            help="train, encode, attribute or feature")
+                            help="train, encode, attribute, feature or vector")
 
     q = ssub.add_parser("train", help="train (or resume) a TopK SAE on one site",
                         description="Stream a corpus through the model (stopped after the chosen layer) and "
@@ -73,6 +73,31 @@ def add_commands(sub) -> None:
                    help="use the SAE even if it names another model (widths must still match)")
     add_json_arg(q, "the card")
     q.set_defaults(fn=cmd_feature)
+
+    q = ssub.add_parser("vector", help="a feature's decoder direction as a steering vector file",
+                        description="Write feature F's decoder row, normalised to length 1, as a steering vector "
+                                    "(method sae-feature, at the SAE's layer) for `generate --steer`, "
+                                    "`steer apply|sweep` and the Steering tab. No model is loaded.")
+    q.add_argument("--sae", required=True, metavar="DIR",
+                   help="the SAE's directory (cfg.json + sae_weights.safetensors)")
+    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    q.add_argument("--out", required=True, metavar="VEC.safetensors", help="where to write the vector")
+    add_json_arg(q, '{"out", "layer", "feature", "method"}')
+    q.set_defaults(fn=cmd_vector)
+
+
+def cmd_vector(args) -> int:
+    from explorer.features.edits import feature_vector
+    from explorer.features.saelens_io import load_sae
+    from explorer.interventions.steering import save_vector
+
+    vec = feature_vector(load_sae(args.sae), args.feature)
+    path = save_vector(vec, args.out)
+    if args.json:
+        print_json({"out": str(path), "layer": vec.layer, "feature": args.feature, "method": vec.method})
+    else:
+        log(f"feature {args.feature}'s decoder direction (layer {vec.layer}) written to {path}")
+    return 0
 
 
 def add_attribute_command(ssub) -> None:

@@ -27,13 +27,16 @@ from .parts import RunState, alert, help_text, stale_note, text_field
 COMPONENT_HELP = (
     "Comma-separated specs, counting from 0: **L.H** a head (3.1), **L:N** an MLP neuron (5:1024), "
     "**attn:L** / **mlp:L** a block's whole attention / MLP output, **block:L** a whole block "
-    "(its output := its input). All listed components are ablated together.")
+    "(its output := its input). With an **SAE folder** set, **sae:F** ablates SAE feature F and "
+    "**sae:F=V** clamps it to V (the SAE's error term kept). All listed components are ablated together.")
 
 
 class SingleAblation(QueuedRuns, MeasureForm, RunState, pn.viewable.Viewer):
     """Ablate the listed components together; the card, target chart and both lenses."""
 
     components = param.String(default="", label="Components", doc=COMPONENT_HELP)
+    sae_dir = param.String(default="", label="SAE folder (for sae:F specs)",
+                           doc="An SAE in the SAELens layout (cfg.json + sae_weights.safetensors).")
     run = param.Event(label="Run ablation", doc="Ablate the components and compare with the baseline.")
     result = param.ClassSelector(class_=AblationResult, default=None, allow_None=True,
                                  doc="The single ablation shown.")
@@ -51,7 +54,7 @@ class SingleAblation(QueuedRuns, MeasureForm, RunState, pn.viewable.Viewer):
                                             sizing_mode="stretch_width")
         self._lens_ablated = pn.pane.Bokeh(None, css_classes=["ablation-lens-ablated"],
                                            sizing_mode="stretch_width")
-        self.param.watch(self._mark_stale, [*FORM_INPUTS, "components"])
+        self.param.watch(self._mark_stale, [*FORM_INPUTS, "components", "sae_dir"])
         self._layout = self._build()
 
     def select(self, specs: list[str]) -> None:
@@ -59,7 +62,7 @@ class SingleAblation(QueuedRuns, MeasureForm, RunState, pn.viewable.Viewer):
         specs = [s.strip() for s in specs if s and s.strip()]
         self.components = ", ".join(specs)
         try:
-            components_for(self.session, specs)
+            components_for(self.session, [s for s in specs if not engine.is_feature_spec(s)] or specs)
             self.error = ""
         except ComponentError as e:
             self.error = f"**Check the components:** {e}"
@@ -68,7 +71,8 @@ class SingleAblation(QueuedRuns, MeasureForm, RunState, pn.viewable.Viewer):
         if not self.components.strip():
             raise ComponentError(f"no components given: {SYNTAX}")
         return AblationRequest(prompt=self.prompt, target=self.target, components=self.components,
-                               mode=self.mode, compare_token=self.compare_token or None, **self.replacement())
+                               mode=self.mode, compare_token=self.compare_token or None,
+                               sae=self.sae_dir.strip() or None, **self.replacement())
 
     def _mark_stale(self, *_events) -> None:
         if self.result is not None:
@@ -125,7 +129,8 @@ class SingleAblation(QueuedRuns, MeasureForm, RunState, pn.viewable.Viewer):
         results = pn.Column(status, stale_note(self.param.stale, "ablation-stale"),
                             pn.Row(self._card, self._target_pair, sizing_mode="stretch_width"), lenses,
                             sizing_mode="stretch_width", loading=self.param.busy, css_classes=["ablation-results"])
-        return pn.Column(self.form_controls("ablation"), pn.Row(components, run, sizing_mode="stretch_width"),
+        sae = text_field(self.param.sae_dir, "ablation-sae", width=260, placeholder="e.g. runs/sae-l12")
+        return pn.Column(self.form_controls("ablation"), pn.Row(components, sae, run, sizing_mode="stretch_width"),
                          help_text(COMPONENT_HELP, "ablation-help"), alert(self.param.error, "ablation-error"),
                          results, sizing_mode="stretch_width")
 

@@ -3,7 +3,8 @@
 Tokens stream onto the page as they are produced (a ``LiveJob``: the generation runs on a worker
 thread; its per-token reports are flushed to the page at most every 0.15 s); **Stop** cancels the
 job, which the generation honours within one token. With an intervention (ablated components,
-the steering vector of the Steering tab, or its direction ablated at every layer) both arms run
+the steering vector of the Steering tab, or its direction ablated at every layer, SAE features
+ablated or clamped; a feature's decoder direction can also become the steering vector) both arms run
 as one batch with the same seed. After a run, click a generated token: its logit-lens column and
 the rank of the chosen token per layer, in both arms (where the model "commits").
 """
@@ -41,8 +42,8 @@ TEXT_CSS = """
 
 
 class InterventionForm(pn.viewable.Viewer):
-    """What the B arm changes: ablated components, the steering vector (α, layer, positions), or
-    the vector's direction ablated at every layer."""
+    """What the B arm changes: ablated components, the steering vector (α, layer, positions),
+    the vector's direction ablated at every layer, or SAE features ablated / clamped."""
 
     components = param.String(default="", label="Ablate components",
                               doc="Heads L.H, neurons L:N, attn:L, mlp:L, block:L (comma-separated).")
@@ -54,13 +55,25 @@ class InterventionForm(pn.viewable.Viewer):
     ablate_direction = param.Boolean(default=False, label="Ablate the vector's direction (every layer)")
     vector = param.ClassSelector(class_=SteeringVector, default=None, allow_None=True,
                                  doc="Built or loaded in the Steering tab.")
+    sae_dir = param.String(default="", label="SAE folder",
+                           doc="An SAE in the SAELens layout (cfg.json + sae_weights.safetensors).")
+    features = param.String(default="", label="SAE features to ablate / clamp",
+                            doc="e.g. '123, 456=5.0': a number ablates the feature, F=V clamps it to V "
+                                "(the SAE's error term is kept).")
+    steer_feature = param.Integer(default=0, bounds=(0, None), label="Feature")
+    use_feature = param.Event(label="Steer by its decoder direction",
+                              doc="Make the feature's unit decoder row the steering vector (at the SAE's layer).")
+    feature_note = param.String(default="")
 
     def intervention(self) -> Intervention | None:
         """The intervention these settings describe, or None when they change nothing."""
         uses_vector = self.steer or self.ablate_direction
         if uses_vector and self.vector is None:
             raise ExplorerError("no steering vector yet: build or load one in the Steering tab")
-        if not (self.components.strip() or uses_vector):
+        features = self.features.strip()
+        if features and not self.sae_dir.strip():
+            raise ExplorerError("SAE features need an SAE folder (cfg.json + sae_weights.safetensors)")
+        if not (self.components.strip() or uses_vector or features):
             return None
         v = None if self.vector is None else tuple(self.vector.vector.tolist())
         return Intervention(
@@ -69,7 +82,28 @@ class InterventionForm(pn.viewable.Viewer):
             layer=(self.layer if self.layer is not None else self.vector.layer) if self.steer else None,
             alpha=self.alpha, positions=self.positions,
             direction=v if self.ablate_direction else None,
-            label="" if self.vector is None or not uses_vector else f"{self.vector.method} L{self.vector.layer}")
+            label="" if self.vector is None or not uses_vector else f"{self.vector.method} L{self.vector.layer}",
+            sae=self.sae_dir.strip() if features else "", features=features)
+
+    @param.depends("use_feature", watch=True)
+    def _on_use_feature(self) -> None:
+        self.feature_vector()
+
+    def feature_vector(self) -> SteeringVector | None:
+        """Make feature ``steer_feature``'s unit decoder row the steering vector (None: an error, noted)."""
+        from explorer.features.edits import feature_vector
+        from explorer.features.saelens_io import load_sae
+
+        try:
+            if not self.sae_dir.strip():
+                raise ExplorerError("give the SAE folder first")
+            vec = feature_vector(load_sae(self.sae_dir.strip()), self.steer_feature)
+        except ExplorerError as e:
+            self.feature_note = f"**Cannot use the feature:** {e}"
+            return None
+        self.param.update(vector=vec, steer=True,
+                          feature_note=f"Steering vector: feature {self.steer_feature}'s decoder direction")
+        return vec
 
     @param.depends("vector")
     def _vector_note(self) -> str:
@@ -89,6 +123,14 @@ class InterventionForm(pn.viewable.Viewer):
                    w.Select.from_param(self.param.positions, width=110)),
             w.Checkbox.from_param(self.param.ablate_direction),
             pn.pane.Markdown(self._vector_note, css_classes=["gen-vector-note"]),
+            pn.Row(w.TextInput.from_param(self.param.sae_dir, width=260, css_classes=["gen-sae"],
+                                          placeholder="e.g. runs/sae-l12"),
+                   w.TextInput.from_param(self.param.features, width=200, css_classes=["gen-features"],
+                                          placeholder="e.g. 123, 456=5.0")),
+            pn.Row(w.IntInput.from_param(self.param.steer_feature, width=100),
+                   w.Button.from_param(self.param.use_feature, width=230, margin=(26, 10, 10, 10),
+                                       css_classes=["gen-use-feature"])),
+            pn.pane.Markdown(self.param.feature_note, css_classes=["gen-feature-note"]),
             css_classes=["gen-intervention"])
 
 

@@ -72,6 +72,11 @@ class SteeringView(pn.viewable.Viewer):
     method = param.Selector(default="mean", objects=list(METHODS), label="Method")
     build = param.Event(label="Build vector")
     vector = param.ClassSelector(class_=SteeringVector, default=None, allow_None=True)
+    sae_dir = param.String(default="", label="SAE folder",
+                           doc="An SAE in the SAELens layout: a feature's decoder direction becomes the vector.")
+    sae_feature = param.Integer(default=0, bounds=(0, None), label="Feature")
+    from_feature = param.Event(label="Vector from feature",
+                               doc="The feature's decoder row, normalised to length 1, at the SAE's layer.")
 
     prompt = param.String(default="I think this film is", label="Prompt")
     target = param.String(default=" great", label="Target token")
@@ -137,6 +142,25 @@ class SteeringView(pn.viewable.Viewer):
     @param.depends("vector", watch=True)
     def _update_vector(self) -> None:
         self._vector_pane.object = "" if self.vector is None else sc.vector_html(self.vector)
+
+    @param.depends("from_feature", watch=True)
+    def _on_from_feature(self) -> None:
+        self.vector_from_feature()
+
+    def vector_from_feature(self) -> None:
+        """Make feature ``sae_feature``'s unit decoder row (``sae_dir``) the current vector."""
+        from explorer.features.edits import feature_vector, sae_for
+
+        try:
+            if not self.sae_dir.strip():
+                raise ExplorerError("give the SAE folder (cfg.json + sae_weights.safetensors)")
+            vec = feature_vector(sae_for(self.session, self.sae_dir.strip()), self.sae_feature,
+                                 model=self.session.name)
+        except ExplorerError as e:
+            self.error = f"**Cannot use the feature:** {e}"
+            return
+        self.error = ""
+        self._built(vec)
 
     def load_bytes(self, data: bytes | None) -> None:
         """Load a vector file's bytes (the Load button)."""
@@ -265,7 +289,11 @@ class SteeringView(pn.viewable.Viewer):
                       w.Select.from_param(self.param.method, width=100),
                       w.Button.from_param(self.param.build, color="primary", width=130,
                                           disabled=self.param.busy, css_classes=["steer-build"]),
-                      self._save, self._vec_file))
+                      self._save, self._vec_file),
+            pn.Column(w.TextInput.from_param(self.param.sae_dir, width=200, css_classes=["steer-sae"],
+                                             placeholder="e.g. runs/sae-l12"),
+                      w.IntInput.from_param(self.param.sae_feature, width=100, css_classes=["steer-sae-feature"]),
+                      w.Button.from_param(self.param.from_feature, width=160, css_classes=["steer-from-feature"])))
         apply_row = pn.Row(
             w.TextInput.from_param(self.param.prompt, width=280, css_classes=["steer-prompt"]),
             w.TextInput.from_param(self.param.target, width=110),

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +42,8 @@ from explorer.analyses.lens import LensRequest, LensResult, layer_labels, reduce
 from explorer.core.components import Component, Geometry, components_for, geometry, split_specs
 from explorer.core.errors import EmptyPromptError
 from explorer.core.jobs import JobContext, Unfinished, cached_unless_cancelled
-from explorer.core.requests import build_request
 from explorer.core.modules import submodule
+from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 from explorer.interventions.edits import (  # the sweep's forward sizes: CHUNK_TOKENS, MERGE_TOKENS
@@ -84,7 +85,9 @@ def _norm_specs(specs: str | Sequence[str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class AblationRequest:
     """Ablate ``components`` (specs such as '3.1', '5:1024', 'mlp:2'; a comma-separated string
-    is accepted) while predicting ``target`` after ``prompt``."""
+    is accepted) while predicting ``target`` after ``prompt``. With ``sae`` (an SAE folder in the
+    SAELens layout) specs ``sae:F`` ablate feature F and ``sae:F=V`` clamp it to V, the SAE's error
+    term kept (``explorer.features.edits``; whatever the mode)."""
 
     prompt: str
     target: str
@@ -95,9 +98,29 @@ class AblationRequest:
     mean_text: str | None = None       # mean: the text to average over (None = default corpus)
     lens: bool = True                  # also compute the logit lens of both runs
     top_k: int = 10                    # lens top-k
+    sae: str | None = None             # an SAE folder, for 'sae:F' / 'sae:F=V' specs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "components", _norm_specs(self.components))
+
+
+def is_feature_spec(spec: str) -> bool:
+    """'sae:123' or 'sae:123=5': an SAE feature, not a model component."""
+    return spec.lower().startswith("sae:")
+
+
+def _feature_edits(session: ModelSession, request: AblationRequest) -> tuple[list[Edit], tuple[str, ...]]:
+    """The edit of the request's ``sae:`` specs and their canonical spellings (none: ([], ()))."""
+    feats = [s for s in request.components if is_feature_spec(s)]
+    if not feats:
+        return [], ()
+    if not request.sae:
+        raise AblationError(f"{feats[0]} is an SAE feature: give the SAE folder (cfg.json + sae_weights.safetensors)")
+    from explorer.features.edits import feature_edits, parse_features, sae_for
+
+    specs = parse_features(feats)
+    names = tuple(f"sae:{f}" if v == 0 else f"sae:{f}={v:g}" for f, v in specs)
+    return feature_edits(sae_for(session, request.sae), feats), names
 
 
 @dataclass(frozen=True)
@@ -363,12 +386,14 @@ def ablate(session: ModelSession, request: AblationRequest | str | None = None, 
         if request.lens and not 1 <= request.top_k <= 100:
             raise AblationError(f"top-k must be between 1 and 100, got {request.top_k}")
         geom = geometry(session)
-        comps = components_for(session, request.components)
+        specs = [s for s in request.components if not is_feature_spec(s)]
+        comps = components_for(session, specs) if specs or len(specs) == len(request.components) else ()
+        feature_edits, feature_names = _feature_edits(session, request)
         ids = session.encode(request.prompt)
         tid, cid = resolve_tokens(session, request.target, request.compare_token)
         source = replacement_source(session, ids, _sites_for(comps), request.mode, request.second_prompt,
-                                    request.mean_text, "resample ablation")
-        edits = [component_edit(c, geom, request.mode, source) for c in comps]
+                                    request.mean_text, "resample ablation") if comps else None
+        edits = [component_edit(c, geom, request.mode, source) for c in comps] + feature_edits
         base, abl = nnsight_runs(session, ids, [[], edits], streams=request.lens)
         lens_b = lens_a = None
         if request.lens:
@@ -377,7 +402,7 @@ def ablate(session: ModelSession, request: AblationRequest | str | None = None, 
         return AblationResult(
             request=request,
             model=session.name,
-            components=tuple(c.spec for c in comps),
+            components=tuple(c.spec for c in comps) + feature_names,
             tokens=session.decode_each(ids.numpy()),
             token_ids=ids.numpy().astype(np.int64),
             target=str(session.decode_each([tid])[0]),

@@ -12,7 +12,9 @@ the shared edits (``explorer.interventions.edits``): ablated components (heads, 
 attn/mlp/blocks; zero or mean, as the Ablation tab), a steering vector added at block L's output
 (at every position, the prompt's last, or the generated positions only), and a direction
 projected out of every write to the residual stream (directional ablation, Arditi et al. 2024:
-the embeddings and every attention and MLP output). Both arms run as two rows of one batch, so
+the embeddings and every attention and MLP output), and SAE features ablated or clamped at the
+SAE's site with its error term kept (``explorer.features.edits``: ``sae`` a folder in the SAELens
+layout, ``features`` e.g. "123, 456=5"). Both arms run as two rows of one batch, so
 they stream side by side; with the same seed their sampling draws are the same, and an
 intervention that changes nothing gives two identical arms (tested).
 
@@ -75,7 +77,9 @@ class Intervention:
     ``components``: ablation specs ('3.1', '5:1024', 'mlp:2', 'block:4'), ``mode`` zero or mean;
     ``steer``: a vector [d_model] added as ``alpha * steer`` to block ``layer``'s output at
     ``positions`` (all, the prompt's ``last`` token, or the ``generated`` tokens only);
-    ``direction``: a vector whose direction is projected out of every write to the residual stream.
+    ``direction``: a vector whose direction is projected out of every write to the residual stream;
+    ``features``: SAE features of the SAE in folder ``sae`` to ablate ("123") or clamp ("456=5"),
+    at every position, the SAE's error term kept.
     """
 
     components: tuple[str, ...] = ()
@@ -86,6 +90,8 @@ class Intervention:
     positions: str = "all"
     direction: tuple[float, ...] | None = None
     label: str = ""          # e.g. the steering vector's file or method, shown beside the arm
+    sae: str = ""            # an SAE folder (SAELens layout), for ``features``
+    features: str = ""       # e.g. "123, 456=5.0": ablate 123, clamp 456 to 5
 
     def __post_init__(self) -> None:
         for name in ("steer", "direction"):
@@ -94,10 +100,12 @@ class Intervention:
                 object.__setattr__(self, name, tuple(float(x) for x in np.asarray(value, np.float64).reshape(-1)))
         if isinstance(self.components, str):
             object.__setattr__(self, "components", tuple(self.components.replace(",", " ").split()))
+        if not isinstance(self.features, str):
+            object.__setattr__(self, "features", ", ".join(str(f) for f in self.features))
 
     @property
     def empty(self) -> bool:
-        return not self.components and self.steer is None and self.direction is None
+        return not self.components and self.steer is None and self.direction is None and not self.features.strip()
 
     def describe(self) -> str:
         parts = []
@@ -107,6 +115,8 @@ class Intervention:
             parts.append(f"steer L{self.layer} α={self.alpha:g} ({self.positions})")
         if self.direction is not None:
             parts.append("direction ablated")
+        if self.features.strip():
+            parts.append(f"SAE features {self.features.strip()}")
         text = "; ".join(parts) or "no change"
         return f"{text} [{self.label}]" if self.label else text
 
@@ -289,6 +299,12 @@ def plan_for(session: ModelSession, iv: Intervention | None, ids: torch.Tensor |
             for site in ("attn", "mlp"):
                 plan.fixed.append(Edit(site, layer, (Ellipsis,), u, op="project_out"))
         plan.embed = u
+    if iv.features.strip():
+        from explorer.features.edits import feature_edits, sae_for
+
+        if not iv.sae:
+            raise EditError("feature edits need an SAE folder (SAELens layout): give sae=")
+        plan.fixed += feature_edits(sae_for(session, iv.sae), iv.features)
     return plan
 
 
