@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    exact_prompt, fmt_time, machine_line, matmul_flops, median, rotate, set_threads, spread, table)
+from common import exact_prompt, fmt_time, machine_line, matmul_flops, median, rotate, set_threads, spread, table  # noqa: E402
 
 # Where each family keeps the residual-stream sites (independent of explorer/core/adapters.py).
 PARTS = {
@@ -389,7 +388,8 @@ def profile(session, plain: PlainLens, tokenizer, text: str, n_tokens: int, reps
     print(table([[k, fmt_time(median(v)), spread(v)] for k, v in e2e.items()], ["end to end", "median", "min–max"]))
     print(f"engine with the proposed reduce_rows / reference: {ratio:.2f}×")
 
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.reduce_rows(session, stream, 10, target, f32)

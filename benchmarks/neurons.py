@@ -74,8 +74,8 @@ def synthetic_corpus(path: Path, n_tokens: int, seed: int = 0) -> None:
 
 
 def memory_child(args) -> None:
-    from explorer.neurons.index import IndexRequest, build_index
     from explorer.core.session import ModelSession
+    from explorer.neurons.index import IndexRequest, build_index
 
     if args.threads:
         set_threads(args.threads)
@@ -136,8 +136,8 @@ def main() -> None:
 
     from explorer.core.corpus import iter_documents, token_windows
     from explorer.core.defaults import ensure_default_corpus
-    from explorer.neurons.index import IndexRequest, build_index
     from explorer.core.session import ModelSession
+    from explorer.neurons.index import IndexRequest, build_index
 
     n_tokens = args.tokens or (1024 if args.quick else None)  # None: the whole corpus
     reps = args.reps or (1 if args.quick else 3)

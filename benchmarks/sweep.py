@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
 ROUNDS = 3  # reference parts / exact sweeps interleaved per prompt length
 
 
@@ -96,10 +95,10 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from explorer.interventions.ablation import SweepRequest, spearman, sweep
     from explorer.core.components import geometry
     from explorer.core.defaults import ensure_default_model
     from explorer.core.session import ModelSession
+    from explorer.interventions.ablation import SweepRequest, spearman, sweep
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

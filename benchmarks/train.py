@@ -85,8 +85,8 @@ def run_loop(model_dir, config, steps: int) -> list[float]:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from explorer.training.intervene import InterventionConfig, build_streams
     from explorer.core.session import resolve_model
+    from explorer.training.intervene import InterventionConfig, build_streams
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)

@@ -22,9 +22,9 @@ import param
 from panel.pane.base import ReplacementPane
 
 from explorer.analyses.ccs import CCSResult
-from explorer.analyses.hidden import HiddenStates
 from explorer.analyses.demonstrations import DemoLensResult, OverthinkingResult, PromptSet
 from explorer.analyses.heads import AttentionResult, DLAResult, HeadPattern, HeadScores
+from explorer.analyses.hidden import HiddenStates
 from explorer.analyses.lens import LensComparison, LensResult
 from explorer.analyses.patchscope import PatchscopeResult
 from explorer.analyses.probes import ProbeResult

@@ -33,21 +33,22 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from explorer.analyses.heads import eager_attention
+from explorer.analyses.lens import layer_labels
 from explorer.core.components import components_for, geometry
 from explorer.core.defaults import ASSETS_DIR
 from explorer.core.errors import ExplorerError
-from explorer.core.modules import submodule
-from explorer.analyses.heads import eager_attention
-from explorer.analyses.lens import layer_labels
 from explorer.core.jobs import JobContext
+from explorer.core.modules import submodule
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession

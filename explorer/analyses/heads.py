@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from explorer.core.errors import ExplorerError, UnsupportedModelError
-from explorer.core.placement import materialized
 from explorer.core.jobs import JobContext
 from explorer.core.modules import linear_weight, submodule
+from explorer.core.placement import materialized
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array
 from explorer.core.session import ModelSession

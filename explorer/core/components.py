@@ -23,8 +23,8 @@ of zero is zero), a replaced one is normed as the model would norm it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from explorer.core.errors import ExplorerError
 from explorer.core.modules import in_features

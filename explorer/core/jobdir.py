@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from explorer.core.errors import ExplorerError
 from explorer.core.files import atomic_dir, atomic_write_json, remove_temporaries

@@ -10,8 +10,9 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from explorer.core.errors import ExplorerError
 
@@ -42,7 +43,7 @@ class Progress:
 class JobContext:
     """Handed to a job's function: report progress, check for cancellation."""
 
-    def __init__(self, job: "Job") -> None:
+    def __init__(self, job: Job) -> None:
         self._job = job
 
     @property
@@ -58,7 +59,7 @@ class Job(Generic[T]):
 
     def __init__(self, fn: Callable[[JobContext], T], name: str = "job",
                  on_progress: Callable[[Progress, Any], None] | None = None,
-                 on_finish: Callable[["Job[T]"], None] | None = None) -> None:
+                 on_finish: Callable[[Job[T]], None] | None = None) -> None:
         self.name = name
         self._fn = fn
         self._stop = threading.Event()
@@ -72,7 +73,7 @@ class Job(Generic[T]):
         self.result: T | None = None
         self.error: str | None = None
 
-    def start(self) -> "Job[T]":
+    def start(self) -> Job[T]:
         self._t0 = time.monotonic()
         self.status = RUNNING
         self._thread = threading.Thread(target=self._run, name=f"explorer-{self.name}", daemon=True)

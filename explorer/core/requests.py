@@ -19,7 +19,8 @@ Greeting(prompt='hi', top_k=5)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from explorer.core.errors import ExplorerError
 

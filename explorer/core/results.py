@@ -91,7 +91,7 @@ def _from_plain(tp: Any, value: Any, dtype: str | None = None) -> Any:
     return value
 
 
-RESULT_TYPES: dict[str, type["Result"]] = {}
+RESULT_TYPES: dict[str, type[Result]] = {}
 
 
 class Result:

@@ -11,9 +11,10 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,7 +193,7 @@ class ModelSession:
         device_map: str | dict | None = None,
         max_memory: str | dict | None = None,
         offload_dir: str | Path | None = None,
-    ) -> "ModelSession":
+    ) -> ModelSession:
         """Attach a model: None (the embedded default), a local directory, or a cached hub id.
 
         ``device_map`` ("auto", "balanced", "sequential", or an explicit {module: device} map)

@@ -38,9 +38,10 @@ import re
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,10 +50,10 @@ from explorer.core.errors import ExplorerError, ModelNotFoundError
 from explorer.core.files import atomic_write_text
 from explorer.core.jobs import JobContext
 from explorer.core.requests import build_request
+from explorer.core.results import Result, array
 from explorer.core.session import ModelSession, resolve_model
 from explorer.core.unembed import Unembedding
 from explorer.neurons.index import NeuronExample, NeuronIndex, neuron_activations
-from explorer.core.results import Result, array
 
 
 class DescribeError(ExplorerError):
@@ -209,11 +210,11 @@ class Explainer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def for_session(cls, session) -> "Explainer":
+    def for_session(cls, session) -> Explainer:
         return cls(session.hf, session.tokenizer, f"session:{session.name}", session.lock)
 
     @classmethod
-    def load(cls, spec: str | None, session=None) -> "Explainer":
+    def load(cls, spec: str | None, session=None) -> Explainer:
         """``None``/``"session"``: the attached session's model; ``"default"``: the embedded default;
         otherwise a local model directory or a hub id already in the local cache."""
         if spec in (None, "", "session"):
@@ -493,7 +494,7 @@ class ExplainRequest:
 
     layer: int
     neuron: int
-    explainer: "str | Explainer | None" = None  # a model directory or cached hub id; None: the session's
+    explainer: str | Explainer | None = None  # a model directory or cached hub id; None: the session's
     n_explain: int = 10          # top examples shown to the explainer (even ranks)
     n_score_top: int = 10        # held-out top examples simulated for the score (odd ranks)
     n_score_random: int = 10     # random examples simulated for the score
@@ -503,7 +504,7 @@ class ExplainRequest:
 
 def explain_neuron(session: ModelSession, request: ExplainRequest | None = None, /, *,
                    ctx: JobContext | None = None, index: NeuronIndex | str | Path,
-                   store: "DescriptionStore | None" = None, **fields: Any) -> Explanation:
+                   store: DescriptionStore | None = None, **fields: Any) -> Explanation:
     """Explain a neuron of ``index`` with a local instruct model and score the explanation by simulation.
 
     ``session`` runs the index's model (for the examples' true activations); the request's

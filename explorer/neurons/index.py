@@ -258,7 +258,7 @@ def layer_reductions(a: torch.Tensor, stride: int, thr: torch.Tensor, n_pos: tor
 _FUSED: dict[str, Any] = {}
 
 
-def reductions_for(req: "IndexRequest", device: torch.device):
+def reductions_for(req: IndexRequest, device: torch.device):
     """``layer_reductions``, compiled into fused kernels when that pays off (see ``fused``).
 
     Each reduction otherwise reads the layer's activations once more from memory; fused, one
@@ -639,7 +639,7 @@ def _hist_tokens(windows: int, req: IndexRequest) -> int:
 
 def build_index(session: ModelSession, request: IndexRequest | str | None = None, /, *,
                 ctx: JobContext | None = None, out_dir: str | Path | None = None,
-                **fields: Any) -> "NeuronIndex":
+                **fields: Any) -> NeuronIndex:
     """Build (or resume, or reopen) the neuron index of a corpus; see the module docstring.
 
     A string request is the corpus path. ``out_dir`` None uses ``cache_dir()/neurons/<key>``
@@ -867,7 +867,7 @@ class NeuronIndex:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path) -> "NeuronIndex":
+    def open(cls, path: str | Path) -> NeuronIndex:
         p = Path(path).expanduser()
         mpath = p / "manifest.json"
         if not mpath.exists():

@@ -42,9 +42,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class PairSet:
     more: tuple[str, ...]
     less: tuple[str, ...]
 
-    def head(self, n: int | None) -> "PairSet":
+    def head(self, n: int | None) -> PairSet:
         return self if n is None else PairSet(self.name, self.more[:n], self.less[:n])
 
 
@@ -431,7 +432,7 @@ class BiasRequest:
     batch_size: int = BATCH_SIZE
 
 
-def bias_probe(session: "ModelSession", request: BiasRequest | None = None, /, *,
+def bias_probe(session: ModelSession, request: BiasRequest | None = None, /, *,
                ctx: JobContext | None = None, **fields: Any) -> BiasResult:
     """All three bias probes of an attached model (cached per request).
 

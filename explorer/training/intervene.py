@@ -61,14 +61,14 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from explorer.training.bias import EVAL_TEMPLATES, load_minimal_pairs, load_occupations, load_templates, score_bias
 from explorer.core.corpus import iter_documents, separator_ids
 from explorer.core.errors import ExplorerError
 from explorer.core.files import atomic_write_lines
@@ -76,6 +76,7 @@ from explorer.core.jobdir import Checkpoints, JobDir, JobDirError
 from explorer.core.jobs import Job, JobContext
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array
+from explorer.training.bias import EVAL_TEMPLATES, load_minimal_pairs, load_occupations, load_templates, score_bias
 from explorer.training.swap import SwapAudit, audit_swap, swap_text
 
 if TYPE_CHECKING:
@@ -600,7 +601,7 @@ def _check_resumable(saved: dict, config: InterventionConfig, out: Path) -> None
                                 "use another --out directory or the same settings")
 
 
-def run_intervention(session: "ModelSession | str | None" = None, request: InterventionConfig | None = None,
+def run_intervention(session: ModelSession | str | None = None, request: InterventionConfig | None = None,
                      /, *, ctx: JobContext | None = None, out_dir: str | Path = "intervention-run",
                      **fields: Any) -> InterventionResult:
     """Train the control and swapped arms (resuming from ``out_dir`` when it holds a run).

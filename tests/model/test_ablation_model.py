@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, spearman, sweep
 from cli.main import main
+from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, spearman, sweep
 
 pytestmark = pytest.mark.model
 

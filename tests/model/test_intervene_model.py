@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from explorer.training.bias import bias_probe, BiasRequest
+from explorer.training.bias import BiasRequest, bias_probe
 from explorer.training.intervene import InterventionConfig, read_jsonl, run_intervention
 
 pytestmark = pytest.mark.model

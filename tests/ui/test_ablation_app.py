@@ -11,11 +11,9 @@ pytest.importorskip("playwright")
 
 from playwright.sync_api import expect  # noqa: E402
 
+from browser import FRAME_JS, serve_explorer  # noqa: E402
 from widgets import ablation_charts as ac  # noqa: E402
 from widgets.charts import position_labels  # noqa: E402
-
-from browser import FRAME_JS, serve_explorer  # noqa: E402
-
 
 RUN_TIMEOUT = 90_000  # ms, an upper bound: a few seconds each on 2 idle cores, far more on a busy machine
 # Not the prompt of the model tests' complete head sweep: a cached sweep would finish at once.

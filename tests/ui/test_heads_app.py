@@ -8,10 +8,8 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from widgets import heads_charts as hc  # noqa: E402
-
 from browser import FRAME_JS, serve_explorer  # noqa: E402
-
+from widgets import heads_charts as hc  # noqa: E402
 
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
 RUN_TIMEOUT = 60_000  # ms: the first head scores of the default model trace two sequences on CPU

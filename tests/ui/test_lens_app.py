@@ -10,10 +10,8 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from widgets import charts  # noqa: E402
-
 from browser import FRAME_JS, serve_explorer  # noqa: E402
-
+from widgets import charts  # noqa: E402
 
 PROMPT = "The capital of France is"
 PROMPT_B = "The capital of France is London. The capital of France is"

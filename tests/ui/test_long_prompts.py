@@ -15,8 +15,8 @@ import long_results as lr
 from bokeh.embed import file_html
 from bokeh.layouts import column
 from bokeh.resources import INLINE
-from browser import FRAME_JS
 
+from browser import FRAME_JS
 from widgets import ablation_charts as ac
 from widgets import charts
 from widgets import heads_charts as hc

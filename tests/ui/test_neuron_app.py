@@ -17,11 +17,9 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
+from browser import serve_explorer  # noqa: E402
 from explorer.neurons.describe import search  # noqa: E402
 from explorer.neurons.index import IndexRequest, build_index  # noqa: E402
-
-from browser import serve_explorer  # noqa: E402
-
 
 TIMEOUT = 180_000  # ms: builds and per-token activations run the default model on a shared CPU
 

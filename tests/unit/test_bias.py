@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main
 from explorer.training.bias import (
     BiasError,
     BiasRequest,
@@ -26,7 +27,6 @@ from explorer.training.bias import (
     score_pairs,
     score_pronouns,
 )
-from cli.main import main
 from tiny_models import make_tiny_model
 
 TEMPLATES = ("The {occupation} said that", "After lunch, the {occupation} decided that")

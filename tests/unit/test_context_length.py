@@ -7,14 +7,14 @@ import asyncio
 import pytest
 from transformers import AutoModelForCausalLM
 
-from explorer.interventions.ablation import AblationRequest, ablate
-from explorer.core.errors import ExplorerError, PromptTooLongError
 from explorer.analyses.heads import HeadsRequest, head_scores
-from explorer.core.jobs import Job
 from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.neurons.index import prompt_activation
-from explorer.interventions.patching import PatchRequest, patch
+from explorer.core.errors import ExplorerError, PromptTooLongError
+from explorer.core.jobs import Job
 from explorer.core.session import ModelSession
+from explorer.interventions.ablation import AblationRequest, ablate
+from explorer.interventions.patching import PatchRequest, patch
+from explorer.neurons.index import prompt_activation
 from tiny_models import tiny_config
 from widgets.lens_view import LogitLensView
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import make_tiny_model
 from explorer.analyses.demonstrations import (
     DemoLensResult,
     DemonstrationError,
@@ -38,6 +37,7 @@ from explorer.analyses.demonstrations import (
     random_head_sets,
     task_from_dict,
 )
+from tiny_models import make_tiny_model
 
 FAMILIES = ("llama", "gpt2")
 PATHS = {  # embeddings output, blocks, final norm, attention output projection (per block)

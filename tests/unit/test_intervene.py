@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli.main import main
+from explorer.analyses.lens import LensRequest, logit_lens
+from explorer.core.errors import ExplorerError
+from explorer.core.session import ModelSession
 from explorer.training.bias import load_minimal_pairs, load_occupations, load_templates, score_bias
 from explorer.training.bias_datasets import bias_dataset
 from explorer.training.checkpoints import CheckpointComparison, compare_checkpoints, run_checkpoint_dirs
-from cli.main import main
-from explorer.core.errors import ExplorerError
 from explorer.training.intervene import (
     ARMS,
     METRIC_KEYS,
@@ -35,8 +37,6 @@ from explorer.training.intervene import (
     run_intervention,
     select_trainable,
 )
-from explorer.analyses.lens import LensRequest, logit_lens
-from explorer.core.session import ModelSession
 from explorer.training.swap import swap_text
 from tiny_models import make_tiny_model
 

@@ -13,8 +13,8 @@ import panel as pn
 import pytest
 from bokeh.document import Document
 
-from explorer.training.checkpoints import compare_checkpoints
 from explorer.persistence.history import History
+from explorer.training.checkpoints import compare_checkpoints
 from explorer.training.intervene import InterventionConfig, corpus_audit, load_run, read_jsonl
 from widgets import InterventionView
 from widgets import intervention_charts as ic

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from explorer.analyses.lens import CompareRequest, LensComparison, LensRequest, LensResult, compare_prompts, logit_lens
 from explorer.persistence.snapshot import (
-    Entry, SnapshotError, append_to_snapshot, load_snapshot, model_differences, model_identity, save_snapshot,
+    Entry,
+    SnapshotError,
+    append_to_snapshot,
+    load_snapshot,
+    model_differences,
+    model_identity,
+    save_snapshot,
 )
 from explorer.training.swap import audit_swap
 

@@ -17,14 +17,21 @@ from bokeh.document import Document
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
-from explorer.neurons.describe import example_activations, token_pattern
 from explorer.analyses.heads import HeadsRequest, attention_patterns, head_scores
-from explorer.core.jobs import Job
 from explorer.analyses.lens import CompareRequest, LensRequest, compare_prompts, logit_lens
-from explorer.neurons.index import IndexRequest, build_index, prompt_activation
+from explorer.core.jobs import Job
+from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
 from explorer.interventions.patching import PatchRequest, patch
-from explorer.persistence.snapshot import Snapshot, SnapshotError, load_snapshot, model_identity, read_snapshot, save_snapshot
+from explorer.neurons.describe import example_activations, token_pattern
+from explorer.neurons.index import IndexRequest, build_index, prompt_activation
+from explorer.persistence.snapshot import (
+    Snapshot,
+    SnapshotError,
+    load_snapshot,
+    model_identity,
+    read_snapshot,
+    save_snapshot,
+)
 from explorer.training.swap import audit_swap
 from widgets import export
 from widgets.snapshot_view import SnapshotView
