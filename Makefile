@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 # Everything but the browser tests on every core (one file per worker: its module fixtures are
 # built once), then the browser tests in one process: each serves the app and drives Chromium.
 test: setup-test chromium
-	$(PYTEST) -n auto --dist loadfile tests/unit tests/model tests/examples
+	$(PYTEST) -n auto --dist loadfile tests/unit tests/integration tests/model tests/examples
 	$(PYTEST) tests/ui
 
 check: lint unit
@@ -30,7 +30,9 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
 # One worker per core, each file on one worker (its module fixtures built once); the tests run
-# one torch thread each (tests/conftest.py), so the workers do not compete for cores.
+# one torch thread each (tests/conftest.py), so the workers do not compete for cores. The
+# integration tests (training runs, every result type through snapshots, served sessions) run in
+# `make test` only.
 unit: setup-test
 	$(PYTEST) -n auto --dist loadfile tests/unit
 

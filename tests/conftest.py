@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     """Stop every panel server a test left running: a threaded server is not a daemon thread, so
-    the run would never exit (tests/unit/test_session_cleanup.py serves for real)."""
+    the run would never exit (tests/integration/test_session_cleanup.py serves for real)."""
     if "panel" in sys.modules:
         from panel.io.state import state
 

@@ -188,7 +188,7 @@ def test_a_closed_session_stops_its_job_and_frees_its_state(browser, served):
     wait_until(lambda: not job.alive, timeout=60_000)  # stopped by the session's destroy hook
     assert job.status == CANCELLED and job.progress.done < job.progress.total
     assert len(app.history) == 0 and app.snapshots == []  # the session's results are dropped
-    # (that the closed app is then garbage-collected: tests/unit/test_session_cleanup.py)
+    # (that the closed app is then garbage-collected: tests/integration/test_session_cleanup.py)
 
 
 @pytest.fixture
