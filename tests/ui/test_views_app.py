@@ -75,6 +75,9 @@ def test_a_tab_switch_lands_at_the_top_and_sections_keep_their_own_prompts(page,
     wait_until(lambda: main.evaluate("el => el.scrollTop") > 100, page)
     tab(page, "Heads").click()
     wait_until(lambda: main.evaluate("el => el.scrollTop") == 0, page)
+    # the click reaches the server after the page has scrolled: wait for it, or it lands after the
+    # request below and takes the page back to Heads
+    wait_until(lambda: app._tabs.active == 1, page)
     # "Ablate this neuron" from the neuron tab: the ablation tab at its top, the field in view.
     doc = next(iter(app._tabs._models.values()))[0].document
     dispatch(doc, lambda: app.neurons.request_ablation(("5:12",)))  # on the page's loop, as a click is
