@@ -23,7 +23,7 @@ from explorer.persistence.history import History
 from . import ablation_charts as ac
 from .ablation_form import FORM_INPUTS, MeasureForm
 from .charts import shorten
-from .parts import JobPanel, guarded, progress_text, push, stale_note
+from .parts import JobPanel, JobSection, guarded, progress_text, push, stale_note
 
 SWEEP_KINDS = {"every head": "heads", "every attention & MLP output": "blocks",
                "the N most active neurons": "neurons"}
@@ -38,7 +38,7 @@ td.tok { text-align: left; font-family: ui-monospace, Menlo, Consolas, monospace
 """
 
 
-class AblationSweep(MeasureForm, pn.viewable.Viewer):
+class AblationSweep(MeasureForm, JobSection, pn.viewable.Viewer):
     """Sweep one kind of component; a ranked chart or heatmap that fills in live, and the largest effects."""
 
     kind = param.Selector(default="heads", objects=SWEEP_KINDS, label="Sweep over",
@@ -49,11 +49,9 @@ class AblationSweep(MeasureForm, pn.viewable.Viewer):
     top_n = param.Integer(default=50, bounds=(1, None), label="N neurons",
                           doc="Neuron sweeps: how many of the most active neurons on the prompt.")
     start = param.Event(label="Start sweep")
-    cancel = param.Event(label="Cancel")
     result = param.ClassSelector(class_=SweepResult, default=None, allow_None=True,
                                  doc="The sweep shown (partial while running or after a cancel).")
     hint = param.String(default="")
-    stale = param.Boolean(default=False, doc="True when the shown sweep no longer matches the inputs.")
 
     def __init__(self, session: ModelSession, history: History | None = None,
                  on_pick: Callable[[str], None] | None = None, **params) -> None:
@@ -74,18 +72,6 @@ class AblationSweep(MeasureForm, pn.viewable.Viewer):
         return SweepRequest(prompt=self.prompt, target=self.target, kind=self.kind, mode=self.mode,
                             top_n=self.top_n, method=self.method, compare_token=self.compare_token or None,
                             **self.replacement())
-
-    def _mark_stale(self, *_events) -> None:
-        if self.result is not None and not self.job.running:
-            self.stale = True
-
-    @param.depends("start", watch=True)
-    def _on_start(self) -> None:
-        self.run()
-
-    @param.depends("cancel", watch=True)
-    def _on_cancel(self) -> None:
-        self.job.cancel()
 
     def run(self, background: bool = True) -> Job | None:
         """Start a sweep for the current inputs (``background=False`` blocks: notebooks, tests)."""

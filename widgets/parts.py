@@ -234,3 +234,24 @@ def token_hint(session, text: str) -> str:
 
 __all__ = ["ALERT_COLORS", "ALERT_CSS", "JobPanel", "RunState", "TEXT_LIMIT", "alert", "error_text", "guarded",
            "help_text", "job_running", "progress_text", "push", "set_bar", "stale_note", "text_field", "token_hint"]
+
+
+class JobSection(param.Parameterized):
+    """A section that runs one job at a time (``self.job``: a ``JobPanel``; ``self.run()``; a
+    ``result`` param): Start and Cancel, and a stale mark when an input changes under a shown result."""
+
+    start = param.Event(label="Start")
+    cancel = param.Event(label="Cancel")
+    stale = param.Boolean(default=False, doc="True when the shown result no longer matches the inputs.")
+
+    def _mark_stale(self, *_events) -> None:
+        if self.result is not None and not self.job.running:
+            self.stale = True
+
+    @param.depends("start", watch=True)
+    def _on_start(self) -> None:
+        self.run()
+
+    @param.depends("cancel", watch=True)
+    def _on_cancel(self) -> None:
+        self.job.cancel()

@@ -19,12 +19,12 @@ from explorer.persistence.history import History
 from . import ablation_charts as ac
 from .ablation_form import counts_line
 from .charts import shorten
-from .parts import JobPanel, guarded, progress_text, push, stale_note, text_field, token_hint
+from .parts import JobPanel, JobSection, guarded, progress_text, push, stale_note, text_field, token_hint
 
 INPUTS = ("clean", "corrupt", "site", "target", "compare_token")
 
 
-class PatchingPanel(pn.viewable.Viewer):
+class PatchingPanel(JobSection, pn.viewable.Viewer):
     """Patch each layer × position of the clean run into the corrupted one; how much is restored."""
 
     clean = param.String(default="The capital of France is", label="Clean prompt",
@@ -37,12 +37,10 @@ class PatchingPanel(pn.viewable.Viewer):
     compare_token = param.String(default="", label="Compare token (optional)",
                                  doc="e.g. the corrupted answer: the metric is then the logit difference.")
     start = param.Event(label="Run patching")
-    cancel = param.Event(label="Cancel")
     result = param.ClassSelector(class_=PatchResult, default=None, allow_None=True,
                                  doc="The patching run shown (partial while running or after a cancel).")
     counts = param.String(default="", doc="Live token counts of the clean and corrupted prompts.")
     target_hint = param.String(default="")
-    stale = param.Boolean(default=False, doc="True when the shown result no longer matches the inputs.")
 
     def __init__(self, session: ModelSession, history: History | None = None, **params) -> None:
         super().__init__(**params)
@@ -66,18 +64,6 @@ class PatchingPanel(pn.viewable.Viewer):
     @param.depends("target", watch=True)
     def _update_hint(self) -> None:
         self.target_hint = token_hint(self.session, self.target)
-
-    def _mark_stale(self, *_events) -> None:
-        if self.result is not None and not self.job.running:
-            self.stale = True
-
-    @param.depends("start", watch=True)
-    def _on_start(self) -> None:
-        self.run()
-
-    @param.depends("cancel", watch=True)
-    def _on_cancel(self) -> None:
-        self.job.cancel()
 
     def run(self, background: bool = True) -> Job | None:
         """Start a patching run for the current inputs (``background=False`` blocks)."""

@@ -1,23 +1,2 @@
 """Fixtures for the unit tests (views driven without a browser)."""
-from __future__ import annotations
-
-import asyncio
-import warnings
-
-import pytest
-
-
-@pytest.fixture(autouse=True)
-def close_panel_event_loop():
-    """Triggering an async handler with no loop running makes panel create and set a loop; close it."""
-    yield
-    policy = asyncio.get_event_loop_policy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = policy.get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running():
-        loop.close()
-    policy.set_event_loop(None)
+from panel_loop import close_panel_event_loop  # noqa: F401  (an autouse fixture)
