@@ -1,4 +1,4 @@
-"""CLI commands ``generate`` (text, optionally with an intervention) and ``steer build|apply|sweep``."""
+"""CLI commands ``generate`` (text, optionally with an intervention) and ``steer build|apply|sweep|compare``."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +146,32 @@ def add_commands(sub) -> None:
     add_json_arg(p)
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_sweep)
+
+    p = ssub.add_parser("compare", help="bias probes under steering and direction ablation beside a pronoun-swap run",
+                        description="Score the pronoun-swap run's bias probes (pronoun preference, stereotype "
+                                    "alignment, minimal pairs, with SEs) and held-out loss under steering at each "
+                                    "--alphas value and with the direction ablated, on the run's own probe set and "
+                                    "held-out windows, beside the run's control and swapped arms at their last "
+                                    "evaluation. The direction is the gender direction of the swap's word pairs "
+                                    "unless --vector is given.")
+    add_model_args(p)
+    p.add_argument("--run", default=None, metavar="DIR", type=checks.existing("swap run folder", "dir"),
+                   help="a pronoun-swap run folder (from `intervene --out DIR`); without it, the default run "
+                        "settings' probe set and windows, and no swap rows")
+    p.add_argument("--vector", default=None, metavar="VEC", type=checks.existing("steering vector", "file"),
+                   help="steer with this vector instead of the gender direction of the swap's word pairs")
+    p.add_argument("--layer", default=None, type=checks.non_negative_int,
+                   help="the block steered (default: the vector's layer, or a third of the depth)")
+    p.add_argument("--alphas", type=_alphas, default=(-2.0, -1.0, 0.0, 1.0, 2.0), help="e.g. -2,-1,0,1,2")
+    p.add_argument("--no-ablate", action="store_true", help="leave out the direction-ablation row")
+    p.add_argument("--max-templates", type=checks.positive_int, default=None,
+                   help="score only the first N of the run's templates (a quick look; not the run's probe set)")
+    p.add_argument("--max-pairs", type=checks.positive_int, default=None, help="only the first N minimal pairs")
+    p.add_argument("--max-windows", type=checks.positive_int, default=None, help="only the first N held-out windows")
+    add_json_arg(p, '{"model", "run", "layer", "rows": [{"label", "kind", "alpha", "step", '
+                    '"pronoun_preference": {"value", "se"}, ...}], ...}')
+    add_snapshot_arg(p)
+    p.set_defaults(fn=cmd_compare)
 
 
 # ============================================================================ checks
@@ -348,4 +374,42 @@ def cmd_sweep(args) -> int:
         print(f"α {a:8.3g}: {m:8.3f}  prob {p:9.4g}  rank {r:6d}")
     for a, text in zip(result.text_alphas, result.texts):
         print(f"α {a:g}: {text!r}")
+    return 0
+
+
+def compare_json(result) -> dict:
+    """The comparison as the ``steer compare --json`` object."""
+    return {"model": result.model, "run": result.run, "run_model": result.run_model, "layer": result.layer,
+            "vector_norm": result.vector_norm, "same_probes": result.same_probes, "note": result.note,
+            "probe_set": {"templates": result.n_templates, "occupations": result.n_occupations,
+                          "pairs": result.n_pairs, "windows": result.n_windows, "seq_len": result.seq_len},
+            "rows": result.table()}
+
+
+def cmd_compare(args) -> int:
+    from explorer.training.steer_compare import METRICS, SteerCompareRequest, steering_vs_swap
+
+    vec = _vector(args, args.vector) if args.vector else None
+    _check_layer(args, args.layer)
+    session = load_session(args)
+    request = SteerCompareRequest(run=args.run or "", layer=args.layer, alphas=args.alphas,
+                                  ablate=not args.no_ablate, vector=vec, max_templates=args.max_templates,
+                                  max_pairs=args.max_pairs, max_windows=args.max_windows)
+    result = steering_vs_swap(session, request)
+    maybe_snapshot(args, session, result, f"steering vs swap L{result.layer}")
+    if args.json:
+        print_json(compare_json(result))
+        return 0
+    print(f"layer {result.layer}, vector norm {result.vector_norm:.2f}; {result.n_templates} templates x "
+          f"{result.n_occupations} occupations, {result.n_pairs} pairs, {result.n_windows} windows of "
+          f"{result.seq_len} tokens" + (f"; run {result.run}" if result.run else ""))
+    if result.note:
+        print(f"note: {result.note}")
+    print(f"{'':>24}" + "".join(f"{m:>24}" for m in METRICS))
+    for i, label in enumerate(result.labels):
+        cells = []
+        for m in METRICS:
+            v, se = result.value(m, i)
+            cells.append(f"{v:>14.3f} ± {se:<7.3f}")
+        print(f"{label:>24}" + "".join(cells))
     return 0

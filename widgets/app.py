@@ -198,6 +198,9 @@ class ExplorerApp(pn.viewable.Viewer):
         self.steering = SteeringView(session, history=self.history)
         # The Generate tab steers with the Steering tab's current vector.
         self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
+        # The Steering tab's swap comparison offers the Pronoun swap tab's current run.
+        self.swap.param.watch(lambda e: setattr(self.steering.compare, "session_run",
+                                                e.new.out_dir if e.new is not None else ""), "result")
         self.sae = SAETrainView(session, history=self.history)
         self.probes = ProbesView(session, history=self.history)
         self.patchscope = PatchscopeView(session, history=self.history)

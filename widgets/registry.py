@@ -44,6 +44,7 @@ from explorer.training.bias import BiasResult, PairScores
 from explorer.training.bias_datasets import BiasDatasetResult
 from explorer.training.checkpoints import CheckpointComparison
 from explorer.training.intervene import ArmMetrics, InterventionResult
+from explorer.training.steer_compare import SteerCompareResult
 from explorer.training.swap import SwapAudit
 
 from . import feature_figures as ff
@@ -123,6 +124,7 @@ KINDS: tuple[Kind, ...] = (
     Kind(SteerResult, "steering", STEERING, sf.steer_figures),
     Kind(SteerSweepResult, "steering sweep", STEERING, sf.steer_sweep_figures),
     Kind(SteeringVector, "steering vector", STEERING, sf.vector_figures),
+    Kind(SteerCompareResult, "steering vs swap", STEERING, sf.compare_figures),
     Kind(SAETrainResult, "SAE training", FEATURES, ff.sae_run_figures),
     Kind(FeatureActivations, "SAE features", FEATURES, ff.sae_feature_figures),
     Kind(FeatureAttribution, "SAE attribution", FEATURES, ff.sae_attribution_figures),

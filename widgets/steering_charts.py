@@ -184,3 +184,90 @@ def arms_equal(result: GenerateResult) -> bool:
     """Whether both arms produced the same tokens."""
     arms = result.arms
     return len(arms) == 2 and np.array_equal(arms[0].token_ids, arms[1].token_ids)
+
+
+# ====================================================================== steering vs the swap
+COMPARE_CHART = "steering-vs-swap-chart"
+COMPARE_STYLE = {  # kind -> (colour, dash, legend)
+    "ablate": ("#d62728", "dashed", "direction ablated"),
+    "control": ("#1f77b4", "dotted", "swap: control arm"),
+    "swapped": ("#ff7f0e", "dotted", "swap: swapped arm"),
+}
+COMPARE_TITLES = {"pronoun_preference": "pronoun preference (log p he − log p she)",
+                  "stereotype_alignment": "stereotype alignment (r with share of men)",
+                  "minimal_pairs": "minimal pairs (share stereotyped)",
+                  "heldout_loss": "held-out loss (nats/token): the cost"}
+
+
+def compare_chart(result, width: int = 360, height: int = 260):
+    """A grid of four panels (the three bias probes and the held-out loss), each against α: the
+    steering sweep as a line with ±1 SE whiskers, and the direction ablation and the swap run's
+    control and swapped arms as horizontal lines with a ±1 SE band, on the same axes."""
+    from bokeh.layouts import gridplot
+    from bokeh.models import Whisker
+
+    from explorer.training.steer_compare import METRICS
+
+    steer = [i for i, k in enumerate(result.kinds) if k == "steer"]
+    alphas = [float(result.alpha[i]) for i in steer]
+    lo, hi = (min(alphas), max(alphas)) if alphas else (-1.0, 1.0)
+    if lo == hi:
+        lo, hi = lo - 1.0, hi + 1.0
+    panels = []
+    for n, metric in enumerate(METRICS):
+        fig = figure(name=f"{COMPARE_CHART}-{metric}", width=width, height=height, tools="save,reset",
+                     toolbar_location=None, title=COMPARE_TITLES[metric])
+        vals = np.array([result.value(metric, i) for i in steer], dtype=float).reshape(-1, 2)
+        se = np.nan_to_num(vals[:, 1])
+        src = ColumnDataSource({"alpha": alphas, "v": vals[:, 0], "lo": vals[:, 0] - se, "hi": vals[:, 0] + se,
+                                "se": vals[:, 1], "label": [result.labels[i] for i in steer]})
+        legend = {"legend_label": f"steering at L{result.layer}"} if n == 0 else {}
+        fig.line("alpha", "v", source=src, line_width=2, color="#2ca02c", **legend)
+        fig.scatter("alpha", "v", source=src, size=7, color="#2ca02c")
+        fig.add_layout(Whisker(base="alpha", lower="lo", upper="hi", source=src, line_color="#2ca02c"))
+        for i, kind in enumerate(result.kinds):
+            if kind not in COMPARE_STYLE:
+                continue
+            v, s = result.value(metric, i)
+            if not math.isfinite(v):
+                continue
+            color, dash, name = COMPARE_STYLE[kind]
+            band = s if math.isfinite(s) else 0.0
+            row = ColumnDataSource({"alpha": [lo, hi], "v": [v, v], "lo": [v - band] * 2, "hi": [v + band] * 2,
+                                    "se": [s, s], "label": [result.labels[i]] * 2})
+            if band:
+                fig.varea("alpha", y1="lo", y2="hi", source=row, fill_color=color, fill_alpha=0.12)
+            legend = {"legend_label": name} if n == 0 else {}
+            fig.line("alpha", "v", source=row, line_width=2, color=color, line_dash=dash, **legend)
+        fig.add_tools(HoverTool(tooltips=[("", "@label"), ("value", "@v{0.000}"), ("SE", "@se{0.000}")]))
+        fig.xaxis.axis_label = "α (steering toward 'she')"
+        if n == 0 and fig.legend:
+            fig.legend.label_text_font_size = "9px"
+            fig.legend.location = "top_right"
+            fig.legend.background_fill_alpha = 0.6
+        if not result.complete and n == 0:
+            add_note(fig, f"{result.done} of {result.total} settings done")
+        style_figure(fig)
+        panels.append(fig)
+    return gridplot(panels, ncols=2, toolbar_location=None)
+
+
+def compare_html(result) -> str:
+    """The comparison's rows as a table: each metric's value ± SE, what was scored, and the note."""
+    from explorer.training.steer_compare import METRICS
+
+    head = "".join(f"<th>{html.escape(m.replace('_', ' '))}</th>" for m in METRICS)
+    rows = []
+    for i, label in enumerate(result.labels):
+        cells = []
+        for m in METRICS:
+            v, s = result.value(m, i)
+            text = "" if not math.isfinite(v) else f"{v:.3f}" + (f" ± {s:.3f}" if math.isfinite(s) else "")
+            cells.append(f"<td>{text}</td>")
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    scored = (f"<p>{result.n_templates} templates × {result.n_occupations} occupations, {result.n_pairs} minimal "
+              f"pairs, {result.n_windows} held-out windows of {result.seq_len} tokens; direction at L{result.layer}, "
+              f"norm {result.vector_norm:.2f}" + (f"; swap run {html.escape(result.run)}" if result.run else
+                                                  "; no swap run") + "</p>")
+    note = f"<p><i>{html.escape(result.note)}</i></p>" if result.note else ""
+    return scored + note + f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from explorer.interventions.generate import GenerateResult, Generation
 from explorer.interventions.steering import SteeringVector, SteerResult, SteerSweepResult
+from explorer.training.steer_compare import SteerCompareResult
 
 from . import steering_charts as sc
 from .charts import shorten
@@ -35,3 +36,10 @@ def steer_sweep_figures(r: SteerSweepResult, model: dict) -> list[Figure]:
 
 def vector_figures(v: SteeringVector, model: dict) -> list[Figure]:
     return [("A steering vector and the tokens it was read at.", div_model(sc.vector_html(v), sc.TABLE_CSS))]
+
+
+def compare_figures(r: SteerCompareResult, model: dict) -> list[Figure]:
+    what = "the swap run's control and swapped arms" if r.run else "no swap run"
+    return [(f"Bias probes and held-out loss under steering at L{r.layer} (against α), the direction ablated, "
+             f"and {what}, on the same axes.", sc.compare_chart(r)),
+            ("The same numbers, ± 1 SE.", div_model(sc.compare_html(r), sc.TABLE_CSS))]

@@ -5,6 +5,8 @@ method; the table shows the token each prompt was read at. The vector can be sav
 and loaded again; the Generate tab uses the current one. **Apply**: the target token at the last
 position without and with α·v (or with the direction ablated at every layer). **Sweep**: the
 metric against α as a job whose chart fills in live, and the steered text for chosen α values.
+**Steering vs the pronoun swap** (``steering_compare``): the bias probes and held-out loss under
+steering at each α and the direction ablated, beside a swap run's control and swapped arms.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from explorer.persistence.history import History
 
 from . import steering_charts as sc
 from .live import LiveJob
+from .steering_compare import SteerComparePart
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,7 @@ class SteeringView(pn.viewable.Viewer):
         self._vec_file.param.watch(lambda e: self.load_bytes(e.new), "value")
         self._save = pn.widgets.FileDownload(callback=self._vector_file, filename="steering-vector.safetensors",
                                              label="Save vector", css_classes=["steer-save"])
+        self.compare = SteerComparePart(session, history, vector=lambda: self.vector)
         self._layout = self._build_layout()
 
     # -------------------------------------------------------------------- build
@@ -242,6 +246,7 @@ class SteeringView(pn.viewable.Viewer):
     def close(self) -> None:
         """Stop a running alpha sweep (the app closes its session)."""
         self._live.cancel()
+        self.compare.close()
 
     def start_sweep(self, background: bool = True) -> None:
         if self._live.running:
@@ -315,6 +320,7 @@ class SteeringView(pn.viewable.Viewer):
         return pn.Column(lists, error, status, self._vector_pane, pn.layout.Divider(), apply_row, self._apply_pane,
                          pn.layout.Divider(), sweep_row, pn.Row(self._sweep_pane, self._texts_pane,
                                                                 sizing_mode="stretch_width"),
+                         pn.layout.Divider(), self.compare,
                          sizing_mode="stretch_width", css_classes=["steering-view"], loading=self.param.busy)
 
     def __panel__(self) -> pn.viewable.Viewable:

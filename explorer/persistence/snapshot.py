@@ -35,7 +35,7 @@ RESULT_MODULES = ("core.session", "analyses.lens", "analyses.heads", "analyses.d
                   "interventions.ablation", "interventions.patching", "neurons.index", "neurons.describe",
                   "training.swap", "training.bias", "training.intervene", "training.checkpoints",
                   "analyses.hidden", "analyses.probes", "analyses.ccs", "analyses.patchscope", "training.bias_datasets",
-                  "interventions.generate", "interventions.steering",
+                  "interventions.generate", "interventions.steering", "training.steer_compare",
                   "features.train", "features.encode", "features.attribution",
                   "features.card")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")

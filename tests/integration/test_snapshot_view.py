@@ -171,13 +171,14 @@ def entries(session, index, intervention, sae_results):
         ("SAE attribution", sae_results[2]),
         ("SAE feature card", sae_results[3]),
     ]
-    results += _steering_results(session)
+    results += _steering_results(session, intervention[0].out_dir)
     return [Entry(label, result) for label, result in results]
 
 
-def _steering_results(session):
+def _steering_results(session, run_dir):
     from explorer.interventions.generate import Intervention, generate
     from explorer.interventions.steering import build_vector, steer_apply, steer_sweep
+    from explorer.training.steer_compare import steering_vs_swap
 
     vec = build_vector(session, positive=("I love it",), negative=("I hate it",), layer=1)
     gen = generate(session, PROMPT, max_new_tokens=3, lens=True, top_k=2,
@@ -185,7 +186,8 @@ def _steering_results(session):
     return [("steering vector", vec), ("generate A/B", gen), ("generation arm", gen.intervened),
             ("steer apply", steer_apply(session, PROMPT, target=" Paris", vector=vec, alpha=2.0)),
             ("steer sweep", steer_sweep(session, PROMPT, target=" Paris", vector=vec, alphas=(-1, 0, 1),
-                                        text_alphas=(1,), max_new_tokens=2))]
+                                        text_alphas=(1,), max_new_tokens=2)),
+            ("steering vs swap", steering_vs_swap(session, run=run_dir, layer=1, alphas=(0, 1)))]
 
 
 @pytest.fixture(scope="module")
