@@ -197,7 +197,9 @@ def _vector(args, path: str):
         raise SteeringError(f"{path} has {vec.d_model} values but the model's residual stream has "
                             f"{geom.d_model}: it was built for another model ({vec.model or 'unknown'})")
     name = resolve_model(args.model)[0]
-    if vec.model and vec.model != name:
+    # A vector with a weights fingerprint is checked against the loaded weights (SteeringVector.check_for);
+    # an older one by the model's name, here, before the model loads.
+    if not vec.fingerprint and vec.model and vec.model != name:
         raise SteeringError(f"{path} was built on {vec.model!r}, not on {name!r}: build it again on this model")
     layer = getattr(args, "layer", None)
     if layer is None and vec.layer < 0 and getattr(args, "steer", None) is not None:
@@ -268,6 +270,9 @@ def cmd_generate(args) -> int:
                               stop=tuple(args.stop), chat=args.chat, intervention=intervention,
                               compare=args.ab, lens=args.lens)
     session = load_session(args)
+    for vec in (steer, direction):
+        if vec is not None:
+            vec.check_for(session)   # the weights fingerprint, now that the weights are here
     streaming = not args.json and not args.ab
 
     def on_token(step, pieces):

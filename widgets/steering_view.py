@@ -153,13 +153,14 @@ class SteeringView(pn.viewable.Viewer):
 
     def vector_from_feature(self) -> None:
         """Make feature ``sae_feature``'s unit decoder row (``sae_dir``) the current vector."""
+        from explorer.core.fingerprint import model_fingerprint
         from explorer.features.edits import feature_vector, sae_for
 
         try:
             if not self.sae_dir.strip():
                 raise ExplorerError("give the SAE folder (cfg.json + sae_weights.safetensors)")
             vec = feature_vector(sae_for(self.session, self.sae_dir.strip()), self.sae_feature,
-                                 model=self.session.name)
+                                 model=self.session.name, fingerprint=model_fingerprint(self.session))
         except ExplorerError as e:
             self.error = f"**Cannot use the feature:** {e}"
             return

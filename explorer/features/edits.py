@@ -163,7 +163,7 @@ def sae_label(sae: SparseAutoencoder) -> str:
     return f"{name} L{site[0]} {site[1]}" if site else name
 
 
-def feature_vector(sae: SparseAutoencoder, feature: int, model: str = ""):
+def feature_vector(sae: SparseAutoencoder, feature: int, model: str = "", fingerprint: str = ""):
     """Feature ``feature``'s decoder row, normalised, as a ``SteeringVector`` at the SAE's layer
     (method "sae-feature"); steering adds it at the block's output."""
     from explorer.interventions.steering import SteeringVector
@@ -178,4 +178,4 @@ def feature_vector(sae: SparseAutoencoder, feature: int, model: str = ""):
     label = f"feature {int(feature)} of {sae_label(sae)}"
     return SteeringVector(model=model, layer=int(layer), method="sae-feature",
                           vector=(row / norm).astype(np.float32), positive=(label,), negative=(),
-                          positive_tokens=("",), negative_tokens=())
+                          positive_tokens=("",), negative_tokens=(), fingerprint=fingerprint)

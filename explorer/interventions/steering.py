@@ -23,8 +23,11 @@ a job with partial results): the metric (the target's logit, minus ``compare_tok
 given) against α, one batch row per α, plus the greedy continuation at chosen α values.
 
 Vectors save as safetensors (``save_vector``/``load_vector``): tensor ``vector`` [d_model];
-metadata model, layer, method, prompts (JSON {"positive": [...], "negative": [...]}) and the
-tokens read. ``load_vector`` also reads the probe tab's exported direction.
+metadata model, layer, method, prompts (JSON {"positive": [...], "negative": [...]}), the
+tokens read, and the model's weights fingerprint (``explorer.core.fingerprint``): a vector fits a
+session whose model has the same fingerprint, whatever its name or folder; a vector saved before
+fingerprints (none in its metadata) falls back to comparing the model's name. ``load_vector``
+also reads the probe tab's exported direction.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from explorer.core.fingerprint import model_fingerprint
 from explorer.core.jobs import JobContext, Unfinished, cached_unless_cancelled
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
@@ -75,6 +79,7 @@ class SteeringVector(Result):
     negative: tuple[str, ...] = sized("Q")
     positive_tokens: tuple[str, ...] = sized("P")   # the token each prompt was read at
     negative_tokens: tuple[str, ...] = sized("Q")
+    fingerprint: str = ""   # the weights fingerprint of the model it was built on ('' on old vectors)
 
     @property
     def d_model(self) -> int:
@@ -96,6 +101,17 @@ class SteeringVector(Result):
         if self.d_model != d:
             raise SteeringError(f"the vector has {self.d_model} values but {session.name}'s residual stream has "
                                 f"{d}: it was built for another model ({self.model or 'unknown'})")
+        if self.fingerprint:
+            # The weights decide, not the name: the same model loaded from another folder fits.
+            from explorer.core.fingerprint import model_fingerprint
+
+            mine = model_fingerprint(session)
+            if mine and mine != self.fingerprint:
+                raise SteeringError(f"the vector was built on another model ({self.model or 'unknown'}, weights "
+                                    f"fingerprint {self.fingerprint}), not on the attached {session.name!r} "
+                                    f"({mine}): build it again on this model")
+            if mine:
+                return
         if self.model and self.model != session.name:
             raise SteeringError(f"the vector was built on {self.model!r}, not on the attached {session.name!r}: "
                                 f"build it again on this model")
@@ -181,7 +197,7 @@ def build_vector(session: ModelSession, request: BuildRequest | None = None, /, 
         return SteeringVector(model=session.name, layer=layer, method=request.method,
                               vector=vector.numpy().astype(np.float32), positive=request.positive,
                               negative=request.negative, positive_tokens=last(request.positive),
-                              negative_tokens=last(request.negative))
+                              negative_tokens=last(request.negative), fingerprint=model_fingerprint(session))
 
     return session.cached(("steer-build", request), compute)
 
@@ -193,6 +209,8 @@ def vector_bytes(vec: SteeringVector) -> bytes:
     meta = {"model": vec.model, "layer": str(vec.layer), "method": vec.method,
             "prompts": json.dumps({"positive": list(vec.positive), "negative": list(vec.negative)}),
             "tokens": json.dumps({"positive": list(vec.positive_tokens), "negative": list(vec.negative_tokens)})}
+    if vec.fingerprint:
+        meta["fingerprint"] = vec.fingerprint
     return save({"vector": torch.from_numpy(np.ascontiguousarray(vec.vector, np.float32))}, metadata=meta)
 
 
@@ -239,7 +257,7 @@ def load_vector(path: str | Path, session: ModelSession | None = None) -> Steeri
     neg_t = tuple(tokens.get("negative", ("",) * len(neg)))
     vec = SteeringVector(model=meta.get("model", ""), layer=layer, method=meta.get("method", "unknown"),
                          vector=tensor.float().numpy().astype(np.float32), positive=pos, negative=neg,
-                         positive_tokens=pos_t, negative_tokens=neg_t)
+                         positive_tokens=pos_t, negative_tokens=neg_t, fingerprint=meta.get("fingerprint", ""))
     if problem := vec.validate():
         raise SteeringError(f"{path}: {problem}")
     if session is not None:

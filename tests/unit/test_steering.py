@@ -284,6 +284,54 @@ def test_vectors_round_trip(tiny_sessions, tmp_path):
     np.testing.assert_array_equal(snap.vector, vec.vector)
 
 
+def test_fingerprint_accepts_the_same_weights_from_another_folder(tokenizer, tmp_path, capsys):
+    import dataclasses
+    import shutil
+
+    from cli.main import main
+    from explorer.core.fingerprint import weights_fingerprint
+    from explorer.core.session import ModelSession
+
+    first = tmp_path / "first"
+    make_tiny_model("llama", len(tokenizer), seed=3).save_pretrained(first)
+    tokenizer.save_pretrained(first)
+    copy = tmp_path / "a-copy-named-otherwise"
+    shutil.copytree(first, copy)
+    other = tmp_path / "other"
+    make_tiny_model("llama", len(tokenizer), seed=4).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    a, b, c = (ModelSession.load(str(p), device="cpu", dtype="float32") for p in (first, copy, other))
+    assert a.name != b.name
+    vec = build_vector(a, positive=POS, negative=NEG, layer=1)
+    assert vec.fingerprint and len(vec.fingerprint) == 16
+    path = save_vector(vec, tmp_path / "v.safetensors")
+    back = load_vector(path, b)                      # same weights, other folder and name: accepted
+    assert back.fingerprint == vec.fingerprint and back.model == a.name   # the name kept for display
+    steer_apply(b, PROMPT, target=" great", vector=back, alpha=1.0)
+    with pytest.raises(SteeringError, match="another model"):
+        load_vector(path, c)                         # another tiny model of the same shape: refused
+    # The same weights in bfloat16 have the same fingerprint; another model's differ.
+    assert weights_fingerprint(a.hf.to(torch.bfloat16)) == vec.fingerprint
+    a.hf.float()
+    assert weights_fingerprint(c.hf) != vec.fingerprint
+    # An old vector (no fingerprint in its metadata) falls back to the name check.
+    old = dataclasses.replace(vec, fingerprint="")
+    old_path = save_vector(old, tmp_path / "old.safetensors")
+    assert load_vector(old_path, a).fingerprint == ""
+    with pytest.raises(SteeringError, match="build it again"):
+        load_vector(old_path, b)
+    # The CLI: checked against the loaded weights, not the folder's name.
+    args = ["steer", "apply", "--device", "cpu", "--dtype", "float32", "--vector", str(path), "--prompt", PROMPT,
+            "--target", " great", "--json"]
+    assert main(args[:2] + ["--model", str(copy)] + args[2:]) == 0
+    capsys.readouterr()
+    assert main(args[:2] + ["--model", str(other)] + args[2:]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["generate", "--model", str(other), "--device", "cpu", "--steer", str(path), "--prompt", PROMPT,
+                 "--max-new-tokens", "1", "--json"]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
 def test_load_reads_the_probe_export(tiny_sessions, tmp_path):
     from safetensors.torch import save_file
 
