@@ -31,9 +31,11 @@ def add_commands(sub) -> None:
     p.add_argument("--features", default=None, metavar="SPECS", type=checks.feature_specs,
                    help="SAE features ablated (F) or clamped (F=V) together with the components, the SAE's "
                         "error term kept, e.g. '123, 456=5.0'; needs --sae")
-    p.add_argument("--sweep", default=None, choices=["heads", "blocks", "neurons"],
-                   help="ablate every head / every block's attention and MLP / the --top-n most active neurons")
-    p.add_argument("--top-n", type=checks.positive_int, default=50, help="neurons swept with --sweep neurons")
+    p.add_argument("--sweep", default=None, choices=["heads", "blocks", "neurons", "features"],
+                   help="ablate every head / every block's attention and MLP / the --top-n most active neurons "
+                        "/ the --top-n most active features of the SAE in --sae (error term kept)")
+    p.add_argument("--top-n", type=checks.positive_int, default=50,
+                   help="neurons or SAE features swept with --sweep neurons|features")
     p.add_argument("--method", default="exact", choices=["exact", "attribution", "sequential"],
                    help="sweep method: exact (batched, reuses the clean run), attribution (fast "
                         "first-order estimate), sequential (one forward per ablation)")
@@ -64,9 +66,16 @@ def add_commands(sub) -> None:
     p.add_argument("--target", required=True, type=checks.token, help="target token, e.g. ' Paris' or '#1234'")
     p.add_argument("--compare", default=None, metavar="TOKEN", type=checks.token,
                    help="metric = target logit minus this token's logit")
-    p.add_argument("--site", default="resid", choices=["resid", "attn", "mlp"],
-                   help="what is patched: the residual stream after each block, or each block's "
-                        "attention / MLP output")
+    p.add_argument("--site", default="resid", choices=["resid", "attn", "mlp", "features"],
+                   help="what is patched: the residual stream after each block, each block's attention / MLP "
+                        "output, or SAE features (--sae: each feature's clean activation at each position, "
+                        "error term kept)")
+    p.add_argument("--sae", default=None, metavar="DIR",
+                   help="--site features: an SAE folder (SAELens layout: cfg.json + sae_weights.safetensors)")
+    p.add_argument("--features", default=None, metavar="F,...", type=checks.feature_specs,
+                   help="--site features: the features patched, e.g. '123, 456' (default: the --top-n whose "
+                        "activations differ most between the two prompts)")
+    p.add_argument("--top-n", type=checks.positive_int, default=20, help="--site features: features patched")
     add_json_arg(p)
     add_snapshot_arg(p)
     p.set_defaults(fn=cmd_patch)
@@ -112,7 +121,16 @@ def cmd_ablate(args) -> int:
     from explorer.interventions.ablation import AblationRequest, SweepRequest, ablate, sweep
 
     specs = [s for s in (args.heads, args.neurons, args.blocks) if s]
-    if bool(args.features) != bool(args.sae):
+    if args.sweep == "features":
+        from explorer.features.saelens_io import resolve_sae_dir
+
+        if not args.sae or args.features:
+            raise ExplorerError("--sweep features needs --sae DIR (the SAE whose features are swept) and no --features")
+        if args.mode != "zero" or args.method == "attribution":
+            raise ExplorerError("--sweep features ablates each feature to 0: use --mode zero and --method exact "
+                                "or sequential")
+        resolve_sae_dir(args.sae)   # a missing folder fails before the model loads
+    elif bool(args.features) != bool(args.sae):
         raise ExplorerError("--features and --sae go together: the SAE folder and the features to ablate or clamp")
     features = []
     if args.features:
@@ -135,7 +153,8 @@ def cmd_ablate(args) -> int:
     if args.sweep:
         request = SweepRequest(args.prompt, args.target, kind=args.sweep, mode=args.mode, top_n=args.top_n,
                                method=args.method, second_prompt=args.second_prompt,
-                               compare_token=args.compare, mean_text=mean_text)
+                               compare_token=args.compare, mean_text=mean_text,
+                               sae=args.sae if args.sweep == "features" else None)
         result = _run_job(lambda ctx: sweep(session, request, ctx=ctx), f"sweep {args.sweep}")
         maybe_snapshot(args, session, result, f"sweep {args.sweep}: {args.prompt[:50]}")
         if args.json:
@@ -179,8 +198,17 @@ def _print_sweep(result) -> None:
 def cmd_patch(args) -> int:
     from explorer.interventions.patching import PatchRequest, patch
 
+    if args.site == "features":
+        from explorer.features.saelens_io import resolve_sae_dir
+
+        if not args.sae:
+            raise ExplorerError("--site features needs --sae DIR (the SAE whose features are patched)")
+        resolve_sae_dir(args.sae)   # a missing folder fails before the model loads
+    elif args.sae or args.features:
+        raise ExplorerError("--sae and --features go with --site features")
     session = load_session(args)
-    request = PatchRequest(args.clean, args.corrupt, args.target, site=args.site, compare_token=args.compare)
+    request = PatchRequest(args.clean, args.corrupt, args.target, site=args.site, compare_token=args.compare,
+                           sae=args.sae, features=args.features or "", top_n=args.top_n)
     result = _run_job(lambda ctx: patch(session, request, ctx=ctx), f"patch {args.site}")
     maybe_snapshot(args, session, result, f"patch {args.site}: {args.clean[:40]} | {args.corrupt[:40]}")
     if args.json:
@@ -189,7 +217,7 @@ def cmd_patch(args) -> int:
     print(f"restored fraction, site {args.site}: clean metric {result.clean_metric:.3f}, "
           f"corrupt {result.corrupt_metric:.3f}")
     toks = [repr(str(t))[1:-1][:7] for t in result.corrupt_tokens]
-    print("layer " + "".join(f"{t:>8}" for t in toks))
+    print(("feature" if args.site == "features" else "layer") + " " + "".join(f"{t:>8}" for t in toks))
     for l, label in enumerate(result.layer_labels):
         print(f"{label:>5} " + "".join(f"{v:8.2f}" for v in result.restored[l]))
     best = np.unravel_index(np.nanargmax(result.restored), result.restored.shape)

@@ -68,7 +68,7 @@ from explorer.interventions.edits import (  # the sweep's forward sizes: CHUNK_T
 )
 
 MODES = ("zero", "mean", "resample")
-SWEEP_KINDS = ("heads", "blocks", "neurons")
+SWEEP_KINDS = ("heads", "blocks", "neurons", "features")
 METHODS = ("exact", "sequential", "attribution")
 MEAN_TOKENS = 2048     # tokens of text the mean activations are taken over
 MEAN_SEQ = 128         # tokens per row when computing means
@@ -166,8 +166,10 @@ class AblationResult(Result):
 
 @dataclass(frozen=True)
 class SweepRequest:
-    """Ablate every head (``kind="heads"``), every block's attention and MLP (``"blocks"``) or
-    the ``top_n`` most active neurons (``"neurons"``), one at a time."""
+    """Ablate every head (``kind="heads"``), every block's attention and MLP (``"blocks"``),
+    the ``top_n`` most active neurons (``"neurons"``) or the ``top_n`` most active features of
+    the SAE in folder ``sae`` (``"features"``, error term kept: ``explorer.features.sweeps``),
+    one at a time."""
 
     prompt: str
     target: str
@@ -178,6 +180,7 @@ class SweepRequest:
     second_prompt: str | None = None
     compare_token: str | None = None
     mean_text: str | None = None
+    sae: str | None = None             # an SAE folder, for kind="features"
 
 
 @dataclass(frozen=True, eq=False)
@@ -460,7 +463,13 @@ def sweep(session: ModelSession, request: SweepRequest | str | None = None, /, *
     ((30, 2), True)
     """
     request = build_request(SweepRequest, request, fields)
-    return cached_unless_cancelled(session, ("sweep", request), lambda: _sweep(session, request, ctx), ctx)
+    if request.kind == "features":
+        from explorer.features.sweeps import feature_sweep
+
+        run = lambda: feature_sweep(session, request, ctx)  # noqa: E731
+    else:
+        run = lambda: _sweep(session, request, ctx)  # noqa: E731
+    return cached_unless_cancelled(session, ("sweep", request), run, ctx)
 
 
 def _sweep(session: ModelSession, request: SweepRequest, ctx) -> SweepResult:

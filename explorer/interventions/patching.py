@@ -9,7 +9,8 @@ corrupted prompt's run at the same place, and the metric at the last position is
 so 0 means the patch changed nothing and 1 means it fully restored the clean metric.
 
 Sites: ``resid`` = the residual stream after block L (the block's output), ``attn`` / ``mlp``
-= the output of block L's attention / MLP module. Both prompts must have the same number of
+= the output of block L's attention / MLP module; ``features`` = SAE features (``sae``), one row
+per feature instead of per layer (``explorer.features.sweeps.feature_patch``). Both prompts must have the same number of
 tokens (position i is patched from position i).
 
 The corrupted run is computed once; each layer's patches (one batch row per position) replay
@@ -44,7 +45,7 @@ from explorer.interventions.edits import (
     run_clean,
 )
 
-SITES = ("resid", "attn", "mlp")
+SITES = ("resid", "attn", "mlp")   # and "features" (routed to explorer.features.sweeps)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class PatchRequest:
     target: str
     site: str = "resid"
     compare_token: str | None = None
+    sae: str | None = None      # site "features": the SAE folder,
+    features: str = ""          # the features patched ("123, 456"; "" = the top_n that differ most)
+    top_n: int = 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,7 +134,13 @@ def patch(session: ModelSession, request: PatchRequest | str | None = None, /, *
     ((30, 5), 1.0)
     """
     request = build_request(PatchRequest, request, fields)
-    return cached_unless_cancelled(session, ("patch", request), lambda: _patch(session, request, ctx), ctx)
+    if request.site == "features":
+        from explorer.features.sweeps import feature_patch
+
+        run = lambda: feature_patch(session, request, ctx)  # noqa: E731
+    else:
+        run = lambda: _patch(session, request, ctx)  # noqa: E731
+    return cached_unless_cancelled(session, ("patch", request), run, ctx)
 
 
 def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
