@@ -1,4 +1,5 @@
-"""An ablation sweep: every head / block output / most active neuron ablated one at a time.
+"""An ablation sweep: every head / block output / most active neuron / most active SAE feature
+(an SAE folder; error term kept) ablated one at a time.
 
 Runs as a job (``parts.JobPanel`` around ``live.LiveJob``); its throttled progress reports,
 with the newest partial result, arrive on the page's event loop, where the chart is built from
@@ -26,7 +27,7 @@ from .charts import shorten
 from .parts import JobPanel, JobSection, guarded, progress_text, push, stale_note
 
 SWEEP_KINDS = {"every head": "heads", "every attention & MLP output": "blocks",
-               "the N most active neurons": "neurons"}
+               "the N most active neurons": "neurons", "the N most active SAE features": "features"}
 SWEEP_METHODS = {"exact": "exact", "attribution (fast, approximate)": "attribution"}
 
 SIDE_CSS = """
@@ -46,8 +47,11 @@ class AblationSweep(MeasureForm, JobSection, pn.viewable.Viewer):
     method = param.Selector(default="exact", objects=SWEEP_METHODS, label="Method",
                             doc="exact: one ablated run per component; attribution: a gradient estimate "
                                 "from one forward and one backward pass.")
-    top_n = param.Integer(default=50, bounds=(1, None), label="N neurons",
-                          doc="Neuron sweeps: how many of the most active neurons on the prompt.")
+    top_n = param.Integer(default=50, bounds=(1, None), label="N",
+                          doc="Neuron and feature sweeps: how many of the most active on the prompt.")
+    sae_dir = param.String(default="", label="SAE folder",
+                           doc="Feature sweeps: an SAE in the SAELens layout; each feature is ablated to 0 "
+                               "at every position, the SAE's error term kept.")
     start = param.Event(label="Start sweep")
     result = param.ClassSelector(class_=SweepResult, default=None, allow_None=True,
                                  doc="The sweep shown (partial while running or after a cancel).")
@@ -65,12 +69,13 @@ class AblationSweep(MeasureForm, JobSection, pn.viewable.Viewer):
         self._pane = pn.pane.Bokeh(None, css_classes=["ablation-sweep-chart"], sizing_mode="stretch_width")
         self._top = pn.pane.HTML("", css_classes=["ablation-sweep-top"], width=260, stylesheets=[SIDE_CSS],
                                  margin=(10, 10, 10, 20))
-        self.param.watch(self._mark_stale, [*FORM_INPUTS, "kind", "method", "top_n"])
+        self.param.watch(self._mark_stale, [*FORM_INPUTS, "kind", "method", "top_n", "sae_dir"])
         self._layout = self._build()
 
     def request(self) -> SweepRequest:
         return SweepRequest(prompt=self.prompt, target=self.target, kind=self.kind, mode=self.mode,
                             top_n=self.top_n, method=self.method, compare_token=self.compare_token or None,
+                            sae=(self.sae_dir.strip() or None) if self.kind == "features" else None,
                             **self.replacement())
 
     def run(self, background: bool = True) -> Job | None:
@@ -139,12 +144,16 @@ class AblationSweep(MeasureForm, JobSection, pn.viewable.Viewer):
     def _build(self) -> pn.viewable.Viewable:
         kind = pn.widgets.Select.from_param(self.param.kind, width=230, css_classes=["sweep-kind"])
         method = pn.widgets.Select.from_param(self.param.method, width=230, css_classes=["sweep-method"])
-        top_n = pn.widgets.IntInput.from_param(self.param.top_n, width=100, visible=self.param.kind.rx() == "neurons")
+        top_n = pn.widgets.IntInput.from_param(self.param.top_n, width=100,
+                                               visible=self.param.kind.rx().rx.in_(("neurons", "features")))
+        sae = pn.widgets.TextInput.from_param(self.param.sae_dir, width=240, css_classes=["sweep-sae"],
+                                              placeholder="e.g. runs/sae-l12",
+                                              visible=self.param.kind.rx() == "features")
         hint = pn.pane.Markdown(self.param.hint, css_classes=["sweep-hint"], margin=(0, 10),
                                 styles={"font-size": "12px", "color": "#555"}, visible=self.param.hint.rx.bool())
         return pn.Column(
             self.form_controls("sweep"),
-            pn.FlexBox(kind, method, top_n, *self.job.buttons(self.param.start, self.param.cancel),
+            pn.FlexBox(kind, method, top_n, sae, *self.job.buttons(self.param.start, self.param.cancel),
                        align_items="flex-start", sizing_mode="stretch_width"),
             self.job.progress_row(), self.job.error_box(), stale_note(self.param.stale, "sweep-stale"), hint,
             pn.Row(self._pane, self._top, sizing_mode="stretch_width"),

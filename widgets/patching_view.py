@@ -21,7 +21,7 @@ from .ablation_form import counts_line
 from .charts import shorten
 from .parts import JobPanel, JobSection, guarded, progress_text, push, stale_note, text_field, token_hint
 
-INPUTS = ("clean", "corrupt", "site", "target", "compare_token")
+INPUTS = ("clean", "corrupt", "site", "target", "compare_token", "sae_dir", "features", "top_n")
 
 
 class PatchingPanel(JobSection, pn.viewable.Viewer):
@@ -31,8 +31,13 @@ class PatchingPanel(JobSection, pn.viewable.Viewer):
                          doc="Its activations are patched into the corrupted run.")
     corrupt = param.String(default="The capital of Italy is", label="Corrupted prompt",
                            doc="Must have the same number of tokens as the clean prompt.")
-    site = param.Selector(default="resid", objects=list(SITES), label="Site",
-                          doc="resid: the residual stream after a block; attn / mlp: its attention / MLP output.")
+    site = param.Selector(default="resid", objects=[*SITES, "features"], label="Site",
+                          doc="resid: the residual stream after a block; attn / mlp: its attention / MLP output; "
+                              "features: SAE features (one row per feature), each set to its clean activation.")
+    sae_dir = param.String(default="", label="SAE folder", doc="Site features: an SAE in the SAELens layout.")
+    features = param.String(default="", label="Features (optional)",
+                            doc="Site features: e.g. '123, 456'; empty: the N that differ most between the prompts.")
+    top_n = param.Integer(default=20, bounds=(1, None), label="N features")
     target = param.String(default=" Paris", label="Target token", doc="The clean answer.")
     compare_token = param.String(default="", label="Compare token (optional)",
                                  doc="e.g. the corrupted answer: the metric is then the logit difference.")
@@ -54,8 +59,11 @@ class PatchingPanel(JobSection, pn.viewable.Viewer):
         self._layout = self._build()
 
     def request(self) -> PatchRequest:
+        features = self.site == "features"
         return PatchRequest(clean=self.clean, corrupt=self.corrupt, target=self.target, site=self.site,
-                            compare_token=self.compare_token or None)
+                            compare_token=self.compare_token or None,
+                            sae=(self.sae_dir.strip() or None) if features else None,
+                            features=self.features.strip() if features else "", top_n=self.top_n)
 
     @param.depends("clean", "corrupt", watch=True)
     def _update_counts(self) -> None:
@@ -108,8 +116,13 @@ class PatchingPanel(JobSection, pn.viewable.Viewer):
                                 visible=self.param.target_hint.rx.bool(), styles={"color": "#664d03"})
         site = pn.widgets.RadioButtonGroup.from_param(self.param.site, css_classes=["patch-site"],
                                                       margin=(26, 10, 10, 10))
+        is_features = self.param.site.rx() == "features"
+        feature_row = pn.Row(
+            text_field(self.param.sae_dir, "patch-sae", width=240, placeholder="e.g. runs/sae-l12"),
+            text_field(self.param.features, "patch-features", width=180, placeholder="e.g. 123, 456"),
+            pn.widgets.IntInput.from_param(self.param.top_n, width=100), visible=is_features)
         return pn.Column(
-            pn.Row(clean, corrupt, sizing_mode="stretch_width"), counts,
+            pn.Row(clean, corrupt, sizing_mode="stretch_width"), counts, feature_row,
             pn.FlexBox(target, compare, site, *self.job.buttons(self.param.start, self.param.cancel, width=130),
                        align_items="flex-start", sizing_mode="stretch_width"),
             hint, self.job.progress_row(), self.job.error_box(), stale_note(self.param.stale, "patch-stale"),

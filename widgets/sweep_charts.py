@@ -55,7 +55,7 @@ PATCH_MAPPER = "ablation-patch-mapper"
 DIVERGING = tuple(reversed(interp_palette(RdBu11, 255)))
 NAN_COLOR = "#e3e3e3"
 ROW_PX = 17
-UNITS = {"heads": "heads", "blocks": "components", "neurons": "neurons"}
+UNITS = {"heads": "heads", "blocks": "components", "neurons": "neurons", "features": "features"}
 
 
 # --------------------------------------------------------------- formatting
@@ -136,7 +136,8 @@ def sweep_data(result: SweepResult) -> dict[str, list]:
 def _sweep_title(result: SweepResult) -> str:
     req = result.request
     what = {"heads": "each head", "blocks": "each attention / MLP output",
-            "neurons": f"each of the {len(result.components)} most active neurons"}[req.kind]
+            "neurons": f"each of the {len(result.components)} most active neurons",
+            "features": f"each of the {len(result.components)} most active SAE features"}[req.kind]
     method = "attribution estimate" if req.method == "attribution" else req.method
     done = "" if result.complete else f" · {result.done}/{result.total} done"
     return (f"Effect of {req.mode}-ablating {what} on {metric_name(result.target, result.compare)} "
@@ -199,7 +200,7 @@ def _ranked_chart(result: SweepResult, source: ColumnDataSource, fill: dict, n: 
     fig.add_layout(Span(location=0, dimension="height", line_color="#666666", line_width=1))
     fig.yaxis.major_label_text_font_size = "11px"
     fig.yaxis.axis_label = {"neurons": "neuron (layer:index)", "heads": "head (layer.head)",
-                            "blocks": "block output"}[result.request.kind]
+                            "blocks": "block output", "features": "SAE feature"}[result.request.kind]
     fig.xaxis.axis_label = f"effect on the metric (ablated − baseline), {unit} ranked by |effect|"
     add_note(fig, sweep_note(result, n), "below", name=SWEEP_NOTE).tags = [n]
     return fig, glyph
@@ -235,7 +236,7 @@ def sweep_chart(result: SweepResult, top_n: int = SWEEP_TOP_N):
     kind = result.request.kind
     if ranked:
         fig, glyph = _ranked_chart(result, source, fill, top_n)
-        if kind == "neurons":
+        if kind in ("neurons", "features"):
             tips.insert(1, ("peak activation", "@activation{0.000}"))
     else:
         n_layers = result.effects.shape[0]
@@ -346,7 +347,8 @@ def patch_data(result: PatchResult, axis: PositionAxis | None = None) -> dict[st
 
 
 def _patch_title(result: PatchResult) -> str:
-    site = {"resid": "residual stream after the block", "attn": "attention output", "mlp": "MLP output"}[result.site]
+    site = {"resid": "residual stream after the block", "attn": "attention output", "mlp": "MLP output",
+            "features": "SAE feature activation (error term kept)"}[result.site]
     done = "" if result.complete else f" · {result.done}/{result.total} done"
     return (f"Fraction of {metric_name(result.target, result.compare)} restored by patching the clean "
             f"{site} (clean {result.clean_metric:.2f}, corrupted {result.corrupt_metric:.2f}){done}")
@@ -386,7 +388,7 @@ def patch_chart(result: PatchResult, window: tuple[int, int] | None = None):
     axis.style_axis(fig.xaxis)
     axis.annotate(fig)
     fig.xaxis.axis_label = "corrupted prompt position: token"
-    fig.yaxis.axis_label = "layer"
+    fig.yaxis.axis_label = "SAE feature" if result.site == "features" else "layer"
     fig.tags = [patch_key(result)]
     return fig
 

@@ -184,3 +184,30 @@ def test_cli_feature_sweep_and_patch(tiny_dir, sae_dir, session, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and ("--sae" in err or "SAE" in err), err
+
+
+# ============================================================================ the Ablation tab
+def test_ablation_tab_feature_sweep_and_patching(session, sae_dir):
+    from widgets.ablation_sweep import AblationSweep
+    from widgets.patching_view import PatchingPanel
+
+    part = AblationSweep(session, prompt=CLEAN, target=TARGET, compare_token=COMPARE)
+    part.param.update(kind="features", sae_dir=str(sae_dir), top_n=4)
+    part.__panel__()
+    part.run(background=False)
+    r = part.result
+    assert r is not None and r.complete and r.request.kind == "features" and r.request.sae == str(sae_dir)
+    assert len(r.components) == 4 and part._pane.object is not None
+    assert "SAE features" in part._pane.object.title.text
+    part.kind = "heads"
+    assert part.request().sae is None            # the folder goes only with a feature sweep
+
+    panel = PatchingPanel(session, clean=CLEAN, corrupt=CORRUPT, target=TARGET, compare_token=COMPARE)
+    panel.param.update(site="features", sae_dir=str(sae_dir), top_n=2)
+    panel.__panel__()
+    panel.run(background=False)
+    p = panel.result
+    assert p is not None and p.complete and p.site == "features" and p.restored.shape[0] == 2
+    assert panel._pane.object.yaxis.axis_label == "SAE feature"
+    panel.site = "resid"
+    assert panel.request().sae is None and panel.request().features == ""
