@@ -31,9 +31,16 @@ QUICK = {
     "pronoun_swap.ipynb": [("InterventionConfig(steps=6, eval_every=6, checkpoint_every=6)",
                             "InterventionConfig(steps=2, eval_every=2, checkpoint_every=2, batch_size=4, "
                             "seq_len=32, eval_templates=2, eval_pairs=8, heldout_windows=4)")],
-    # 3 templates, 40 pairs, 8 loss windows, 5 values of α -> 1, 8, 2 and α = 0, 1 (every cell still runs).
-    "steering_vs_swap.ipynb": [("SETTINGS = dict(templates=3, pairs=40, windows=8, alphas=(-2.0, -1.0, 0.0, 1.0, 2.0))",
-                                "SETTINGS = dict(templates=1, pairs=8, windows=2, alphas=(0.0, 1.0))")],
+    # Never an existing run (the real one is 40 steps): the notebook's own short run, 1 step on 1
+    # template, 8 pairs, 2 loss windows of 32 tokens, and α = 0, 1 (every cell still runs).
+    "steering_vs_swap.ipynb": [
+        ('CANDIDATES = [os.environ.get("SWAP_RUN"), "../runs/demo", str(default_runs_dir() / "demo")]',
+         "CANDIDATES = []"),
+        ("SHORT = InterventionConfig(steps=SWAP_STEPS, eval_every=SWAP_STEPS, checkpoint_every=SWAP_STEPS)",
+         "SHORT = InterventionConfig(steps=1, eval_every=1, checkpoint_every=1, batch_size=4, seq_len=32, "
+         "eval_templates=1, eval_pairs=8, heldout_windows=2)"),
+        ("ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)", "ALPHAS = (0.0, 1.0)"),
+    ],
 }
 
 
