@@ -64,6 +64,7 @@ class CompareError(ExplorerError):
 def gender_direction(session: ModelSession, layer: int, method: str = "mean") -> SteeringVector:
     """The gender direction at block ``layer``: feminine minus masculine over the swap's word pairs.
 
+    >>> from explorer.training.steer_compare import gender_direction
     >>> v = gender_direction(session, 10)
     >>> v.positive_tokens[0], v.negative_tokens[0]
     (' she', ' he')
@@ -185,6 +186,7 @@ def steering_vs_swap(session: ModelSession, request: SteerCompareRequest | None 
     """The bias probes and held-out loss under steering at each α, the direction ablated, and a
     swap run's control and swapped arms (a job: a partial result after every setting).
 
+    >>> from explorer import steering_vs_swap
     >>> r = steering_vs_swap(session, alphas=(0, 1), ablate=False, max_templates=1, max_pairs=4, max_windows=2)
     >>> r.kinds, r.layer
     (('steer', 'steer'), 10)
