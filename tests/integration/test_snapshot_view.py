@@ -360,7 +360,7 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
                              "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (7)",
-                             "### Probes and patchscopes (4)", "### Generate and steering (5)", "### Features (SAEs) (4)",
+                             "### Probes and patchscopes (4)", "### Generate and steering (6)", "### Features (SAEs) (4)",
                              "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
