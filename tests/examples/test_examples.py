@@ -34,7 +34,7 @@ QUICK = {
     # Never an existing run (the real one is 40 steps): the notebook's own short run, 1 step on 1
     # template, 8 pairs, 2 loss windows of 32 tokens, and α = 0, 1 (every cell still runs).
     "steering_vs_swap.ipynb": [
-        ('CANDIDATES = [os.environ.get("SWAP_RUN"), "../runs/demo", str(default_runs_dir() / "demo")]',
+        ('CANDIDATES = [os.environ.get("SWAP_RUN"), "../runs/demo", "runs/demo", str(default_runs_dir() / "demo")]',
          "CANDIDATES = []"),
         ("SHORT = InterventionConfig(steps=SWAP_STEPS, eval_every=SWAP_STEPS, checkpoint_every=SWAP_STEPS)",
          "SHORT = InterventionConfig(steps=1, eval_every=1, checkpoint_every=1, batch_size=4, seq_len=32, "
