@@ -653,6 +653,7 @@ def build_index(session: ModelSession, request: IndexRequest | str | None = None
     >>> index.complete, index.tokens_done, len(index.top_examples(layer=3, neuron=17))
     (True, 256, 4)
     """
+    session.require_local("building the neuron index")
     req = _resolve_corpus(build_request(IndexRequest, request, fields))
     _check_request(session, req)
     corpus = corpus_fingerprint(req.corpus_path)
