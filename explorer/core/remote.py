@@ -108,6 +108,10 @@ def load_remote(cls: type[ModelSession], model: str | None, *, remote: bool | st
     except Exception as e:
         raise ModelNotFoundError(f"'{name}' has no usable tokenizer: {str(e).splitlines()[0]}") from None
     key = _model_key(model, name, path)
+    if target != LOCAL_HOST:
+        from nnsight import CONFIG
+
+        CONFIG.APP.REMOTE_LOGGING = False  # nnsight's job status lines would go to stdout (--json)
     kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype, "cpu")}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
