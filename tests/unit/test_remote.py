@@ -174,3 +174,16 @@ def test_cli_checks():
         check_placement(argparse.Namespace(ndif_host="http://x", remote=None))
     with pytest.raises(ExplorerError, match="--device-map does not apply"):
         check_placement(argparse.Namespace(remote="ndif", device_map="auto"))
+
+
+def test_the_app_attaches_a_remote_model(pairs, tmp_path):
+    from widgets.model_picker import ModelPicker
+
+    remote, _ = pairs["llama"]
+    got: list[ModelSession] = []
+    picker = ModelPicker(got.append, ndif_host="local")
+    picker.param.trigger("attach_remote")
+    assert "Type the model" in picker.error
+    picker.load(remote.path, background=False, remote=True)
+    assert got and got[0].remote == "local" and got[0].hf_blocks()[0].mlp.down_proj.weight.device.type == "meta"
+    assert picker.status.startswith(f"Attached **{remote.name} (NDIF)**")
