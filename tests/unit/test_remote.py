@@ -141,6 +141,17 @@ def test_patching(pair, site, remote_calls):
     assert len(remote_calls) <= 3 + a.total // 64  # the clean and corrupted runs, then the patches
 
 
+def test_neuron_activation_and_demonstrations(pair, remote_calls):
+    from explorer import prompt_activation
+    from explorer.analyses.demonstrations import DemoRequest, demonstration_lens
+
+    remote, local = pair
+    assert_same(prompt_activation(remote, PROMPT, layer=1, neuron=7), prompt_activation(local, PROMPT, layer=1, neuron=7))
+    request = DemoRequest(n_prompts=3, n_demos=3, seed=1, batch_size=4)
+    assert_same(demonstration_lens(remote, request), demonstration_lens(local, request), tol=1e-4)
+    assert remote_calls
+
+
 def test_refusals(pairs):
     from explorer import build_index, direct_logit_attribution, generate, train_sae  # noqa: F401
 
