@@ -45,6 +45,10 @@ class RemoteUnsupportedError(ExplorerError):
                          "load the model without --remote for it")
 
 
+class RemoteServerError(ExplorerError):
+    """The NDIF server could not be reached or did not run the model."""
+
+
 def remote_target(remote: bool | str, ndif_host: str | None = None) -> bool | str:
     """What nnsight's ``trace(remote=...)`` gets: "local", a server URL, or True (``NDIF_HOST``
     or nnsight's configured server).
@@ -64,15 +68,20 @@ def remote_target(remote: bool | str, ndif_host: str | None = None) -> bool | st
     return True
 
 
+def server_url(session: ModelSession) -> str:
+    """The NDIF server a remote session's traces go to."""
+    if isinstance(session.remote, str) and session.remote != LOCAL_HOST:
+        return session.remote
+    from nnsight import CONFIG
+
+    return CONFIG.API.HOST
+
+
 def remote_label(session: ModelSession) -> str:
     """How ``info`` shows where a remote session's model runs."""
     if session.remote == LOCAL_HOST:
         return "remote (serialised, run locally)"
-    if isinstance(session.remote, str):
-        return f"remote (NDIF at {session.remote})"
-    from nnsight import CONFIG
-
-    return f"remote (NDIF at {CONFIG.API.HOST})"
+    return f"remote (NDIF at {server_url(session)})"
 
 
 def _model_key(model: str | None, name: str, path: str) -> str:
@@ -121,10 +130,22 @@ def load_remote(cls: type[ModelSession], model: str | None, *, remote: bool | st
     meta = lm._module
     if target == LOCAL_HOST:
         lm.dispatch()  # the simulated server's copy, loaded now (nnsight would on the first trace)
+    else:
+        # A trace without ``remote=`` would make nnsight load the weights here: refuse instead.
+        object.__setattr__(lm, "dispatch", _refuse_dispatch)
     session = cls(meta, tok, name=name, path=path, remote=target, lm=lm)
     guard_meta_forward(meta)
-    fetch_readout(session)
+    try:
+        fetch_readout(session)
+    except Exception as e:  # unreachable server, model not served, refused key, ...
+        where = "the local simulation" if target == LOCAL_HOST else f"the NDIF server at {server_url(session)}"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RemoteServerError(f"{where} could not run '{name}' ({type(e).__name__}: {first})") from None
     return session
+
+
+def _refuse_dispatch() -> None:
+    raise RemoteUnsupportedError("this analysis (a trace run here, which would load the weights here)")
 
 
 def guard_meta_forward(meta: torch.nn.Module) -> None:

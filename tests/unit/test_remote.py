@@ -17,9 +17,10 @@ import pytest
 import torch
 from nnsight.intervention.backends.local import LocalSimulationBackend
 
+import explorer.core.remote as remote_mod
 from explorer import ablate, attention_patterns, compare_prompts, head_scores, logit_lens, patch, sweep
 from explorer.core.errors import UnsupportedModelError
-from explorer.core.remote import RemoteUnsupportedError, remote_target
+from explorer.core.remote import RemoteServerError, RemoteUnsupportedError, remote_target
 from explorer.core.session import ModelSession
 from tiny_models import make_tiny_model
 
@@ -166,6 +167,18 @@ def test_refusals(pairs):
     x = torch.tensor([[1, 2, 3]])
     with pytest.raises(RemoteUnsupportedError, match="cannot run on a remote"):
         remote.hf(input_ids=x)
+
+
+def test_an_unreachable_server_is_one_clear_error(pairs, monkeypatch):
+    path = pairs["llama"][0].path
+    with pytest.raises(RemoteServerError, match=r"the NDIF server at http://127.0.0.1:9 could not run"):
+        ModelSession.load(path, remote=True, ndif_host="http://127.0.0.1:9")
+    # A trace that forgets remote= would load the weights here: refused instead.
+    monkeypatch.setattr(remote_mod, "fetch_readout", lambda session: None)
+    session = ModelSession.load(path, remote=True, ndif_host="http://127.0.0.1:9")
+    with pytest.raises(RemoteUnsupportedError, match="would load the weights here"):
+        with session.lm.trace(torch.tensor([[1, 2]])):
+            session.lm.lm_head.output.save()
 
 
 def test_remote_target():
