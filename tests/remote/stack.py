@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,7 +114,9 @@ class Stack:
                  workdir: str | Path | None = None) -> None:
         self.model_dir = str(Path(model_dir).resolve())
         self.venv = Path(venv or os.environ.get("NDIF_VENV", ROOT / ".venv-ndif"))
-        self.workdir = Path(workdir or os.environ.get("NDIF_TEST_WORKDIR", f"/tmp/ndif-test-{os.getpid()}"))
+        given = workdir or os.environ.get("NDIF_TEST_WORKDIR")
+        self.workdir = Path(given or f"/tmp/ndif-test-{os.getpid()}")
+        self.remove_workdir = not given  # a stack that came up and went down leaves nothing behind
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.host = f"http://{HOST}:{PORTS['api']}"
         self.model_key: str | None = None
@@ -169,6 +172,9 @@ class Stack:
         (self.workdir / "home").mkdir(exist_ok=True)
         try:
             self._up(timeout)
+        except StackError as e:
+            self.down()
+            raise StackError(f"{e} (logs in {self.workdir})") from None
         except BaseException:
             self.down()
             raise
@@ -267,6 +273,8 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.down()
+        if self.remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)  # logs and Ray's session files
 
 
 def _alive(pid: int) -> bool:
