@@ -42,7 +42,7 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
                         "from NDIF_API_KEY); only its config and tokenizer are read here. '--remote local' "
                         "serialises every trace as for a server and runs it here (checks remote-safety)")
     p.add_argument("--ndif-host", default=None, metavar="URL",
-                   help="the NDIF server for --remote, e.g. http://127.0.0.1:5001 (default: NDIF_HOST, "
+                   help="the NDIF server for --remote, e.g. http://127.0.0.1:8001 (default: NDIF_HOST, "
                         "else nnsight's configured server)")
 
 

@@ -191,5 +191,12 @@ def fetch_readout(session: ModelSession) -> None:
             nnsight.save(got)
             for env, pname in zip(envoys, names):
                 got.append(getattr(env, pname).save())
+    # Tied weights (W_U is often the embedding matrix) stay one parameter: every owner gets it.
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in session.hf.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, pname))
     for (module, pname, _), value in zip(wanted, got):
-        setattr(module, pname, torch.nn.Parameter(value.detach().to("cpu"), requires_grad=False))
+        param = torch.nn.Parameter(value.detach().to("cpu"), requires_grad=False)
+        for owner, oname in owners[id(getattr(module, pname))]:
+            setattr(owner, oname, param)

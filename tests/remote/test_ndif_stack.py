@@ -70,6 +70,7 @@ def test_no_weights_here(sessions):
     remote, _ = sessions
     assert remote.remote.startswith("http://127.0.0.1")
     assert all(p.device.type == "meta" for p in remote.hf_blocks().parameters())
+    assert remote.info().n_params == sessions[1].info().n_params  # W_U tied to the embeddings stays one
 
 
 def test_lens(sessions):

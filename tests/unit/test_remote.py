@@ -92,6 +92,7 @@ def test_no_weights_here(pair):
     assert remote.unembed_weight().device.type == "cpu"  # the readout, fetched by a trace
     assert torch.equal(remote.unembed_weight(), local.unembed_weight())
     assert remote.info().device.startswith("remote") and remote.info().n_layers == local.info().n_layers
+    assert remote.info().n_params == local.info().n_params
 
 
 def test_lens(pair, remote_calls):
