@@ -162,6 +162,12 @@ def test_refusals(pairs):
         generate(remote, PROMPT, max_new_tokens=2)
     with pytest.raises(RemoteUnsupportedError, match="building the neuron index cannot run on a remote"):
         build_index(remote, max_tokens=64)
+    from explorer.analyses.hidden import collect_hidden
+    from explorer.analyses.patchscope import patchscope
+
+    for fn, what in ((patchscope, "Patchscope"), (collect_hidden, "collecting hidden states")):
+        with pytest.raises(RemoteUnsupportedError, match=what):
+            fn(remote)
     with pytest.raises(RemoteUnsupportedError, match="attribution sweep"):
         sweep(remote, PROMPT, target=top1(remote), kind="heads", method="attribution")
     # Anything else that runs the skeleton itself (plain torch hooks and forwards) says so too.
