@@ -12,7 +12,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test check lint unit setup setup-test chromium constraints bench gpu-check clean
+.PHONY: run test test-remote check lint unit setup setup-test chromium redis-server constraints bench gpu-check clean
 
 # serve fetches the default model and corpus itself the first time (one process: faster start).
 run: $(VENV)/.installed
@@ -23,6 +23,30 @@ run: $(VENV)/.installed
 test: setup-test chromium
 	$(PYTEST) -n auto --dist loadfile tests/unit tests/integration tests/model tests/examples
 	$(PYTEST) tests/ui
+
+# A real NDIF server on 127.0.0.1 for the default model (tests/remote/stack.py: Redis, an S3
+# store, Ray with ndif's controller and a CPU model actor, ndif's API), the remote lens, heads,
+# ablation, sweep and patching checked against local runs, then every process it started
+# stopped by PID. The server side lives in $(NDIF_VENV), which sees .venv's packages (torch,
+# transformers, nnsight) through a .pth file: ndif 0.1.2 says Python >= 3.12 but runs on 3.11.
+NDIF_VENV := .venv-ndif
+NDIF_REQUIREMENTS := tests/remote/requirements-ndif.txt
+
+test-remote: setup-test redis-server $(NDIF_VENV)/.installed
+	$(PYTEST) -s tests/remote
+
+$(NDIF_VENV)/.installed: $(NDIF_REQUIREMENTS) $(VENV)/.installed
+	test -x $(NDIF_VENV)/bin/python || $(BIN)/python -m venv $(NDIF_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(NDIF_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/explorer-venv.pth"
+	$(NDIF_VENV)/bin/python -m pip install -q --disable-pip-version-check --ignore-requires-python -r $(NDIF_REQUIREMENTS)
+	touch $@
+
+# Debian's redis-server for the NDIF queue (as chromium: the distribution's package).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
 
 check: lint unit
 
@@ -72,4 +96,4 @@ gpu-check: setup-test
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(NDIF_VENV) build *.egg-info

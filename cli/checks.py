@@ -138,7 +138,12 @@ def offload_dir(value: str) -> str:
 
 
 def check_placement(args) -> None:
-    """--max-memory and --offload-dir only mean something with --device-map."""
+    """--max-memory and --offload-dir only mean something with --device-map; --ndif-host only
+    with --remote, which places nothing here."""
+    if getattr(args, "ndif_host", None) and not getattr(args, "remote", None):
+        raise ExplorerError("--ndif-host needs --remote")
+    if getattr(args, "remote", None) and getattr(args, "device_map", None):
+        raise ExplorerError("--remote loads no weights here: --device-map does not apply")
     if getattr(args, "device_map", None) is None:
         given = [f for f, v in (("--max-memory", getattr(args, "max_memory", None)),
                                 ("--offload-dir", getattr(args, "offload_dir", None))) if v]

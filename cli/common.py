@@ -17,6 +17,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     add_device_args(p)
     add_placement_args(p)
+    add_remote_args(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code to run (off by default)")
 
@@ -32,6 +33,17 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
                    help="memory each device may hold with --device-map, e.g. cuda:0=20GiB,cpu=60GiB")
     p.add_argument("--offload-dir", default=None, type=checks.offload_dir, metavar="DIR",
                    help="folder for the weights that fit nowhere else with --device-map (disk offload)")
+
+
+def add_remote_args(p: argparse.ArgumentParser) -> None:
+    """A model that runs on an NDIF server: no weights are loaded here."""
+    p.add_argument("--remote", nargs="?", const="ndif", default=None, choices=["ndif", "local"],
+                   help="run the model on an NDIF server (the server from --ndif-host or NDIF_HOST, the key "
+                        "from NDIF_API_KEY); only its config and tokenizer are read here. '--remote local' "
+                        "serialises every trace as for a server and runs it here (checks remote-safety)")
+    p.add_argument("--ndif-host", default=None, metavar="URL",
+                   help="the NDIF server for --remote, e.g. http://127.0.0.1:8001 (default: NDIF_HOST, "
+                        "else nnsight's configured server)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +62,11 @@ def load_session(args):
     from explorer.core.session import ModelSession
 
     check_placement(args)
+    remote = getattr(args, "remote", None)
+    if remote:
+        return ModelSession.load(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                 remote="local" if remote == "local" else True,
+                                 ndif_host=getattr(args, "ndif_host", None))
     return ModelSession.load(args.model, device=args.device, dtype=args.dtype,
                              trust_remote_code=args.trust_remote_code,
                              device_map=getattr(args, "device_map", None),

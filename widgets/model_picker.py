@@ -1,13 +1,15 @@
 """The sidebar's model picker: attach another local model without restarting the app.
 
 It lists what ``explorer.core.model_catalog.local_models`` finds (a folder the user types, the
-project's model cache, the local Hugging Face cache) and takes any other path as free text.
+project's model cache, the local Hugging Face cache) and takes any other path as free text, or a
+model to run on an NDIF server (``--remote``: only its config and tokenizer are read here).
 Loading runs as a job off the page's thread; a model that cannot load leaves the current one
 attached and says why. ``on_loaded(session)`` (the app's) receives the new ``ModelSession``.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +28,9 @@ from .parts import HELP_STYLE, alert
 log = logging.getLogger(__name__)
 
 PICKER_HELP = ("Pick a model found on this machine (a folder you name, the project's cache, the local "
-               "Hugging Face cache) or type a model directory. The views reset to the new model; the "
-               "results so far stay, labelled by model.")
+               "Hugging Face cache) or type a model directory, or a model an NDIF server runs (its config "
+               "and tokenizer must be here; the key comes from NDIF_API_KEY). The views reset to the new "
+               "model; the results so far stay, labelled by model.")
 
 SOURCE_LABELS = {"folder": "folder", "project": "project cache", "hf-cache": "HF cache"}
 
@@ -47,12 +50,17 @@ class ModelPicker(pn.viewable.Viewer):
     status = param.String(default="", doc="What the picker did last (markdown).")
     error = param.String(default="", doc="Why the last load failed; empty when none.")
     loading = param.Boolean(default=False, doc="True while a model loads.")
+    remote_model = param.String(default="", doc="A model an NDIF server serves (hub id or its directory).")
+    ndif_host = param.String(default="", doc="The NDIF server's URL; empty: NDIF_HOST or ndif.us; "
+                                             "'local': serialise each trace as for a server, run it here.")
     attach_listed = param.Event(label="Attach")
     attach_path = param.Event(label="Attach path")
+    attach_remote = param.Event(label="Attach remote")
     rescan = param.Event(label="List")
 
     def __init__(self, on_loaded: Callable[[ModelSession], None], device: str = "auto",
                  catalog: dict | None = None, **params) -> None:
+        params.setdefault("ndif_host", os.environ.get("NDIF_HOST", ""))
         super().__init__(**params)
         self.on_loaded = on_loaded
         self.device = device
@@ -101,19 +109,33 @@ class ModelPicker(pn.viewable.Viewer):
         else:
             self.error = "**Type a model directory** (with config.json) to attach."
 
+    @param.depends("attach_remote", watch=True)
+    def _on_attach_remote(self) -> None:
+        if self.remote_model.strip():
+            self.load(self.remote_model.strip(), remote=True)
+        else:
+            self.error = "**Type the model** the NDIF server serves (a hub id, or its directory there)."
+
     # ---------------------------------------------------------------- loading
-    def load(self, target: str, background: bool = True) -> Job | None:
+    def load(self, target: str, background: bool = True, remote: bool = False) -> Job | None:
         """Load ``target`` (a listed directory, another path, a cached hub id) as a job; on success
-        ``on_loaded`` gets the session. ``background=False`` blocks (notebooks, tests)."""
+        ``on_loaded`` gets the session. ``background=False`` blocks (notebooks, tests). ``remote``:
+        on the NDIF server ``ndif_host`` names (see ``ModelSession.load``)."""
         if self.live.running:
             return None
         choice = next((c for c in self.choices if c.path == target), None)
         name = choice.name if choice is not None else Path(target).expanduser().name or target
+        if remote:
+            name += " (NDIF)"
         self._target, self._t0 = name, time.monotonic()
         self.param.update(loading=True, error="", status=f"Loading **{name}**…")
         device = self.device
+        host = self.ndif_host.strip()
 
         def work(ctx: JobContext) -> ModelSession:
+            if remote:
+                return ModelSession.load(target, remote="local" if host == "local" else True,
+                                         ndif_host=None if host in ("", "local") else host)
             session = ModelSession.load(target, device=device)
             if choice is not None:
                 session.name = choice.name  # 'org/name', not a cache revision's hash
@@ -161,10 +183,18 @@ class ModelPicker(pn.viewable.Viewer):
                                               css_classes=["model-picker-attach"], disabled=busy)
         attach_path = pn.widgets.Button.from_param(self.param.attach_path, width=120,
                                                    css_classes=["model-picker-attach-path"], disabled=busy)
+        remote_model = pn.widgets.TextInput.from_param(self.param.remote_model, label="Remote model (NDIF)",
+                                                       placeholder="meta-llama/Llama-3.1-70B",
+                                                       sizing_mode="stretch_width", css_classes=["model-picker-remote"])
+        ndif_host = pn.widgets.TextInput.from_param(self.param.ndif_host, label="NDIF server",
+                                                    placeholder="NDIF_HOST, else https://api.ndif.us",
+                                                    sizing_mode="stretch_width", css_classes=["model-picker-host"])
+        attach_remote = pn.widgets.Button.from_param(self.param.attach_remote, width=120, disabled=busy,
+                                                     css_classes=["model-picker-attach-remote"])
         bar = pn.indicators.Progress(value=-1, active=busy, visible=busy, sizing_mode="stretch_width",
                                      css_classes=["model-picker-progress"], margin=(4, 10))
         return pn.Column(
-            folder, rescan, self._select, attach, path, attach_path, bar,
+            folder, rescan, self._select, attach, path, attach_path, remote_model, ndif_host, attach_remote, bar,
             pn.pane.Markdown(self.param.status, css_classes=["model-picker-status"], margin=(0, 10),
                              sizing_mode="stretch_width"),
             alert(self.param.error, "model-picker-error"),

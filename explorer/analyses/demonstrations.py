@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 
@@ -355,13 +356,17 @@ def _trace_batch(session: ModelSession, seqs: Sequence[torch.Tensor], label_ids:
     ids, mask, pos = _left_pad(seqs, session.tokenizer.pad_token_id or 0)
     dev = session.device
     blocks = session.blocks()
+    resid_in = session.module(adapter.resid_in)
     rows: list = []
     pats: list = []
     with torch.no_grad(), session.lock:
-        with eager_attention(session.hf) if attention else nullcontext():
-            with session.lm.trace(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                  position_ids=pos.to(dev), logits_to_keep=1):
-                rows.append(session.module(adapter.resid_in).output[:, -1].save())
+        with eager_attention(session.traced_model) if attention else nullcontext():
+            # No ``session`` inside the trace: a remote one ships the block's variables.
+            with session.trace(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                               position_ids=pos.to(dev), logits_to_keep=1):
+                nnsight.save(rows)
+                nnsight.save(pats)
+                rows.append(resid_in.output[:, -1].save())
                 for layer in range(len(blocks)):
                     block = blocks[layer]
                     if layer in zero:  # before the attention module returns: in execution order

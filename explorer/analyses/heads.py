@@ -32,12 +32,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 
 from explorer.core.errors import ExplorerError, UnsupportedModelError
 from explorer.core.jobs import JobContext
-from explorer.core.modules import linear_weight, submodule
+from explorer.core.modules import is_conv1d, linear_weight, submodule
 from explorer.core.placement import materialized
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array
@@ -390,16 +391,23 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
     seqs = [prompt_ids] + list(extra)
     pats: list[list] = [[] for _ in seqs]
     acts: dict[str, list] = {"resid": [], "z": [], "attn": [], "mlp": [], "final": [], "logits": []}
-    device = session.device
+    inputs = [ids[None].to(session.device) for ids in seqs]
+    # Envoys picked here: the block below must not name ``session`` (a remote trace ships it).
+    resid_in = session.module(adapter.resid_in)
+    final_norm = session.module(adapter.final_norm)
+    unembed = session.module(adapter.unembed)
     with torch.no_grad(), session.lock:
-        ctx = eager_attention(session.hf) if want_patterns else nullcontext()
+        # A remote trace sends the attention implementation along (nnsight's request env).
+        ctx = eager_attention(session.traced_model) if want_patterns else nullcontext()
         with ctx:
-            with session.lm.trace(logits_to_keep=1) as tracer:
-                for i, ids in enumerate(seqs):
-                    with tracer.invoke(ids[None].to(device)):
+            with session.trace(logits_to_keep=1) as tracer:
+                for i, x in enumerate(inputs):
+                    with tracer.invoke(x):
+                        nnsight.save(pats)  # a remote run returns only what was marked saved
+                        nnsight.save(acts)
                         first = i == 0
                         if first and dla:
-                            acts["resid"].append(session.module(adapter.resid_in).output[0, -1].save())
+                            acts["resid"].append(resid_in.output[0, -1].save())
                         for layer in range(n_layers):
                             block = blocks[layer]
                             if first and dla:
@@ -417,12 +425,15 @@ def _run(session: ModelSession, prompt_ids: torch.Tensor, *, prompt_patterns: bo
                                 out = out[0] if isinstance(out, tuple) else out
                                 acts["mlp"].append(out[0, -1].save())
                         if first and dla:
-                            acts["final"].append(session.module(adapter.final_norm).input[0, -1].save())
-                            acts["logits"].append(session.module(adapter.unembed).output[0, -1].save())
+                            acts["final"].append(final_norm.input[0, -1].save())
+                            acts["logits"].append(unembed.output[0, -1].save())
     captured = _Captured(patterns=[])
     out = session.unembedding.device  # one device for what a sharded model's layers left
     for ids, rows in zip(seqs, pats):
         if rows:
+            if any(w is None for w in rows):  # e.g. a server whose model cannot run eager attention
+                raise UnsupportedModelError("the model returned no attention weights (its attention "
+                                            "implementation is not eager), so patterns cannot be read")
             t = ids.numel()
             # [L, H, t, t]: drop the left padding of a shorter invoke; float32 for bf16 models.
             captured.patterns.append(torch.stack([w[0, :, -t:, -t:].to(out) for w in rows]).float())
@@ -484,12 +495,16 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
     # weights are read in float32 (one layer's W_O at a time): a half-precision matvec would round
     # every head's part to ~3 digits.
     back, attn_bias = [], []
+    remote_back = _remote_back(session, u_layers) if session.remote else None
     with session.lock:
         for layer, b in enumerate(blocks):
             proj = b.get_submodule(session.adapter.attn_out)
             with materialized(proj):
-                w = _at_least_float32(linear_weight(proj))
-                back.append((u_layers[layer].to(w.device, w.dtype) @ w).to(dev, ct))
+                if remote_back is None:
+                    w = _at_least_float32(linear_weight(proj))
+                    back.append((u_layers[layer].to(w.device, w.dtype) @ w).to(dev, ct))
+                else:
+                    back.append(remote_back[layer].to(dev, ct))
                 bias = proj.bias
                 attn_bias.append(bias.to(dev, ct) @ u_layers[layer] if bias is not None
                                  else torch.zeros((), dtype=ct, device=dev))
@@ -517,6 +532,24 @@ def _attribution(session: ModelSession, request: DLARequest, ids: torch.Tensor, 
         norm_kind=kind,
         norm_scale=float(scale),
     )
+
+
+def _remote_back(session: ModelSession, u_layers: torch.Tensor) -> list[torch.Tensor]:
+    """``u_l @ W_O`` per layer computed where a remote model's weights are (one trace): the
+    same matvecs as the local path, in the same precision, returning [H*dh] per layer."""
+    conv = is_conv1d(session.hf_blocks()[0].get_submodule(session.adapter.attn_out))
+    projs = [submodule(blk, session.adapter.attn_out) for blk in session.blocks()]
+    us = list(u_layers.cpu())
+    ids = session.encode(session.tokenizer.bos_token or "a")[:1][None]
+    found: list = []
+    with torch.no_grad(), session.lock:
+        with session.trace(ids, logits_to_keep=1):
+            nnsight.save(found)
+            for proj, u in zip(projs, us):
+                w = proj.weight.t() if conv else proj.weight
+                w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+                found.append((u.to(w.device, w.dtype) @ w).save())
+    return [v.detach() for v in found]
 
 
 def _attention_result(session: ModelSession, request: AttentionRequest, ids: torch.Tensor,

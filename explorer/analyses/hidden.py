@@ -140,6 +140,7 @@ def collect_hidden(session: ModelSession, request: HiddenRequest | None = None, 
     >>> hs.site("last").shape == (session.n_layers + 1, 2, session.hf.config.hidden_size)
     True
     """
+    session.require_local("collecting hidden states (probes, CCS)")
     request = build_request(HiddenRequest, request, fields)
     _check(request)
     seqs = encode_all(session, request.texts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 
@@ -128,11 +129,14 @@ def residual_streams(session: ModelSession, prompts: list[torch.Tensor]) -> list
     blocks = session.blocks()
     resid_in = session.module(session.adapter.resid_in)
     saved: list[list] = [[] for _ in prompts]
+    inputs = [ids[None].to(session.device) for ids in prompts]
     with torch.no_grad(), session.lock:
         # logits_to_keep=1: the model's own full-vocabulary logits are not needed here.
-        with session.lm.trace(logits_to_keep=1) as tracer:
-            for i, ids in enumerate(prompts):
-                with tracer.invoke(ids[None].to(session.device)):
+        # (No ``session`` inside the block: a remote trace ships the block's variables.)
+        with session.trace(logits_to_keep=1) as tracer:
+            for i, x in enumerate(inputs):
+                with tracer.invoke(x):
+                    nnsight.save(saved)  # a remote run returns only what was marked saved
                     saved[i].append(resid_in.output.save())
                     for block in blocks:
                         out = block.output

@@ -129,6 +129,7 @@ def patchscope(session: ModelSession, request: PatchscopeRequest | None = None, 
     >>> r.top_tokens.shape == (session.n_layers, 1, 3)
     True
     """
+    session.require_local("Patchscope")
     request = build_request(PatchscopeRequest, request, fields)
     vocab = session.unembed_weight().shape[0]
     if not 1 <= request.top_k <= min(100, vocab):

@@ -32,6 +32,8 @@ from explorer.core.placement import PlacementError, check_device_map, execution_
 from explorer.core.results import Result
 from explorer.core.unembed import Unembedding
 
+Remote = bool | str  # False (weights here), True (an NDIF server) or "local" (serialised, run here)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Decoded vocabularies, by (tokenizer id, its length, vocabulary rows): decoding 50-250k tokens
@@ -156,7 +158,11 @@ def _config_hash(config) -> str:
 class ModelSession:
     """A causal LM attached through nnsight, with the adapter, tokenizer, lock and result cache."""
 
-    def __init__(self, model, tokenizer, *, name: str, path: str = "", cache_size: int = 64) -> None:
+    def __init__(self, model, tokenizer, *, name: str, path: str = "", cache_size: int = 64,
+                 remote: Remote = False, lm=None) -> None:
+        """``remote`` (with ``lm``, the undispatched nnsight model whose meta skeleton ``model``
+        is): traces run on an NDIF server (True) or serialised as for one and run here ("local");
+        see ``explorer.core.remote``. ``ModelSession.load(..., remote=...)`` builds these."""
         from nnsight.modeling.transformers import TransformersModel
 
         model_type = getattr(model.config, "model_type", "?")
@@ -170,9 +176,12 @@ class ModelSession:
         self.tokenizer = tokenizer
         self.name = name
         self.path = path
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # nnsight's own chatter on wrap is not the user's concern
-            self.lm = TransformersModel(model, tokenizer=tokenizer)
+        self.remote: Remote = remote
+        if lm is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # nnsight's own chatter on wrap is not the user's concern
+                lm = TransformersModel(model, tokenizer=tokenizer)
+        self.lm = lm
         self.lock = threading.RLock()
         self._cache: OrderedDict[Hashable, Any] = OrderedDict()
         self._cache_size = cache_size
@@ -193,6 +202,8 @@ class ModelSession:
         device_map: str | dict | None = None,
         max_memory: str | dict | None = None,
         offload_dir: str | Path | None = None,
+        remote: Remote = False,
+        ndif_host: str | None = None,
     ) -> ModelSession:
         """Attach a model: None (the embedded default), a local directory, or a cached hub id.
 
@@ -200,7 +211,17 @@ class ModelSession:
         shards a model too big for one device with accelerate: blocks go to the GPUs, then the
         CPU, then ``offload_dir`` on disk, within ``max_memory`` ("cuda:0=20GiB,cpu=60GiB" or
         accelerate's dict). ``device`` then only picks the ``auto`` dtype.
+
+        ``remote=True`` loads no weights: the model's skeleton and tokenizer only, and every trace
+        runs on an NDIF server (``ndif_host``, else ``NDIF_HOST``; key from ``NDIF_API_KEY``).
+        ``remote="local"`` serialises each trace exactly as for a server and runs it here (a
+        check that an analysis is remote-safe). See ``explorer.core.remote``.
         """
+        if remote:
+            from explorer.core.remote import load_remote
+
+            return load_remote(cls, model, remote=remote, ndif_host=ndif_host, dtype=dtype,
+                               trust_remote_code=trust_remote_code)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         try:
@@ -249,11 +270,37 @@ class ModelSession:
             raise ModelNotFoundError(f"'{name}' has no usable tokenizer: {str(e).splitlines()[0]}") from None
         return cls(hf, tok, name=name, path=path)
 
+    # ------------------------------------------------------------------ tracing
+    def trace(self, *args, **kwargs):
+        """``self.lm.trace``, run where the session's model lives (remotely for a remote session).
+
+        Inside the block reference envoys, tensors and plain values only, never the session (a
+        remote trace ships the block's variables to the server; the session holds locks)."""
+        if self.remote:
+            return self.lm.trace(*args, remote=self.remote, **kwargs)
+        return self.lm.trace(*args, **kwargs)
+
+    def require_local(self, what: str) -> None:
+        """Refuse work that needs the weights here when the model is remote (one clear line)."""
+        if self.remote:
+            from explorer.core.remote import RemoteUnsupportedError
+
+            raise RemoteUnsupportedError(what)
+
+    @property
+    def traced_model(self) -> torch.nn.Module:
+        """The torch model the traces run (for a remote="local" session the local copy nnsight
+        loaded, not the meta skeleton ``hf``; for a remote one the skeleton)."""
+        return self.lm._module if self.remote else self.hf
+
     # --------------------------------------------------------------------- info
     @property
     def device(self) -> torch.device:
         """Where inputs go: the embedding's device (its execution device when sharded or offloaded;
-        every other module moves what it gets to its own, see ``explorer.core.placement``)."""
+        every other module moves what it gets to its own, see ``explorer.core.placement``).
+        A remote session's inputs and results are on the CPU."""
+        if self.remote:
+            return torch.device("cpu")
         return execution_device(self.hf.get_submodule(self.adapter.embed))
 
     @property
@@ -307,6 +354,10 @@ class ModelSession:
         )
 
     def _device_text(self) -> str:
+        if self.remote:
+            from explorer.core.remote import remote_label
+
+            return remote_label(self)
         placed = self.device_map
         if placed is None:
             return str(self.device)

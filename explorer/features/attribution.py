@@ -68,6 +68,7 @@ def feature_attribution(session, request: AttributionRequest | str | None = None
     >>> att.target, att.features.shape, att.per_position.shape
     (' Paris', (5,), (5, 5))
     """
+    session.require_local("SAE feature attribution")
     request = build_request(AttributionRequest, request, fields)
     if not request.sae:
         raise SAEError("no SAE given: pass the directory of an SAE in the SAELens layout")

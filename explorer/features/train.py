@@ -367,6 +367,7 @@ def train_sae(session, request: TrainConfig | None = None, /, *, ctx: JobContext
     >>> run.status, run.tokens, 0 < run.fvu
     ('done', 2048, True)
     """
+    session.require_local("SAE training")
     cfg = build_request(TrainConfig, request, fields)
     cfg.check(session.n_layers)
     corpus_path = resolve_corpus(cfg.corpus_path)

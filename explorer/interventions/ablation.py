@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 
@@ -49,6 +50,7 @@ from explorer.core.session import ModelSession
 from explorer.interventions.edits import (  # the sweep's forward sizes: CHUNK_TOKENS, MERGE_TOKENS
     CHUNK_TOKENS,
     MERGE_TOKENS,
+    REMOTE_BATCH,
     SITE_ORDER,
     CleanRun,
     Edit,
@@ -317,12 +319,15 @@ def mean_activations_many(session: ModelSession, sites: Iterable[str], text: str
     def compute() -> dict[str, torch.Tensor]:
         rows = _mean_rows(session, text, max_tokens)
         blocks = session.blocks()
+        paths = {site: site_path(session, site) for site in sites}
         order = sorted(sites, key=lambda s: SITE_ORDER[s])  # visit in execution order
         totals: dict[str, list[torch.Tensor]] = {}
         for batch in rows.split(MEAN_BATCH):
             saved: dict[str, list] = {s: [] for s in order}
             with torch.no_grad(), session.lock:
-                with session.lm.trace(batch.to(session.device), logits_to_keep=1):
+                x = batch.to(session.device)
+                with session.trace(x, logits_to_keep=1):  # no ``session`` in here: see session.trace
+                    nnsight.save(saved)
                     for blk in blocks:
                         inp = blk.input if "block" in order else None
                         for site in order:
@@ -330,9 +335,9 @@ def mean_activations_many(session: ModelSession, sites: Iterable[str], text: str
                                 out = first(blk.output)
                                 value = out - inp.to(out.device)
                             elif site in ("head", "neuron"):
-                                value = submodule(blk, site_path(session, site)).input
+                                value = submodule(blk, paths[site]).input
                             else:
-                                value = first(submodule(blk, site_path(session, site)).output)
+                                value = first(submodule(blk, paths[site]).output)
                             saved[site].append(value.float().sum(dim=(0, 1)).save())
             for site in order:
                 sums = [v.detach() for v in saved[site]]
@@ -444,6 +449,8 @@ def _check_sweep(session: ModelSession, request: SweepRequest, geom: Geometry) -
     if request.method not in METHODS:
         raise AblationError(f"unknown sweep method {request.method!r}: use one of {', '.join(METHODS)}")
     _check_mode(request.mode)
+    if request.method == "attribution":
+        session.require_local("the attribution sweep (a backward pass through the model)")
     if request.kind == "neurons" and not 1 <= request.top_n <= geom.n_layers * geom.d_mlp:
         raise AblationError(f"top-n must be between 1 and {geom.n_layers * geom.d_mlp}, got {request.top_n}")
 
@@ -505,7 +512,10 @@ def _sweep(session: ModelSession, request: SweepRequest, ctx) -> SweepResult:
         flat[:] = attribution_effects(session, ids, comps, planned, tid, cid)
         done = total
     else:
-        if request.method == "exact":
+        if session.remote:  # a few requests of many edited runs each
+            items = [(c.layer, i) for i, c in enumerate(comps)]
+            batches = [items[s:s + REMOTE_BATCH] for s in range(0, len(items), REMOTE_BATCH)]
+        elif request.method == "exact":
             batches = chunks([(c.layer, i) for i, c in enumerate(comps)], ids.numel(),
                              min(CHUNK_TOKENS, replay_tokens(session, ids.numel())), MERGE_TOKENS)
         else:
@@ -514,7 +524,7 @@ def _sweep(session: ModelSession, request: SweepRequest, ctx) -> SweepResult:
             if ctx is not None and ctx.cancelled:
                 break
             idx = [i for _, i in batch]
-            if request.method == "exact":
+            if request.method == "exact" or session.remote:
                 with torch.no_grad(), session.lock:
                     logits = replay(session, run, [[planned[i]] for i in idx])
             else:

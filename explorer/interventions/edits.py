@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import nnsight
 import torch
 
 from explorer.core.components import Component, Geometry, geometry
@@ -56,6 +57,7 @@ SITES = ("head", "attn", "neuron", "mlp", "block", "resid")
 SITE_ORDER = {"head": 0, "attn": 1, "neuron": 2, "mlp": 3, "block": 4, "resid": 4}
 CHUNK_TOKENS = 4096    # batch rows × prompt tokens per replayed forward, at most (see ``replay_tokens``)
 MERGE_TOKENS = 128     # below this many tokens a chunk also takes the next layer's edit sets
+REMOTE_BATCH = 64      # edited runs (invokes) per request to a remote model
 TRIM_LAST_BLOCK = True  # replay: run the last block's output projection and MLP on the last position only
 
 EditOp = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -214,6 +216,8 @@ def run_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = (
     unknown = sites - set(SITES)
     if unknown:
         raise EditError(f"unknown site {sorted(unknown)[0]!r}: use one of {', '.join(SITES)}")
+    if session.remote:
+        return traced_clean(session, ids, sites)
     L = session.n_layers
     calls: list = [None] * L
     acts: dict[str, list] = {s: [None] * L for s in sites}
@@ -247,6 +251,37 @@ def run_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = (
     return CleanRun(ids=ids, calls=calls, logits=logits, acts=acts)
 
 
+def traced_clean(session: ModelSession, ids: torch.Tensor, sites: Iterable[str] = ()) -> CleanRun:
+    """``run_clean`` as one nnsight trace (how a remote model runs it): the site activations and
+    the last position's logits, but no block calls (a remote model's edited runs are traces too:
+    ``replay`` sends them through ``nnsight_runs``)."""
+    order = sorted(set(sites), key=lambda s: SITE_ORDER[s])  # visit in execution order
+    blocks = session.blocks()
+    unembed = session.module(session.adapter.unembed)
+    paths = {site: site_path(session, site) for site in order}
+    acts: dict[str, list] = {s: [] for s in order}
+    x = ids[None].to(session.device)
+    with torch.no_grad(), session.lock:
+        with session.trace(x, logits_to_keep=1):  # no ``session`` in here: see session.trace
+            nnsight.save(acts)
+            for blk in blocks:
+                inp = blk.input if "block" in order else None
+                for site in order:
+                    if site in ("head", "neuron"):
+                        value = submodule(blk, paths[site]).input
+                    elif site in ("attn", "mlp"):
+                        value = first(submodule(blk, paths[site]).output)
+                    elif site == "block":
+                        value = first(blk.output) - inp
+                    else:
+                        value = first(blk.output)
+                    acts[site].append(value[0].save())
+            normed = unembed.input.save()
+    logits = session.logits(normed[0, -1], normed=True)
+    return CleanRun(ids=ids, calls=[], logits=logits,
+                    acts={s: [a.detach().clone() for a in acts[s]] for s in order})
+
+
 def last_logits(session: ModelSession, ids: torch.Tensor) -> torch.Tensor:
     """One plain forward of a prompt [T] (with whatever hooks are set; call under the lock): the
     last position's float32 logits, read through ``session.logits`` from the unembedding's input."""
@@ -265,8 +300,9 @@ def last_logits(session: ModelSession, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ========================================================================= nnsight path
-def _nn_block(session: ModelSession, blk, edits: list[Edit], want_output: bool):
-    """Apply edits to one block inside an nnsight invoke, visiting sites in execution order.
+def _nn_block(blk, paths: dict[str, str | None], edits: list[Edit], want_output: bool):
+    """Apply edits to one block inside an nnsight invoke, visiting sites in execution order
+    (``paths``: each site's module path in the block, from ``site_path``).
 
     Returns the block's output tensor (edited) when asked for or edited, else None.
     """
@@ -277,7 +313,7 @@ def _nn_block(session: ModelSession, blk, edits: list[Edit], want_output: bool):
     for site in ("head", "attn", "neuron", "mlp"):
         if not by_site.get(site):
             continue
-        mod = submodule(blk, site_path(session, site))
+        mod = submodule(blk, paths[site])
         x = mod.input if site in ("head", "neuron") else first(mod.output)
         for e in by_site[site]:
             apply_edit(x[0], e)
@@ -295,26 +331,36 @@ def nnsight_runs(session: ModelSession, ids: torch.Tensor, edit_sets: Sequence[S
 
     Returns per invoke ``logits`` [V] (float32, last position) and, with ``streams``, the
     residual ``stream`` [1 + L, T, d] (embeddings, then each block's output) for the logit lens.
+    A remote session's edit sets go ``REMOTE_BATCH`` per request (a sweep is a few requests).
     """
+    if session.remote and len(edit_sets) > REMOTE_BATCH:
+        return [r for start in range(0, len(edit_sets), REMOTE_BATCH)
+                for r in nnsight_runs(session, ids, edit_sets[start:start + REMOTE_BATCH], streams)]
     L = session.n_layers
     blocks = session.blocks()
     resid_in = session.module(session.adapter.resid_in)
     unembed = session.module(session.adapter.unembed)
+    paths = {site: site_path(session, site) for site in SITES}
     saved: list[dict[str, Any]] = [{"rows": []} for _ in edit_sets]
+    plans: list[dict[int, list[Edit]]] = []
+    for edits in edit_sets:
+        by_layer: dict[int, list[Edit]] = defaultdict(list)
+        for e in edits:
+            by_layer[e.layer].append(e)
+        plans.append(dict(by_layer))
     x = ids[None].to(session.device)
+    # No ``session`` inside the block: a remote trace ships the block's variables to the server.
     with torch.no_grad(), session.lock:
-        with session.lm.trace(logits_to_keep=1) as tracer:
-            for i, edits in enumerate(edit_sets):
-                by_layer: dict[int, list[Edit]] = defaultdict(list)
-                for e in edits:
-                    by_layer[e.layer].append(e)
+        with session.trace(logits_to_keep=1) as tracer:
+            for i, by_layer in enumerate(plans):
                 with tracer.invoke(x):
+                    nnsight.save(saved)  # a remote run returns only what was marked saved
                     if streams:
                         saved[i]["rows"].append(resid_in.output.save())
                     for l in range(L):
                         if not streams and not by_layer.get(l):
                             continue
-                        out = _nn_block(session, blocks[l], by_layer.get(l, []), streams)
+                        out = _nn_block(blocks[l], paths, by_layer.get(l, []), streams)
                         if streams:
                             saved[i]["rows"].append(out.save())
                     # The unembedding's input (normed, last position): logits come from session.logits.
@@ -365,6 +411,8 @@ def replay(session: ModelSession, run: CleanRun, rows: Sequence[Sequence[Edit]])
     the last block has no edits, its output projection and MLP run on the last position only.
     Call under ``session.lock``, with gradients off.
     """
+    if session.remote:  # no weights here to replay blocks with: one invoke per row, remotely
+        return torch.stack([r["logits"] for r in nnsight_runs(session, run.ids, rows)])
     n = len(rows)
     L = session.n_layers
     blocks = session.hf_blocks()

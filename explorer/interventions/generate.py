@@ -584,6 +584,7 @@ def generate(session: ModelSession, request: GenerateRequest | str | None = None
     >>> out.baseline.text.split()[0]
     'Paris.'
     """
+    session.require_local("generation")
     import time
 
     request = build_request(GenerateRequest, request, fields)

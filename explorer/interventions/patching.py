@@ -33,6 +33,7 @@ from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 from explorer.interventions.edits import (
+    REMOTE_BATCH,
     CleanRun,
     Edit,
     EditError,
@@ -162,7 +163,9 @@ def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
             done=done_now, total=total)
 
     cells = [(l, (l, p)) for l in range(L) for p in range(T)]
-    for batch in chunks(cells, T, replay_tokens(session, T)):
+    batches = ([cells[s:s + REMOTE_BATCH] for s in range(0, len(cells), REMOTE_BATCH)] if session.remote
+               else chunks(cells, T, replay_tokens(session, T)))  # remote: a few requests of many runs
+    for batch in batches:
         if ctx is not None and ctx.cancelled:
             break
         rows = [setup.edits(l, [p]) for _, (l, p) in batch]

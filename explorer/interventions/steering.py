@@ -185,6 +185,7 @@ def build_vector(session: ModelSession, request: BuildRequest | None = None, /, 
     >>> v.vector.shape, v.positive_tokens
     ((576,), (' movie',))
     """
+    session.require_local("building a steering vector")
     request = build_request(BuildRequest, request, fields)
 
     def compute() -> SteeringVector:
@@ -339,6 +340,7 @@ def steer_apply(session: ModelSession, request: SteerRequest | None = None, /, *
     >>> r.steered.logit_diff > r.baseline.logit_diff     # steering toward "love" favours " great"
     True
     """
+    session.require_local("steering")
     request = build_request(SteerRequest, request, fields)
     if request.positions not in APPLY_POSITIONS:
         raise SteeringError(f"positions must be one of {', '.join(APPLY_POSITIONS)} for a single forward")
@@ -428,6 +430,7 @@ def steer_sweep(session: ModelSession, request: SteerSweepRequest | None = None,
     >>> bool(s.metric[0] < s.metric[1] < s.metric[2])   # logit(' great') - logit(' bad') rises with α
     True
     """
+    session.require_local("the steering sweep")
     request = build_request(SteerSweepRequest, request, fields)
     return cached_unless_cancelled(session, ("steer-sweep", request),
                                    lambda: _sweep(session, request, ctx), ctx)

@@ -519,6 +519,7 @@ def explain_neuron(session: ModelSession, request: ExplainRequest | None = None,
     >>> e.explainer, e.n_top, e.n_random, e.simulated.shape == e.true.shape
     ('session:SmolLM2-135M-Instruct', 1, 1, True)
     """
+    session.require_local("explaining a neuron")
     request = build_request(ExplainRequest, request, fields)
     layer, neuron = request.layer, request.neuron
     n_explain, n_score_top, n_score_random = request.n_explain, request.n_score_top, request.n_score_random

@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 
@@ -160,11 +161,14 @@ def neuron_activations(session, layers: list[int], ids: torch.Tensor) -> list[to
     """
     blocks = session.blocks()
     order = sorted(set(layers))
+    path = session.adapter.mlp_out
     saved: dict[int, Any] = {}
+    x = ids.to(session.device)
     with torch.no_grad(), session.lock:
-        with session.lm.trace(ids.to(session.device), logits_to_keep=1) as tracer:
+        with session.trace(x, logits_to_keep=1) as tracer:  # no ``session`` in here: see session.trace
+            nnsight.save(saved)
             for layer in order:
-                saved[layer] = submodule(blocks[layer], session.adapter.mlp_out).input.save()
+                saved[layer] = submodule(blocks[layer], path).input.save()
             tracer.stop()
     return [saved[layer].detach().float() for layer in layers]
 
@@ -653,6 +657,7 @@ def build_index(session: ModelSession, request: IndexRequest | str | None = None
     >>> index.complete, index.tokens_done, len(index.top_examples(layer=3, neuron=17))
     (True, 256, 4)
     """
+    session.require_local("building the neuron index")
     req = _resolve_corpus(build_request(IndexRequest, request, fields))
     _check_request(session, req)
     corpus = corpus_fingerprint(req.corpus_path)

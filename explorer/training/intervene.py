@@ -620,8 +620,10 @@ def run_intervention(session: ModelSession | str | None = None, request: Interve
     ('done', 1, [0, 1], 1)
     """
     from explorer.core.adapters import adapter_for
-    from explorer.core.session import pick_device
+    from explorer.core.session import ModelSession, pick_device
 
+    if isinstance(session, ModelSession):
+        session.require_local("training the swap arms")
     model_or_session = session
     config = build_request(InterventionConfig, request, fields)
     config.check()

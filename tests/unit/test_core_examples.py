@@ -7,7 +7,8 @@ import importlib
 import pytest
 
 MODULES = ("explorer.core.requests", "explorer.core.results", "explorer.core.files", "explorer.core.jobdir",
-           "explorer.core.modules", "explorer.core.placement", "explorer.core.model_catalog")
+           "explorer.core.modules", "explorer.core.placement", "explorer.core.model_catalog",
+           "explorer.core.remote")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -20,8 +20,20 @@ def test_test_file_names_are_unique():
     assert [n for n, c in names.items() if c > 1] == []
 
 
+def _recipe_folders(makefile: str, target: str) -> set[str]:
+    recipe = re.search(rf"^{target}:.*?\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    return set(re.findall(r"\btests/[\w/]+", recipe))
+
+
+# Folders with a target of their own: tests/remote brings a real NDIF server up (make test-remote).
+OWN_TARGET = {"tests/remote": "test-remote"}
+
+
 def test_make_test_runs_every_test_folder():
     makefile = (ROOT / "Makefile").read_text()
-    recipe = re.search(r"^test:.*?\n((?:\t.*\n)+)", makefile, re.M).group(1)
-    named = set(re.findall(r"\btests/[\w/]+", recipe))
-    assert _test_folders() <= named, f"make test misses {sorted(_test_folders() - named)}"
+    named = _recipe_folders(makefile, "test")
+    folders = _test_folders() - set(OWN_TARGET)
+    assert folders <= named, f"make test misses {sorted(folders - named)}"
+    for folder, target in OWN_TARGET.items():
+        assert folder not in named, f"make test runs {folder}: it belongs to make {target}"
+        assert folder in _recipe_folders(makefile, target), f"make {target} does not run {folder}"
