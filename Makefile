@@ -32,8 +32,17 @@ test: setup-test chromium
 NDIF_VENV := .venv-ndif
 NDIF_REQUIREMENTS := tests/remote/requirements-ndif.txt
 
+# Ray's internal ports listen on every interface whatever address it is given, so where the
+# kernel allows it (root or user namespaces) the stack and the test run in a private network
+# namespace that has only a loopback device: nothing it opens can be reached from outside.
 test-remote: setup-test redis-server $(NDIF_VENV)/.installed
-	$(PYTEST) -s tests/remote
+	@if unshare -n true 2>/dev/null && command -v ip >/dev/null; then \
+	  echo "test-remote: in a private network namespace (loopback only)"; \
+	  unshare -n sh -c 'ip link set lo up && $(PYTEST) -s tests/remote'; \
+	else \
+	  echo "test-remote: no network namespace here; Ray's internal ports listen on all interfaces"; \
+	  $(PYTEST) -s tests/remote; \
+	fi
 
 $(NDIF_VENV)/.installed: $(NDIF_REQUIREMENTS) $(VENV)/.installed
 	test -x $(NDIF_VENV)/bin/python || $(BIN)/python -m venv $(NDIF_VENV)
