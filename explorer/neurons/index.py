@@ -532,8 +532,8 @@ def index_key(session, req: IndexRequest, corpus: dict, source: UnitSource | Non
     payload = {"model": info.name, "config_hash": info.config_hash, "dtype": info.dtype,
                "corpus": {k: corpus[k] for k in ("size", "head_sha256")}, "settings": _settings(req)}
     units = source.describe() if source is not None else None
-    if units is not None:
-        payload["units"] = units
+    if units is not None:  # the units' identity, not where their files are
+        payload["units"] = {k: v for k, v in units.items() if k != "path"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
