@@ -288,3 +288,46 @@ def test_cli_index_show_search_compare(tmp_path, tokenizer, corpus, capsys, sae_
     cmp = json.loads(capsys.readouterr().out)
     assert cmp["layer"] == LAYER and {"feature_concentration", "neuron_concentration", "feature_mean_score",
                                       "neuron_mean_score"} <= set(cmp)
+
+
+# ------------------------------------------------------------------ the app
+def test_the_features_tab_builds_and_shows_a_card(tiny_sessions, sae_dir, built, neuron_index):
+    import asyncio
+
+    import panel as pn
+    from bokeh.document import Document
+
+    from explorer.persistence.history import History
+    from widgets.app import TAB_HELP
+    from widgets.feature_view import FeatureView
+    from widgets.registry import figures_for
+
+    history = History()
+    view = FeatureView(tiny_sessions["llama"], history=history, background=False)
+    assert "Features" in TAB_HELP
+    view.sae_path = str(sae_dir)
+    assert view.open() is not None and view.index.n_units == WIDTH
+    view.feature = 9
+    card = asyncio.run(view.show_card())
+    assert card is not None and card.feature == 9 and view.error == ""
+    assert "Promotes" in view._card.object and "data-act" in view._examples.object
+    assert view._hist.object is not None
+    token = built.top_examples(LAYER, 9)[0].token
+    view.query = "token: " + token
+    hits = view.do_search()
+    assert hits, (repr(token), view.error)
+    assert [h.neuron for h in hits] == [h.neuron for h in search(built, token=token, limit=100)]
+    fired = asyncio.run(view.fire())
+    assert fired is not None and "feature" in view._fire.object
+    view.neuron_index = str(neuron_index.path)
+    cmp = view.compare()
+    assert cmp is not None and "concentration" in view._compare.object
+    kinds = [type(e.result).__name__ for e in history.entries]
+    assert kinds == ["FeatureProfile", "ExampleActivations", "UnitsOnText", "UnitComparison"]
+    for e in history.entries:
+        assert figures_for(e.result, {}) or type(e.result).__name__ == "ExampleActivations"
+    assert pn.panel(view).get_root(Document()) is not None
+    view.feature = WIDTH - 1
+    view.sae_path = str(sae_dir.parent)   # no index there
+    view.index = None
+    assert asyncio.run(view.show_card()) is None and "no feature index" in view.error
