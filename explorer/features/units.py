@@ -3,9 +3,14 @@
 ``SAEUnits`` is a unit source of the neuron index: one row (the SAE's layer), ``d_sae`` units,
 read from the output of the SAE's site module (the block for ``resid``, its MLP for ``mlp_out``;
 ``explorer.features.harvest.site_module``) and encoded exactly as the SAE's ``cfg.json`` defines
-(``SparseAutoencoder.encode``). Everything the neuron index offers then holds for features, in
-the same file format: top and random examples, histograms, firing frequency, token patterns,
-written explanations with simulation scores, search, and ``units_on_text``. The manifest's
+(``SparseAutoencoder.encode``). The first ``skip_first`` positions of every window (default 1)
+read as 0: a window's first token carries the attention-sink activation (~100× the others at
+SmolLM2's middle layers), which SAE training leaves out (``TrainConfig.skip_first``) and on which
+the features would fire at absurd values, filling every top-example list with position 0.
+
+Everything the neuron index offers then holds for features, in the same file format: top and
+random examples, histograms, firing frequency, token patterns, written explanations with
+simulation scores, search, and ``units_on_text``. The manifest's
 ``units`` entry names the SAE (its directory, a SHA-256 of its weights and its config), so the
 index re-reads its examples with the same SAE, or says that the SAE changed.
 
@@ -49,7 +54,7 @@ class SAEUnits(UnitSource):
     unit_name = "feature"
     read = "output"
 
-    def __init__(self, sae: SparseAutoencoder, path: str | Path | None = None) -> None:
+    def __init__(self, sae: SparseAutoencoder, path: str | Path | None = None, skip_first: int = 1) -> None:
         if sae.cfg.site is None:
             raise SAEError("the SAE's cfg.json names no hook (metadata.hook_name), so where it reads is unknown")
         self.sae = sae
@@ -59,6 +64,9 @@ class SAEUnits(UnitSource):
         src = path if path is not None else sae.cfg.metadata.get("source_path")
         self.path = str(Path(src).expanduser().resolve()) if src else None
         self.digest = weights_digest(sae)
+        if skip_first < 0:
+            raise SAEError(f"skip_first must be ≥ 0, got {skip_first}")
+        self.skip_first = skip_first
 
     @classmethod
     def from_manifest(cls, session, units: dict) -> SAEUnits:
@@ -67,7 +75,7 @@ class SAEUnits(UnitSource):
         if not path or not Path(path).exists():
             raise SAEError(f"the feature index's SAE ({path}) is no longer there; its examples cannot be re-read")
         sae = open_sae(session, path, any_model=True)
-        source = cls(sae, path)
+        source = cls(sae, path, skip_first=int(units.get("skip_first", 1)))
         want = (units.get("sae") or {}).get("weights_sha256")
         if want and want != source.digest:
             raise SAEError(f"the SAE at {path} changed since the index was built (weights {source.digest}, "
@@ -79,7 +87,9 @@ class SAEUnits(UnitSource):
         return [site_module(session, self.layer, self.site)]
 
     def units(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sae.encode(x)
+        f = self.sae.encode(x)
+        f[:, :self.skip_first] = 0.0   # the attention sink's positions (see the module docstring)
+        return f
 
     def activations(self, session, layers: list[int], ids: torch.Tensor) -> list[torch.Tensor]:
         if any(layer != self.layer for layer in layers):
@@ -87,12 +97,12 @@ class SAEUnits(UnitSource):
         self.sae = self.sae.to(session.device)
         x = activations(session, ids, self.layer, self.site).float()
         with torch.no_grad():
-            f = self.sae.encode(x)
+            f = self.units(x)
         return [f for _ in layers]
 
     def describe(self) -> dict[str, Any]:
         cfg = self.sae.cfg
-        return {"kind": self.kind, "unit_name": self.unit_name, "path": self.path,
+        return {"kind": self.kind, "unit_name": self.unit_name, "path": self.path, "skip_first": self.skip_first,
                 "sae": {"weights_sha256": self.digest, "architecture": cfg.architecture, "d_in": cfg.d_in,
                         "d_sae": cfg.d_sae, "k": cfg.k, "hook_name": hook_name(self.layer, self.site),
                         "layer": self.layer, "site": self.site, "model_name": cfg.metadata.get("model_name")}}
@@ -108,10 +118,11 @@ def default_feature_index_dir(sae_dir: str | Path) -> Path:
 
 def index_features(session, sae: str | Path | SparseAutoencoder, request: IndexRequest | str | None = None, /, *,
                    ctx: JobContext | None = None, out_dir: str | Path | None = None, any_model: bool = False,
-                   **fields: Any) -> NeuronIndex:
+                   skip_first: int = 1, **fields: Any) -> NeuronIndex:
     """Build (or resume, or reopen) the index of an SAE's features over a corpus: the neuron
     index (``explorer.neurons.index.build_index``, same request fields) with the SAE's latents as
-    its units. ``out_dir`` None: ``<SAE directory>/index`` (an in-memory SAE needs ``out_dir``).
+    its units. ``out_dir`` None: ``<SAE directory>/index`` (an in-memory SAE needs ``out_dir``);
+    ``skip_first``: leading positions of each window read as 0 (see the module docstring).
 
     >>> from explorer.features.train import train_sae
     >>> from explorer.features.units import index_features
@@ -127,7 +138,7 @@ def index_features(session, sae: str | Path | SparseAutoencoder, request: IndexR
         if path is None:
             raise SAEError("an SAE given as an object needs out_dir (where to write its index)")
         out_dir = default_feature_index_dir(path)
-    return build_index(session, request, ctx=ctx, out_dir=out_dir, source=SAEUnits(model, path), **fields)
+    return build_index(session, request, ctx=ctx, out_dir=out_dir, source=SAEUnits(model, path, skip_first), **fields)
 
 
 def open_feature_index(sae_dir: str | Path | None = None, index_dir: str | Path | None = None) -> NeuronIndex:

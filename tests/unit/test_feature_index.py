@@ -80,7 +80,7 @@ def reference_windows(tokenizer, corpus) -> np.ndarray:
 
 def plain_features(session, tokenizer, sae_dir, ids: np.ndarray) -> np.ndarray:
     """[windows, W, d_sae]: block 1's output from a plain copy of the model (forward hook), then
-    TopK encode by hand: h = (x − b_dec) W_enc + b_enc; the k largest through a ReLU."""
+    TopK encode by hand: h = (x − b_dec) W_enc + b_enc; the k largest through a ReLU; position 0 zero."""
     model = make_tiny_model("llama", len(tokenizer), seed=0)
     for (name, p), q in zip(model.named_parameters(), session.hf.parameters()):
         assert torch.equal(p, q), name
@@ -99,6 +99,7 @@ def plain_features(session, tokenizer, sae_dir, ids: np.ndarray) -> np.ndarray:
     out = torch.zeros_like(h)
     order = torch.argsort(h, dim=-1, descending=True)[..., :K]
     out.scatter_(-1, order, h.gather(-1, order).clamp(min=0))
+    out[:, 0] = 0   # each window's first position (the attention sink) reads as 0
     return out.float().numpy()
 
 
