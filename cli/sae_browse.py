@@ -94,9 +94,10 @@ def add_browse_commands(ssub) -> None:
 
 
 # ------------------------------------------------------------------------------ checks
-def _check_fits_config(sae, model: str | None) -> None:
-    """Width and layer of the SAE against the model's config.json, before the model loads."""
-    from explorer.core.session import read_config
+def _check_fits_config(sae, model: str | None, any_model: bool = False) -> None:
+    """Width, layer and model name of the SAE against the model's config.json and name, before
+    the model loads (the load checks again, config hash included)."""
+    from explorer.core.session import read_config, resolve_model
 
     if sae.cfg.site is None:
         raise ExplorerError("the SAE's cfg.json names no hook (metadata.hook_name), so where it reads is unknown")
@@ -109,6 +110,16 @@ def _check_fits_config(sae, model: str | None) -> None:
     layer = sae.cfg.site[0]
     if isinstance(n_layers, int) and layer >= n_layers:
         raise ExplorerError(f"the SAE reads layer {layer} but the model has layers 0..{n_layers - 1}")
+    trained_on = sae.cfg.metadata.get("model_name")
+    if trained_on and not any_model:
+        name, path = resolve_model(model)
+
+        def short(n) -> str:
+            return str(n or "").rstrip("/").split("/")[-1].lower()
+
+        if short(trained_on) not in (short(name), short(path)):
+            raise ExplorerError(f"the SAE was trained on {trained_on} but the model is {name}; "
+                                "pass --any-model to use it anyway")
 
 
 def _open(args):
@@ -127,7 +138,7 @@ def cmd_index(args) -> int:
     from explorer.neurons.index import IndexRequest
 
     sae = load_sae(args.sae)
-    _check_fits_config(sae, args.model)
+    _check_fits_config(sae, args.model, args.any_model)
     request = IndexRequest(corpus_path=args.corpus, max_tokens=args.max_tokens or None, window=args.window,
                            top_k=args.top_k, n_random=args.n_random, batch_windows=args.batch_windows,
                            corpus_format=args.format, text_field=args.text_field)

@@ -263,6 +263,8 @@ def test_cli_index_show_search_compare(tmp_path, tokenizer, corpus, capsys, sae_
         "hook_name": "blocks.1.hook_resid_post"})), tmp_path / "narrow")
     assert main(["sae", "index", *base, "--sae", str(narrow), "--corpus", str(corpus)]) == 2
     assert "width 16 but the model has d_model 64" in capsys.readouterr().err   # before the model loads
+    assert main(["sae", "index", *base, "--sae", str(sae_dir), "--corpus", str(corpus)]) == 2
+    assert "trained on tiny-llama but the model is model" in capsys.readouterr().err
     assert main(["sae", "show", "--sae", str(sae_cli), "--feature", "1", "--json"]) == 2
     assert "no feature index" in capsys.readouterr().err
     assert main(["sae", "index", *base, "--sae", str(sae_cli), "--corpus", str(corpus), "--max-tokens", "512",
