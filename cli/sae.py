@@ -16,7 +16,7 @@ def add_commands(sub) -> None:
                        description="Train a TopK sparse autoencoder on a block's residual output or MLP output "
                                    "(saved in the SAELens layout), or list a prompt's top SAE features.")
     ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION",
-                            help="train, encode, attribute, feature, vector, index, show, search or compare")
+                            help="train, encode, attribute, feature, vector, index, show, search, explain or compare")
 
     q = ssub.add_parser("train", help="train (or resume) a TopK SAE on one site",
                         description="Stream a corpus through the model (stopped after the chosen layer) and "

@@ -1,4 +1,4 @@
-"""``python -m explorer sae index|show|search|compare``: an SAE's features browsed like neurons.
+"""``python -m explorer sae index|show|search|explain|compare``: an SAE's features browsed like neurons.
 
 The feature index is the neuron index with the SAE's latents as its units
 (``explorer.features.units``); it lives in ``<SAE directory>/index`` unless ``--index``/``--out``
@@ -73,6 +73,22 @@ def add_browse_commands(ssub) -> None:
     add_json_arg(q, '{"query", "token", "results": [{"layer", "feature", "source", "kind", "description", '
                     '"score", "relevance"}, ...]}')
     q.set_defaults(fn=cmd_search)
+
+    q = ssub.add_parser("explain", help="write an explanation of a feature with a local instruct model and score it",
+                        description="Explain a feature from its top examples (as `neurons explain` does for a "
+                                    "neuron) and score the explanation by simulation; kept in the feature index.")
+    add_model_args(q)
+    _sae_arg(q)
+    _index_arg(q)
+    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
+                   help="local instruct model directory or cached hub id (default: the attached model)")
+    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
+    q.add_argument("--n-score", type=checks.positive_int, default=10,
+                   help="held-out top examples and random examples simulated for the score (each)")
+    q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
+    add_json_arg(q, "the explanation")
+    q.set_defaults(fn=cmd_explain)
 
     q = ssub.add_parser("compare", help="features vs neurons at the SAE's layer: pattern concentration, scores",
                         description="Compare the SAE's features with the MLP neurons of the same layer: mean "
@@ -220,6 +236,35 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _index_model(args, index) -> None:
+    """--model defaults to the index's own model, where it still is."""
+    if args.model is None:
+        path = index.manifest["model"].get("path")
+        if path and Path(path).is_dir():
+            args.model = path
+
+
+def cmd_explain(args) -> int:
+    from explorer.neurons.describe import explain_neuron
+
+    index = _open(args)
+    layer = index.layers[0]
+    index.check_neuron(layer, args.feature)
+    _index_model(args, index)
+    session = load_session(args)
+    e = explain_neuron(session, index=index, layer=layer, neuron=args.feature, explainer=args.explainer,
+                       n_explain=args.n_explain, n_score_top=args.n_score, n_score_random=args.n_score,
+                       refresh=args.refresh)
+    if args.json:
+        data = {k: v for k, v in e.to_dict().items() if k not in ("simulated", "true", "type", "neuron")}
+        print_json(dict(data, feature=args.feature))
+        return 0
+    print(f"feature {args.feature} (layer {layer}): responds to {e.explanation or '(no explanation)'}")
+    print(f"  score {e.score_text} ({e.score_note}; {e.n_top} top + {e.n_random} random examples, "
+          f"explainer {e.explainer})")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from explorer.neurons.index import NeuronIndex
     from explorer.neurons.units import compare_units, explain_sample
@@ -237,10 +282,7 @@ def cmd_compare(args) -> int:
     if args.explain:
         from explorer.neurons.describe import Explainer
 
-        if args.model is None:
-            path = features.manifest["model"].get("path")
-            if path and Path(path).is_dir():
-                args.model = path
+        _index_model(args, features)
         session = load_session(args)
         exp = Explainer.load(args.explainer, session)
         explainer = exp.name

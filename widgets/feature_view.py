@@ -28,7 +28,7 @@ import param
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import FAILED, Job, JobContext, Progress
 from explorer.features.browse import FeatureProfile, feature_profile
-from explorer.neurons.describe import SearchHit, example_activations, search
+from explorer.neurons.describe import Explanation, SearchHit, example_activations, explain_neuron, search
 from explorer.neurons.index import NeuronIndex
 from explorer.neurons.units import UnitComparison, UnitsOnText, compare_units, units_on_text
 from explorer.persistence.history import History
@@ -104,12 +104,16 @@ def hits_html(hits: list[SearchHit]) -> str:
 class FeatureView(pn.viewable.Viewer):
     """Browse an SAE's features: index, card, search, units on text, comparison with neurons."""
 
+    # how a feature is explained (see explorer.neurons.describe.ExplainRequest); the explainer is the model
+    explain_settings = dict(n_explain=8, n_score_top=5, n_score_random=5, max_new_tokens=24)
+
     sae_path = param.String(default="", label="SAE folder (SAELens layout)")
     max_tokens = param.Integer(default=100_000, bounds=(64, None), label="Tokens to index")
     open_index = param.Event(label="Open")
     build = param.Event(label="Build index")
     feature = param.Integer(default=0, bounds=(0, None), label="Feature")
     show = param.Event(label="Show card")
+    explain = param.Event(label="Explain (slow)")
     query = param.String(default="", label="Search descriptions (or token: he)")
     run_search = param.Event(label="Search")
     text = param.String(default="The capital of France is Paris.", label="Your text")
@@ -134,6 +138,7 @@ class FeatureView(pn.viewable.Viewer):
         self._examples = pn.pane.HTML("", css_classes=["features-examples"], sizing_mode="stretch_width",
                                       stylesheets=[EXAMPLES_CSS])
         self._hist = pn.pane.Bokeh(None, css_classes=["features-hist"], margin=(5, 10))
+        self._explanation = pn.pane.HTML("", css_classes=["features-explanation"], sizing_mode="stretch_width")
         self._search = pn.pane.HTML("", css_classes=["features-search"], sizing_mode="stretch_width")
         self._fire = pn.pane.HTML("", css_classes=["features-fire"], sizing_mode="stretch_width")
         self._compare = pn.pane.HTML("", css_classes=["features-compare"], sizing_mode="stretch_width")
@@ -235,6 +240,36 @@ class FeatureView(pn.viewable.Viewer):
             self.history.add(top, f"feature {f} top examples")
         return card
 
+    @param.depends("explain", watch=True)
+    async def _on_explain(self) -> None:
+        await self.explain_feature()
+
+    async def explain_feature(self) -> Explanation | None:
+        """Explain the feature with the attached model and score it by simulation (kept in the index)."""
+        if self.busy:
+            return None
+        self.busy = True
+        try:
+            index = self._need_index()
+            f = self.feature
+            self.status = f"Explaining feature {f} (a generation and a few simulations)…"
+            e = await asyncio.to_thread(explain_neuron, self.session, index=index, layer=index.layers[0], neuron=f,
+                                        **self.explain_settings)
+        except ExplorerError as e:
+            self.error = f"**Could not explain:** {e}"
+            return None
+        finally:
+            self.busy = False
+        self.error = ""
+        self.status = f"Explained feature {f}."
+        what = html.escape(e.explanation or "–")
+        self._explanation.object = (f"<div class='caption'>Feature {f} responds to <b>{what}</b>; "
+                                    f"simulation score {html.escape(e.score_text)} ({html.escape(e.score_note)}, "
+                                    f"{e.n_top} top + {e.n_random} random examples, {html.escape(e.explainer)})</div>")
+        if self.history is not None:
+            self.history.add(e, f"feature {f} explanation")
+        return e
+
     # ------------------------------------------------------------------ search and fire
     @param.depends("run_search", watch=True)
     def _on_search(self) -> None:
@@ -309,8 +344,9 @@ class FeatureView(pn.viewable.Viewer):
         card = pn.Column(
             pn.pane.Markdown("### Feature card"),
             pn.Row(pn.widgets.IntInput.from_param(p.feature, width=140),
-                   pn.widgets.Button.from_param(p.show, color="primary", css_classes=["features-show"])),
-            self._card, self._hist, self._examples, sizing_mode="stretch_width")
+                   pn.widgets.Button.from_param(p.show, color="primary", css_classes=["features-show"]),
+                   pn.widgets.Button.from_param(p.explain, css_classes=["features-explain"])),
+            self._explanation, self._card, self._hist, self._examples, sizing_mode="stretch_width")
         find = pn.Column(
             pn.pane.Markdown("### Search and your own text"),
             pn.Row(pn.widgets.TextInput.from_param(p.query, sizing_mode="stretch_width"),

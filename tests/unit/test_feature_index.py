@@ -147,6 +147,18 @@ def test_explanation_scoring_reads_the_features(built, reference, tiny_sessions)
     np.testing.assert_allclose(rand.token_activations, acts[rand.window_index, :, 4], atol=1e-4, rtol=1e-4)
 
 
+def test_a_feature_is_explained_and_scored_on_its_true_activations(built, reference, tiny_sessions, tmp_path):
+    from explorer.neurons.describe import DescriptionStore, explain_neuron
+
+    windows, acts = reference
+    store = DescriptionStore(tmp_path)                   # not the index's: other tests count its explanations
+    e = explain_neuron(tiny_sessions["llama"], index=built, layer=LAYER, neuron=4, store=store, n_explain=2,
+                       n_score_top=1, n_score_random=1, max_new_tokens=4)
+    scored = [built.top_examples(LAYER, 4)[1], built.random_examples(LAYER, 4)[0]]
+    np.testing.assert_allclose(e.true, acts[[x.window_index for x in scored], :, 4], atol=1e-4, rtol=1e-4)
+    assert e.simulated.shape == e.true.shape and store.get_explanation(LAYER, 4, e.explainer) is not None
+
+
 def test_units_on_text_equal_the_plain_encode(built, tiny_sessions, tokenizer, sae_dir):
     session = tiny_sessions["llama"]
     text = "The nurse said that she was tired"
@@ -287,10 +299,15 @@ def test_cli_index_show_search_compare(tmp_path, tokenizer, corpus, capsys, sae_
     assert main(["neurons", "index", *base, "--corpus", str(corpus), "--max-tokens", "512", "--window", "32",
                  "--top-k", "4", "--n-random", "3", "--out", str(tmp_path / "nidx"), "--json"]) == 0
     capsys.readouterr()
+    assert main(["sae", "explain", *base, "--sae", str(sae_cli), "--feature", "3", "--n-explain", "2",
+                 "--n-score", "1", "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["feature"] == 3 and {"explanation", "score", "explainer"} <= set(explained)
     assert main(["sae", "compare", "--sae", str(sae_cli), "--neurons", str(tmp_path / "nidx"), "--json"]) == 0
     cmp = json.loads(capsys.readouterr().out)
     assert cmp["layer"] == LAYER and {"feature_concentration", "neuron_concentration", "feature_mean_score",
                                       "neuron_mean_score"} <= set(cmp)
+    assert cmp["feature_explained"] == 1 and cmp["neuron_explained"] == 0
 
 
 # ------------------------------------------------------------------ the app
@@ -322,13 +339,16 @@ def test_the_features_tab_builds_and_shows_a_card(tiny_sessions, sae_dir, built,
     assert [h.neuron for h in hits] == [h.neuron for h in search(built, token=token, limit=100)]
     fired = asyncio.run(view.fire())
     assert fired is not None and "feature" in view._fire.object
+    view.explain_settings = dict(n_explain=2, n_score_top=1, n_score_random=1, max_new_tokens=4)
+    explained = asyncio.run(view.explain_feature())
+    assert explained is not None and "simulation score" in view._explanation.object
     view.neuron_index = str(neuron_index.path)
     cmp = view.compare()
     assert cmp is not None and "concentration" in view._compare.object
     kinds = [type(e.result).__name__ for e in history.entries]
-    assert kinds == ["FeatureProfile", "ExampleActivations", "UnitsOnText", "UnitComparison"]
+    assert kinds == ["FeatureProfile", "ExampleActivations", "UnitsOnText", "Explanation", "UnitComparison"]
     for e in history.entries:
-        assert figures_for(e.result, {}) or type(e.result).__name__ == "ExampleActivations"
+        assert figures_for(e.result, {})
     assert pn.panel(view).get_root(Document()) is not None
     view.feature = WIDTH - 1
     view.sae_path = str(sae_dir.parent)   # no index there
