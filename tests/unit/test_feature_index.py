@@ -349,6 +349,14 @@ def test_the_features_tab_builds_and_shows_a_card(tiny_sessions, sae_dir, built,
     assert kinds == ["FeatureProfile", "ExampleActivations", "UnitsOnText", "Explanation", "UnitComparison"]
     for e in history.entries:
         assert figures_for(e.result, {})
+    # the results go into a snapshot and its HTML export, and come back out
+    from explorer.persistence.snapshot import read_snapshot, snapshot_bytes
+    from widgets.export import snapshot_page
+
+    back = read_snapshot(snapshot_bytes(history.entries))
+    assert [type(e.result).__name__ for e in back.entries] == kinds
+    assert back.entries[0].result.to_dict() == card.to_dict()
+    assert "Promotes" in snapshot_page(back)
     assert pn.panel(view).get_root(Document()) is not None
     view.feature = WIDTH - 1
     view.sae_path = str(sae_dir.parent)   # no index there
