@@ -24,6 +24,14 @@ device it updates:
   |a| < 1e-3, and an underflow and an overflow bin; a quantile is linearly interpolated in its
   bin (bounded by the exact minimum and maximum), so its relative error is about ±8%.
 
+**Units.** The neurons are one *unit source* (``UnitSource``): the arrays have one row per
+indexed layer and one column per unit. ``build_index(..., source=...)`` indexes another source
+with the same code and file format; ``explorer.features.units.SAEUnits`` is an SAE's latents at
+its layer (one row), and its manifest adds a ``units`` entry (kind, layers, count, the SAE) that
+the neuron index's manifest does not have, so neuron indexes are written exactly as before.
+Readers take model layers (``NeuronIndex.layers``, ``row``); "neuron" in the names below means
+any unit.
+
 State is O(layers × neurons × (top_k + n_random + bins)), whatever the corpus size; the token
 ids of the windows seen are appended to a work file on disk (4 bytes per token) so the kept
 windows can be gathered at the end. Every ``checkpoint_seconds`` (or ``checkpoint_every``
