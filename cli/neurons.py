@@ -133,13 +133,13 @@ def cmd_index(args) -> int:
 
 
 # ------------------------------------------------------------------------------ show
-def _example_json(e) -> dict:
+def example_json(e) -> dict:
     return {"tokens": [str(t) for t in e.tokens], "token_ids": [int(i) for i in e.token_ids],
             "position": e.position, "activation": e.activation, "token": e.token,
             "window_index": e.window_index, "doc": e.doc, "offset": e.offset}
 
 
-def _context(e, before: int = 12, after: int = 3) -> str:
+def example_context(e, before: int = 12, after: int = 3) -> str:
     lo, hi = max(0, e.position - before), min(len(e.tokens), e.position + after + 1)
     pieces = [repr(str(t))[1:-1] for t in e.tokens[lo:hi]]
     k = e.position - lo
@@ -160,8 +160,8 @@ def cmd_show(args) -> int:
     descriptions = DescriptionStore(index.path).for_neuron(args.layer, args.neuron)
     if args.json:
         print_json({"layer": args.layer, "neuron": args.neuron, "model": index.model_name,
-                    "tokens_indexed": index.tokens_done, "top": [_example_json(e) for e in top],
-                    "random": [_example_json(e) for e in rand], "pattern": pattern.summary,
+                    "tokens_indexed": index.tokens_done, "top": [example_json(e) for e in top],
+                    "random": [example_json(e) for e in rand], "pattern": pattern.summary,
                     "pattern_detail": pattern.to_dict(), "stats": stats.to_dict(),
                     "descriptions": descriptions})
         return 0
@@ -175,10 +175,10 @@ def cmd_show(args) -> int:
         print(f"  [{d['source']}] {d['description']}{score}")
     print("top examples:")
     for i, e in enumerate(top):
-        print(f"  {i + 1:3d}  {e.activation:9.4g}  {_context(e)}")
+        print(f"  {i + 1:3d}  {e.activation:9.4g}  {example_context(e)}")
     print("random examples:")
     for e in rand[:10]:
-        print(f"       {e.activation:9.4g}  {_context(e)}")
+        print(f"       {e.activation:9.4g}  {example_context(e)}")
     return 0
 
 

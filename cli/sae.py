@@ -1,4 +1,5 @@
-"""``python -m explorer sae``: train a TopK sparse autoencoder on one site; encode a prompt with an SAE."""
+"""``python -m explorer sae``: train a TopK sparse autoencoder on one site; encode a prompt with an SAE;
+index, show, search and compare its features (``cli.sae_browse``)."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from cli import checks
 from cli.common import add_json_arg, add_model_args, load_session, log, print_json
+from cli.sae_browse import add_browse_commands
 from explorer.core.errors import ExplorerError
 
 
@@ -14,7 +16,7 @@ def add_commands(sub) -> None:
                        description="Train a TopK sparse autoencoder on a block's residual output or MLP output "
                                    "(saved in the SAELens layout), or list a prompt's top SAE features.")
     ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION",
-                            help="train, encode, attribute, feature or vector")
+                            help="train, encode, attribute, feature, vector, index, show, search, explain or compare")
 
     q = ssub.add_parser("train", help="train (or resume) a TopK SAE on one site",
                         description="Stream a corpus through the model (stopped after the chosen layer) and "
@@ -84,6 +86,7 @@ def add_commands(sub) -> None:
     q.add_argument("--out", required=True, metavar="VEC.safetensors", help="where to write the vector")
     add_json_arg(q, '{"out", "layer", "feature", "method"}')
     q.set_defaults(fn=cmd_vector)
+    add_browse_commands(ssub)
 
 
 def cmd_vector(args) -> int:

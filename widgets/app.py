@@ -21,6 +21,7 @@ from explorer.persistence.snapshot import SnapshotError, model_identity, snapsho
 
 from .ablation_view import AblationView
 from .export import snapshot_page
+from .feature_view import FeatureView
 from .generate_view import GenerateView
 from .heads_view import HeadsView
 from .intervention_view import InterventionView
@@ -119,6 +120,12 @@ TAB_HELP = {
         "### Sparse autoencoders\nTrain a TopK SAE on one layer's residual (or MLP output) over a corpus: FVU, "
         "L0, dead latents and the loss with the reconstruction spliced in fill in live; *Cancel* keeps a "
         "checkpoint, *Resume* continues it. Encode a prompt to see which features fire where."),
+    "Features": (
+        "### Features\nBrowse an SAE's features as the Neurons tab browses neurons, through the same index: "
+        "*Build index* (or *Open*) for the SAE folder, then a feature's **card**: top examples shaded by "
+        "activation, its histogram, top inputs (the tokens it fires on; the embedding through its encoder "
+        "direction) and the output tokens its decoder direction promotes. Search descriptions (or `token: he`), "
+        "ask which features fire on your own text, and compare features with the neurons of the same layer."),
 }
 SNAPSHOT_TAB_HELP = ("### A saved snapshot\nEvery chart as it was saved, without running the model. "
                      "*Continue from here* loads a result's settings into its live tab.")
@@ -202,6 +209,10 @@ class ExplorerApp(pn.viewable.Viewer):
         self.swap.param.watch(lambda e: setattr(self.steering.compare, "session_run",
                                                 e.new.out_dir if e.new is not None else ""), "result")
         self.sae = SAETrainView(session, history=self.history)
+        self.features = FeatureView(session, history=self.history)
+        # The last trained SAE's folder is the Features tab's default.
+        self.sae.param.watch(lambda e: setattr(self.features, "sae_path", e.new) if not self.features.sae_path
+                             else None, "sae_path")
         self.probes = ProbesView(session, history=self.history)
         self.patchscope = PatchscopeView(session, history=self.history)
         # "Ablate this neuron / all hits" in the neuron tab: select them in the ablation tab, show it.
@@ -219,6 +230,7 @@ class ExplorerApp(pn.viewable.Viewer):
             ("Probes", self.probes),
             ("Patchscope", self.patchscope),
             ("Train SAE", self.sae),
+            ("Features", self.features),
         ]
 
     def attach(self, session: ModelSession) -> None:
@@ -313,6 +325,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self.ablation.close()
         self.swap.close()  # a running intervention stops after its step, checkpointed
         self.sae.close()   # a running SAE training stops after its forward pass, checkpointed
+        self.features.close()  # a feature index build stops after its batch, checkpointed
         self.generate.close()  # a generation stops within one token
         self.steering.close()  # an alpha sweep stops after its current value
         for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):

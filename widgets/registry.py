@@ -30,6 +30,7 @@ from explorer.analyses.patchscope import PatchscopeResult
 from explorer.analyses.probes import ProbeResult
 from explorer.core.results import Result
 from explorer.features.attribution import FeatureAttribution
+from explorer.features.browse import FeatureProfile
 from explorer.features.card import FeatureCard
 from explorer.features.encode import FeatureActivations
 from explorer.features.train import SAETrainResult
@@ -39,6 +40,7 @@ from explorer.interventions.patching import PatchResult
 from explorer.interventions.steering import SteeringVector, SteerResult, SteerSweepResult
 from explorer.neurons.describe import ExampleActivations, Explanation, SearchHit, TokenPattern
 from explorer.neurons.index import NeuronExample, NeuronHistogram, NeuronStats, PromptActivation, SelectiveNeurons
+from explorer.neurons.units import UnitComparison, UnitsOnText
 from explorer.persistence.snapshot import Entry
 from explorer.training.bias import BiasResult, PairScores
 from explorer.training.bias_datasets import BiasDatasetResult
@@ -48,6 +50,7 @@ from explorer.training.steer_compare import SteerCompareResult
 from explorer.training.swap import SwapAudit
 
 from . import feature_figures as ff
+from . import feature_view as fv
 from . import figures as f
 from . import probe_charts as pc
 from . import steering_figures as sf
@@ -129,6 +132,9 @@ KINDS: tuple[Kind, ...] = (
     Kind(FeatureActivations, "SAE features", FEATURES, ff.sae_feature_figures),
     Kind(FeatureAttribution, "SAE attribution", FEATURES, ff.sae_attribution_figures),
     Kind(FeatureCard, "SAE feature card", FEATURES),
+    Kind(FeatureProfile, "feature card", FEATURES, fv.profile_figures),
+    Kind(UnitsOnText, "units firing on a text", FEATURES, fv.fired_figures),
+    Kind(UnitComparison, "features vs neurons", FEATURES, fv.comparison_figures),
 )
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(k.group for k in KINDS))
 

@@ -53,7 +53,7 @@ from explorer.core.requests import build_request
 from explorer.core.results import Result, array
 from explorer.core.session import ModelSession, resolve_model
 from explorer.core.unembed import Unembedding
-from explorer.neurons.index import NeuronExample, NeuronIndex, neuron_activations
+from explorer.neurons.index import NeuronExample, NeuronIndex
 
 
 class DescribeError(ExplorerError):
@@ -415,7 +415,7 @@ def _example_arrays(index: NeuronIndex, session, layer: int, neuron: int,
     if not examples:
         return np.zeros((0, index.window), dtype=np.float32)
     ids = torch.from_numpy(np.stack([e.token_ids for e in examples]))
-    (acts,) = neuron_activations(session, [layer], ids)
+    acts = index.unit_activations(session, layer, ids)   # the neurons, or the index's other units
     return acts[:, :, neuron].cpu().numpy().astype(np.float32)
 
 
@@ -873,7 +873,7 @@ def search(where: str | Path | NeuronIndex, query: str | None = None, token: str
             groups = [set(wanted)]
         else:
             groups = [{i for i, s in vocab.items() if _matches(s, [w])} for w in words]
-        fire = index.firing_token_ids()                    # [L, N, k]
+        fire = index.firing_token_ids()                    # [rows, N, k]
         acts = np.maximum(index.arrays["top_act"], 0.0)
         valid = index.arrays["top_row"] >= 0
         if all(groups):
@@ -884,10 +884,11 @@ def search(where: str | Path | NeuronIndex, query: str | None = None, token: str
             hit_mask = np.isin(fire, list(allowed)) & valid
             total = (acts * valid).sum(-1)
             share = np.where(total > 0, (acts * hit_mask).sum(-1) / np.where(total > 0, total, 1), 0.0)
-            for layer, neuron in zip(*np.nonzero(mask)):
-                pat = token_pattern(index, int(layer), int(neuron))
-                hits.append(SearchHit(int(layer), int(neuron), "pattern", "pattern", pat.summary, None,
-                                      float(share[layer, neuron])))
+            layers = index.layers                          # the model layer of each array row
+            for row, neuron in zip(*np.nonzero(mask)):
+                pat = token_pattern(index, layers[row], int(neuron))
+                hits.append(SearchHit(layers[row], int(neuron), "pattern", "pattern", pat.summary, None,
+                                      float(share[row, neuron])))
     # imported records' patterns
     for d in store.imported():
         if d.get("kind") == "record" and (token is not None or words):

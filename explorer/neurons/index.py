@@ -24,6 +24,14 @@ device it updates:
   |a| < 1e-3, and an underflow and an overflow bin; a quantile is linearly interpolated in its
   bin (bounded by the exact minimum and maximum), so its relative error is about ±8%.
 
+**Units.** The neurons are one *unit source* (``UnitSource``): the arrays have one row per
+indexed layer and one column per unit. ``build_index(..., source=...)`` indexes another source
+with the same code and file format; ``explorer.features.units.SAEUnits`` is an SAE's latents at
+its layer (one row), and its manifest adds a ``units`` entry (kind, layers, count, the SAE) that
+the neuron index's manifest does not have, so neuron indexes are written exactly as before.
+Readers take model layers (``NeuronIndex.layers``, ``row``); "neuron" in the names below means
+any unit.
+
 State is O(layers × neurons × (top_k + n_random + bins)), whatever the corpus size; the token
 ids of the windows seen are appended to a work file on disk (4 bytes per token) so the kept
 windows can be gathered at the end. Every ``checkpoint_seconds`` (or ``checkpoint_every``
@@ -171,6 +179,58 @@ def neuron_activations(session, layers: list[int], ids: torch.Tensor) -> list[to
                 saved[layer] = submodule(blocks[layer], path).input.save()
             tracer.stop()
     return [saved[layer].detach().float() for layer in layers]
+
+
+class UnitSource:
+    """Where an index's units come from: the per-layer activations it reduces.
+
+    The index's arrays have one row per entry of ``layers`` (model layers, in execution order)
+    and ``n_units`` units per row. A source names, for each row, the module whose input
+    (``read="input"``) or output (``"output"``) holds the site, and turns that tensor into unit
+    activations [B, T, n_units] (``units``). ``NeuronUnits`` (the default) reads every layer's MLP
+    neurons; ``explorer.features.units.SAEUnits`` an SAE's latents at its layer and site. A
+    source that is not the neurons adds ``describe()`` to the manifest (and to the index's key).
+    """
+
+    kind = "neurons"
+    unit_name = "neuron"
+    read = "input"
+    layers: tuple[int, ...] = ()
+    n_units: int = 0
+
+    def modules(self, session) -> list[torch.nn.Module]:
+        """One module per row, in the order of ``layers``."""
+        raise NotImplementedError
+
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit activations [B, T, n_units] of the site tensor ``x`` (on the index's device)."""
+        return x
+
+    def activations(self, session, layers: list[int], ids: torch.Tensor) -> list[torch.Tensor]:
+        """Unit activations [B, T, n_units] float32 of ``layers`` for token ids [B, T] (re-reading
+        stored examples; the pass may stop after the last site)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict | None:
+        """The manifest's ``units`` entry (None for the neurons: their manifest has none)."""
+        return None
+
+    def site_text(self, session) -> str:
+        return f"{session.adapter.blocks}.<layer>.{session.adapter.mlp_out} input"
+
+
+class NeuronUnits(UnitSource):
+    """Every layer's MLP neurons: the input of each block's MLP out-projection."""
+
+    def __init__(self, session) -> None:
+        self.layers = tuple(range(session.n_layers))
+        self.n_units = geometry(session).d_mlp
+
+    def modules(self, session) -> list[torch.nn.Module]:
+        return [blk.get_submodule(session.adapter.mlp_out) for blk in session.hf_blocks()]
+
+    def activations(self, session, layers: list[int], ids: torch.Tensor) -> list[torch.Tensor]:
+        return neuron_activations(session, layers, ids)
 
 
 @dataclass(frozen=True, eq=False)
@@ -477,11 +537,15 @@ def _settings(req: IndexRequest) -> dict:
     return d
 
 
-def index_key(session, req: IndexRequest, corpus: dict) -> str:
-    """Hash of everything that determines an index: model, corpus, settings."""
+def index_key(session, req: IndexRequest, corpus: dict, source: UnitSource | None = None) -> str:
+    """Hash of everything that determines an index: model, corpus, settings (and units, where
+    they are not the neurons)."""
     info = session.info()
     payload = {"model": info.name, "config_hash": info.config_hash, "dtype": info.dtype,
                "corpus": {k: corpus[k] for k in ("size", "head_sha256")}, "settings": _settings(req)}
+    units = source.describe() if source is not None else None
+    if units is not None:  # the units' identity, not where their files are
+        payload["units"] = {k: v for k, v in units.items() if k != "path"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -500,10 +564,11 @@ def _resolve_corpus(req: IndexRequest) -> IndexRequest:
 
 
 def _manifest(session, req: IndexRequest, corpus: dict, key: str, state: _State, complete: bool,
-              elapsed: float) -> dict:
+              elapsed: float, source: UnitSource | None = None) -> dict:
     info = session.info()
     fmt = req.corpus_format if req.corpus_format != "auto" else detect_format(req.corpus_path)
-    return {
+    units = source.describe() if source is not None else None
+    manifest = {
         "format": FORMAT, "version": VERSION, "key": key, "complete": complete,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": {"name": info.name, "path": info.path, "config_hash": info.config_hash,
@@ -520,6 +585,11 @@ def _manifest(session, req: IndexRequest, corpus: dict, key: str, state: _State,
         "quantiles": (f"approximate: per-neuron histogram of a 1-in-{req.hist_stride} token subsample, "
                       f"{_BINS_PER_DECADE} log bins per decade for |a| in [1e-3, 1e3], interpolated"),
     }
+    if units is not None:  # another unit source: the model entry keeps the model's own sizes
+        manifest["model"].update(n_layers=session.n_layers, d_mlp=geometry(session).d_mlp,
+                                 site=source.site_text(session))
+        manifest["units"] = dict(units, layers=list(source.layers), n_units=source.n_units)
+    return manifest
 
 
 class _Work:
@@ -566,7 +636,7 @@ def _checkpoint(work: _Work, state: _State, key: str) -> None:
 
 
 def _finalize(session, out: Path, work: _Work, state: _State, req: IndexRequest, corpus: dict, key: str,
-              complete: bool, elapsed: float) -> None:
+              complete: bool, elapsed: float, source: UnitSource | None = None) -> None:
     arr = state.arrays()
     top_win, rand_win = arr["top_win"], arr["rand_win"]
     kept = np.unique(np.concatenate([top_win[top_win >= 0], rand_win[rand_win >= 0]]))
@@ -597,7 +667,7 @@ def _finalize(session, out: Path, work: _Work, state: _State, req: IndexRequest,
     save_arrays(out / "index.safetensors", arrays)
     atomic_write_text(out / "vocab.json", json.dumps({"ids": vocab_ids.tolist(), "strings": strings},
                                                       ensure_ascii=False))
-    manifest = _manifest(session, req, corpus, key, state, complete, elapsed)
+    manifest = _manifest(session, req, corpus, key, state, complete, elapsed, source)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
@@ -605,28 +675,42 @@ class _LastSite(Exception):
     """Raised at the last neuron site: the rest of the forward pass is not needed."""
 
 
-def _reduce_batch(session, state: _State, ids: torch.Tensor, win_ids: list[int]) -> None:
-    """Run the model on ``ids`` [B, W] and reduce every layer's neuron activations into ``state``.
+def _reduce_batch(session, state: _State, ids: torch.Tensor, win_ids: list[int],
+                  source: UnitSource | None = None) -> None:
+    """Run the model on ``ids`` [B, W] and reduce every row's unit activations into ``state``.
 
-    A forward pre-hook on each layer's MLP out-projection hands its input to ``state.add_layer``
-    as the forward reaches it, and the last one stops the pass (the last block's tail, the final
-    norm and the unembedding are never run). Plain PyTorch hooks on the attached model, not an
-    nnsight trace: a trace hands every one of the model's ~400 modules through its interleaver,
-    ~3% of this forward, for nothing this read-only pass needs. The hooks exist only while the
-    session lock is held, so no other forward ever runs them.
+    A forward (pre-)hook on each row's module (``source.modules``; the neurons: each layer's MLP
+    out-projection, whose input they are) hands the site to ``state.add_layer`` (through
+    ``source.units``) as the forward reaches it, and the last one stops the pass (the rest of
+    the model is never run). Plain PyTorch hooks on the attached model, not an nnsight trace: a
+    trace hands every one of the model's ~400 modules through its interleaver, ~3% of this
+    forward, for nothing this read-only pass needs. The hooks exist only while the session lock
+    is held, so no other forward ever runs them.
     """
-    mods = [blk.get_submodule(session.adapter.mlp_out) for blk in session.hf_blocks()]
+    source = source if source is not None else NeuronUnits(session)
+    mods = source.modules(session)
 
-    def hook(layer: int):
+    def pre_hook(row: int):
         def pre(module, args):
-            state.add_layer(layer, args[0].to(state.device))  # a sharded model's layer may sit elsewhere
-            if layer == len(mods) - 1:
+            state.add_layer(row, source.units(args[0].to(state.device)))  # a sharded model's layer may sit elsewhere
+            if row == len(mods) - 1:
                 raise _LastSite
         return pre
 
+    def post_hook(row: int):
+        def post(module, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            state.add_layer(row, source.units(x.to(state.device)))
+            if row == len(mods) - 1:
+                raise _LastSite
+        return post
+
     with torch.no_grad(), session.lock:
         state.begin(win_ids)
-        handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in enumerate(mods)]
+        if source.read == "input":
+            handles = [m.register_forward_pre_hook(pre_hook(row)) for row, m in enumerate(mods)]
+        else:
+            handles = [m.register_forward_hook(post_hook(row)) for row, m in enumerate(mods)]
         try:
             session.hf(ids)
         except _LastSite:
@@ -643,14 +727,16 @@ def _hist_tokens(windows: int, req: IndexRequest) -> int:
 
 def build_index(session: ModelSession, request: IndexRequest | str | None = None, /, *,
                 ctx: JobContext | None = None, out_dir: str | Path | None = None,
-                **fields: Any) -> NeuronIndex:
+                source: UnitSource | None = None, **fields: Any) -> NeuronIndex:
     """Build (or resume, or reopen) the neuron index of a corpus; see the module docstring.
 
     A string request is the corpus path. ``out_dir`` None uses ``cache_dir()/neurons/<key>``
-    (key: model, corpus, settings). A complete index there with the same key is opened, not
-    rebuilt. Progress goes to ``ctx.report(tokens_done, tokens_total, message="… tokens/s, ETA
-    …")``; when ``ctx`` is cancelled the build checkpoints, writes a partial index (``complete``
-    False) and returns it; calling again resumes.
+    (key: model, corpus, settings, and the units where ``source`` is not the neurons). A complete
+    index there with the same key is opened, not rebuilt. ``source`` None indexes every layer's
+    MLP neurons; ``explorer.features.units.SAEUnits(sae)`` an SAE's features (``index_features``).
+    Progress goes to ``ctx.report(tokens_done, tokens_total, message="… tokens/s, ETA …")``;
+    when ``ctx`` is cancelled the build checkpoints, writes a partial index (``complete`` False)
+    and returns it; calling again resumes.
 
     >>> from explorer import build_index
     >>> index = build_index(session, max_tokens=256, window=32, top_k=4, n_random=2, out_dir="index")
@@ -661,7 +747,7 @@ def build_index(session: ModelSession, request: IndexRequest | str | None = None
     req = _resolve_corpus(build_request(IndexRequest, request, fields))
     _check_request(session, req)
     corpus = corpus_fingerprint(req.corpus_path)
-    key = index_key(session, req, corpus)
+    key = index_key(session, req, corpus, source)
     out = Path(out_dir).expanduser() if out_dir is not None else default_index_dir(key)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
@@ -679,7 +765,8 @@ def build_index(session: ModelSession, request: IndexRequest | str | None = None
             raise IndexError_(f"{out} exists and is not a neuron index; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    L, N = session.n_layers, geometry(session).d_mlp
+    source = source if source is not None else NeuronUnits(session)
+    L, N = len(source.layers), source.n_units
     state = _State(L, N, req, session.device)
     work = _Work(out, req.window)
     saved = work.job.read()
@@ -713,7 +800,7 @@ def build_index(session: ModelSession, request: IndexRequest | str | None = None
             cancelled = True
             break
         ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(session.device)
-        _reduce_batch(session, state, ids, [w.index for w in batch])
+        _reduce_batch(session, state, ids, [w.index for w in batch], source)
         work.append(batch)
         state.cursor = batch[-1].end
         since_ckpt += 1
@@ -738,9 +825,9 @@ def build_index(session: ModelSession, request: IndexRequest | str | None = None
     elapsed = time.monotonic() - t0
     if cancelled:
         _checkpoint(work, state, key)
-        _finalize(session, out, work, state, req, corpus, key, False, elapsed)
+        _finalize(session, out, work, state, req, corpus, key, False, elapsed, source)
     else:
-        _finalize(session, out, work, state, req, corpus, key, True, elapsed)
+        _finalize(session, out, work, state, req, corpus, key, True, elapsed, source)
         shutil.rmtree(work.dir, ignore_errors=True)
     if ctx is not None:
         done = state.windows_done * req.window
@@ -908,7 +995,7 @@ class NeuronIndex:
         for name in need:
             if name not in a:
                 return f"index.safetensors lacks the array '{name}'"
-        L, N = m["model"]["n_layers"], m["model"]["d_mlp"]
+        L, N = len(self.layers), self.n_units
         k, R, W = m["settings"]["top_k"], m["settings"]["n_random"], m["settings"]["window"]
         shapes = {"top_act": (L, N, k), "top_row": (L, N, k), "top_pos": (L, N, k), "rand_row": (R,),
                   "rand_pos": (L, N, R), "rand_act": (L, N, R), "n_pos": (L, N), "act_min": (L, N),
@@ -932,6 +1019,59 @@ class NeuronIndex:
     def d_mlp(self) -> int:
         return int(self.manifest["model"]["d_mlp"])
 
+    # An index's units are the model's MLP neurons, or (``manifest["units"]``) another source's,
+    # e.g. an SAE's features at one layer: its arrays have one row per entry of ``layers``.
+    @property
+    def units(self) -> dict | None:
+        """The manifest's ``units`` entry (kind, layers, n_units, …), None for a neuron index."""
+        return self.manifest.get("units")
+
+    @property
+    def unit_kind(self) -> str:
+        return str(self.units["kind"]) if self.units else "neurons"
+
+    @property
+    def unit_name(self) -> str:
+        """What one unit is called: "neuron", or "feature" for an SAE's."""
+        return str(self.units.get("unit_name", "unit")) if self.units else "neuron"
+
+    @property
+    def layers(self) -> list[int]:
+        """The model layers indexed, one array row each (every layer for neurons)."""
+        if self.units:
+            return [int(x) for x in self.units["layers"]]
+        return list(range(self.n_layers))
+
+    @property
+    def n_units(self) -> int:
+        """Units per layer (d_mlp for neurons, d_sae for an SAE's features)."""
+        return int(self.units["n_units"]) if self.units else self.d_mlp
+
+    def row(self, layer: int) -> int:
+        """The array row of a model layer (checked)."""
+        if self.units is None:
+            return layer
+        layers = self.layers
+        if layer not in layers:
+            raise IndexError_(f"layer {layer} is not indexed: this {self.unit_kind} index holds layer "
+                              f"{', '.join(map(str, layers))}")
+        return layers.index(layer)
+
+    def source(self, session) -> UnitSource:
+        """The unit source the index was built from, for ``session`` (re-reading examples)."""
+        if self.units is None:
+            return NeuronUnits(session)
+        if self.unit_kind == "sae":
+            from explorer.features.units import SAEUnits  # the SAE package builds on this one
+
+            return SAEUnits.from_manifest(session, self.units)
+        raise IndexError_(f"{self.path}: unknown unit source {self.unit_kind!r}")
+
+    def unit_activations(self, session, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, n_units] float32: every unit of ``layer`` at every token of ids [B, T]."""
+        (acts,) = self.source(session).activations(session, [layer], ids)
+        return acts
+
     @property
     def window(self) -> int:
         return int(self.manifest["settings"]["window"])
@@ -953,6 +1093,13 @@ class NeuronIndex:
         return str(self.manifest["model"]["name"])
 
     def check_neuron(self, layer: int, neuron: int) -> None:
+        """Raise unless (``layer``, ``neuron``) is a unit of the index (a feature, for an SAE's)."""
+        if self.units is not None:
+            self.row(layer)
+            if not 0 <= neuron < self.n_units:
+                raise IndexError_(f"{self.unit_name} {neuron} is out of range: the index has "
+                                  f"{self.unit_name}s 0..{self.n_units - 1}")
+            return
         if not 0 <= layer < self.n_layers:
             raise IndexError_(f"layer {layer} is out of range: the index has layers 0..{self.n_layers - 1}")
         if not 0 <= neuron < self.d_mlp:
@@ -980,7 +1127,8 @@ class NeuronIndex:
         """The neuron's top examples, highest activation first."""
         self.check_neuron(layer, neuron)
         a = self.arrays
-        rows, pos, act = a["top_row"][layer, neuron], a["top_pos"][layer, neuron], a["top_act"][layer, neuron]
+        r = self.row(layer)
+        rows, pos, act = a["top_row"][r, neuron], a["top_pos"][r, neuron], a["top_act"][r, neuron]
         out = [self._example(layer, neuron, "top", r, rows[r], pos[r], act[r])
                for r in range(len(rows)) if rows[r] >= 0]
         return out[:n] if n is not None else out
@@ -989,35 +1137,37 @@ class NeuronIndex:
         """The random sample's windows with this neuron's activation at its random position."""
         self.check_neuron(layer, neuron)
         a = self.arrays
-        rows = a["rand_row"]
-        out = [self._example(layer, neuron, "random", r, rows[r], a["rand_pos"][layer, neuron, r],
-                             a["rand_act"][layer, neuron, r]) for r in range(len(rows)) if rows[r] >= 0]
+        rows, lr = a["rand_row"], self.row(layer)
+        out = [self._example(layer, neuron, "random", r, rows[r], a["rand_pos"][lr, neuron, r],
+                             a["rand_act"][lr, neuron, r]) for r in range(len(rows)) if rows[r] >= 0]
         return out[:n] if n is not None else out
 
     def stats(self, layer: int, neuron: int) -> NeuronStats:
         self.check_neuron(layer, neuron)
         a = self.arrays
+        r = self.row(layer)
         n = max(self.tokens_done, 1)
-        mean = float(a["act_sum"][layer, neuron]) / n
-        var = max(float(a["act_sumsq"][layer, neuron]) / n - mean * mean, 0.0)
-        top = a["top_act"][layer, neuron]
-        hi = float(top[0]) if a["top_row"][layer, neuron, 0] >= 0 else float("nan")
-        lo = float(a["act_min"][layer, neuron])
+        mean = float(a["act_sum"][r, neuron]) / n
+        var = max(float(a["act_sumsq"][r, neuron]) / n - mean * mean, 0.0)
+        top = a["top_act"][r, neuron]
+        hi = float(top[0]) if a["top_row"][r, neuron, 0] >= 0 else float("nan")
+        lo = float(a["act_min"][r, neuron])
         levels = np.array(QUANTILE_LEVELS, dtype=np.float64)
-        qs = hist_quantiles(a["hist"][layer, neuron].astype(np.int64), a["hist_edges"], lo, hi, levels)
+        qs = hist_quantiles(a["hist"][r, neuron].astype(np.int64), a["hist_edges"], lo, hi, levels)
         return NeuronStats(layer=layer, neuron=neuron, tokens=self.tokens_done, max=hi, min=lo, mean=mean,
-                           std=math.sqrt(var), frequency=float(a["n_pos"][layer, neuron]) / n,
+                           std=math.sqrt(var), frequency=float(a["n_pos"][r, neuron]) / n,
                            quantile_levels=levels, quantiles=qs)
 
     def histogram(self, layer: int, neuron: int) -> NeuronHistogram:
         self.check_neuron(layer, neuron)
-        counts = self.arrays["hist"][layer, neuron].astype(np.int64)
+        counts = self.arrays["hist"][self.row(layer), neuron].astype(np.int64)
         return NeuronHistogram(layer=layer, neuron=neuron, counts=counts,
                                edges=np.asarray(self.arrays["hist_edges"], dtype=np.float64),
                                sampled_tokens=int(counts.sum()), stride=int(self.manifest["settings"]["hist_stride"]))
 
     def selectivity(self) -> np.ndarray:
-        """[L, N] float64: (max − mean) / std of every neuron over the indexed tokens (0 if std is 0)."""
+        """[rows, N] float64: (max − mean) / std of every unit over the indexed tokens (0 if std is 0);
+        one row per entry of ``layers``."""
         a = self.arrays
         n = max(self.tokens_done, 1)
         mean = a["act_sum"] / n
@@ -1033,23 +1183,24 @@ class NeuronIndex:
             raise IndexError_(f"n_per_layer must be ≥ 1, got {n_per_layer}")
         a = self.arrays
         z = self.selectivity()
-        k = min(n_per_layer, self.d_mlp)
+        k = min(n_per_layer, self.n_units)
         order = np.argsort(-z, axis=1, kind="stable")[:, :k]            # [L, k]
-        layers = np.repeat(np.arange(self.n_layers), k)
+        rows = np.repeat(np.arange(len(self.layers)), k)
+        layers = np.asarray(self.layers, dtype=np.int64)[rows]
         neurons = order.reshape(-1)
         n = max(self.tokens_done, 1)
-        mean = a["act_sum"][layers, neurons] / n
-        std = np.sqrt(np.maximum(a["act_sumsq"][layers, neurons] / n - mean * mean, 0.0))
-        fire = self.firing_token_ids()[layers, neurons, 0]
+        mean = a["act_sum"][rows, neurons] / n
+        std = np.sqrt(np.maximum(a["act_sumsq"][rows, neurons] / n - mean * mean, 0.0))
+        fire = self.firing_token_ids()[rows, neurons, 0]
         return SelectiveNeurons(
             n_per_layer=k, tokens=self.tokens_done, layers=layers.astype(np.int64), neurons=neurons.astype(np.int64),
-            selectivity=z[layers, neurons], max=a["top_act"][layers, neurons, 0].astype(np.float64),
-            mean=mean, std=std, frequency=a["n_pos"][layers, neurons] / n,
+            selectivity=z[rows, neurons], max=a["top_act"][rows, neurons, 0].astype(np.float64),
+            mean=mean, std=std, frequency=a["n_pos"][rows, neurons] / n,
             top_token=np.array([self._vocab.get(int(i), "") if i >= 0 else "" for i in fire], dtype=str))
 
     # ----------------------------------------------------------------- firing tokens
     def firing_token_ids(self) -> np.ndarray:
-        """[L, N, k] the token id at each top example's position (-1 where there is none)."""
+        """[rows, N, k] the token id at each top example's position (-1 where there is none)."""
         a = self.arrays
         rows, pos = a["top_row"], a["top_pos"]
         safe = np.where(rows >= 0, rows, 0)

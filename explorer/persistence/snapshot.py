@@ -37,7 +37,7 @@ RESULT_MODULES = ("core.session", "analyses.lens", "analyses.heads", "analyses.d
                   "analyses.hidden", "analyses.probes", "analyses.ccs", "analyses.patchscope", "training.bias_datasets",
                   "interventions.generate", "interventions.steering", "training.steer_compare",
                   "features.train", "features.encode", "features.attribution",
-                  "features.card")
+                  "features.card", "features.browse", "neurons.units")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 _PACKAGES = ("interp-explorer", "torch", "transformers", "nnsight", "numpy", "panel", "bokeh")
 

@@ -64,11 +64,11 @@ def test_attaching_a_saved_model_resets_the_views_and_keeps_the_history(app, sav
     new = app.session
     assert new is not old and new.name == "tiny-saved" and new.adapter.family == "gpt2"
     views = (app.lens, app.heads, app.ablation, app.neurons, app.swap, app.generate, app.steering, app.probes,
-             app.patchscope, app.sae)
+             app.patchscope, app.sae, app.features)
     assert all(view.session is new for view in views)
-    assert app._tabs._names[:10] == ["Logit lens", "Heads", "Ablation", "Neurons", "Pronoun swap", "Generate",
-                                     "Steering", "Probes", "Patchscope", "Train SAE"]
-    assert len(app._tabs) == 10
+    assert app._tabs._names[:11] == ["Logit lens", "Heads", "Ablation", "Neurons", "Pronoun swap", "Generate",
+                                     "Steering", "Probes", "Patchscope", "Train SAE", "Features"]
+    assert len(app._tabs) == 11
     assert "tiny-saved" in app.card and "GPT2LMHeadModel" in app.card
     assert app.picker.error == "" and app.picker.status.startswith("Attached **tiny-saved**")
     # The history stays; results are labelled by the model that made them.
@@ -123,6 +123,6 @@ def test_snapshot_tabs_stay_and_check_the_new_model(app, saved_models):
     view = app.open_snapshot(app.snapshot(), "s")
     assert view is not None and view.can_continue
     app.picker.load(str(saved_models / "models" / "tiny-saved"), background=False)
-    assert app._tabs._names[-1] == "Snapshot: s" and len(app._tabs) == 11
+    assert app._tabs._names[-1] == "Snapshot: s" and len(app._tabs) == 12
     assert view.session is app.session and view.views["lens"] is app.lens
     assert not view.can_continue and "not the one this snapshot was made with" in view.model_warning

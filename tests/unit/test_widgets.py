@@ -273,7 +273,8 @@ def test_app_renders_with_model_card(session):
     info = session.info()
     assert info.name in card and f"{info.n_heads} ({info.n_kv_heads} KV)" in card
     assert [title for title in app._tabs._names] == ["Logit lens", "Heads", "Ablation", "Neurons", "Pronoun swap",
-                                                     "Generate", "Steering", "Probes", "Patchscope", "Train SAE"]
+                                                     "Generate", "Steering", "Probes", "Patchscope", "Train SAE",
+                                                     "Features"]
     assert app.probes.history is app.history and app.patchscope.history is app.history
 
 

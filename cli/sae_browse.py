@@ -1,0 +1,308 @@
+"""``python -m explorer sae index|show|search|explain|compare``: an SAE's features browsed like neurons.
+
+The feature index is the neuron index with the SAE's latents as its units
+(``explorer.features.units``); it lives in ``<SAE directory>/index`` unless ``--index``/``--out``
+says otherwise. ``show`` and ``search`` need no model; the JSON of ``show`` is ``neurons show``'s,
+with ``feature`` in place of ``neuron``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cli import checks
+from cli.common import add_json_arg, add_model_args, load_session, log, print_json
+from explorer.core.errors import ExplorerError
+
+
+def _sae_arg(q) -> None:
+    q.add_argument("--sae", required=True, metavar="DIR", type=checks.existing("SAE directory", "dir"),
+                   help="the SAE's directory (cfg.json + sae_weights.safetensors)")
+
+
+def _index_arg(q) -> None:
+    q.add_argument("--index", default=None, metavar="DIR",
+                   help="the feature index directory (default: DIR/index inside the SAE's directory)")
+
+
+def add_browse_commands(ssub) -> None:
+    q = ssub.add_parser("index", help="index the SAE's features over a corpus (top/random examples, statistics)",
+                        description="Stream a corpus through the model (stopped after the SAE's site), encode "
+                                    "the site with the SAE and keep every feature's top and random examples, "
+                                    "histogram and firing frequency: the neuron index, with features as units. "
+                                    "An interrupted build resumes.")
+    add_model_args(q)
+    _sae_arg(q)
+    q.add_argument("--corpus", default=None, metavar="PATH", type=checks.existing("corpus"),
+                   help="text (one document per line), JSONL, parquet or a saved datasets directory "
+                        "(default: the embedded news corpus)")
+    q.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "datasets"],
+                   help="the corpus format (auto: from the file name and contents)")
+    q.add_argument("--text-field", default="text", help="JSONL/parquet/datasets field holding the text")
+    q.add_argument("--max-tokens", type=checks.non_negative_int, default=100_000,
+                   help="tokens to index (0: the whole corpus)")
+    q.add_argument("--window", type=checks.int_between(2, 1_000_000), default=64, help="tokens per example window")
+    q.add_argument("--top-k", type=checks.positive_int, default=20, help="top examples kept per feature")
+    q.add_argument("--n-random", type=checks.non_negative_int, default=20,
+                   help="random example windows kept (shared by all features)")
+    q.add_argument("--batch-windows", type=checks.positive_int, default=16, help="windows per forward pass")
+    q.add_argument("--out", default=None, metavar="DIR", help="index directory (default: DIR/index of the SAE)")
+    q.add_argument("--any-model", action="store_true",
+                   help="use the SAE even if it names another model (widths must still match)")
+    add_json_arg(q, "the manifest")
+    q.set_defaults(fn=cmd_index)
+
+    q = ssub.add_parser("show", help="a feature's top and random examples, token pattern and statistics",
+                        description="Print a feature's examples, token pattern, statistics and descriptions "
+                                    "from its SAE's feature index (no model needed; build it with `sae index`).")
+    _sae_arg(q)
+    _index_arg(q)
+    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    q.add_argument("--top", type=checks.positive_int, default=None, help="show only this many top examples")
+    add_json_arg(q, "everything shown (the shape of `neurons show`, with feature for neuron)")
+    q.set_defaults(fn=cmd_show)
+
+    q = ssub.add_parser("search", help="find features by description text or by a token they fire on",
+                        description="Search the feature index's token patterns, written explanations and "
+                                    "imported descriptions (no model needed).")
+    _sae_arg(q)
+    _index_arg(q)
+    q.add_argument("--query", default=None, type=checks.text, help="words that must all appear in a description")
+    q.add_argument("--token", default=None, type=checks.token, help="a token the feature fires on, e.g. ' he'")
+    q.add_argument("--limit", type=checks.positive_int, default=50, help="results shown, at most")
+    add_json_arg(q, '{"query", "token", "results": [{"layer", "feature", "source", "kind", "description", '
+                    '"score", "relevance"}, ...]}')
+    q.set_defaults(fn=cmd_search)
+
+    q = ssub.add_parser("explain", help="write an explanation of a feature with a local instruct model and score it",
+                        description="Explain a feature from its top examples (as `neurons explain` does for a "
+                                    "neuron) and score the explanation by simulation; kept in the feature index.")
+    add_model_args(q)
+    _sae_arg(q)
+    _index_arg(q)
+    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
+                   help="local instruct model directory or cached hub id (default: the attached model)")
+    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
+    q.add_argument("--n-score", type=checks.positive_int, default=10,
+                   help="held-out top examples and random examples simulated for the score (each)")
+    q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
+    add_json_arg(q, "the explanation")
+    q.set_defaults(fn=cmd_explain)
+
+    q = ssub.add_parser("compare", help="features vs neurons at the SAE's layer: pattern concentration, scores",
+                        description="Compare the SAE's features with the MLP neurons of the same layer: mean "
+                                    "token-pattern concentration (the top firing token's share of a unit's top "
+                                    "activation mass) and mean explanation score. With --explain N, first "
+                                    "explain N random live units of each (loads the model; slow).")
+    add_model_args(q)
+    _sae_arg(q)
+    _index_arg(q)
+    q.add_argument("--neurons", required=True, metavar="DIR", type=checks.existing("neuron index", "dir"),
+                   help="a neuron index of the same model (`neurons index`)")
+    q.add_argument("--explain", type=checks.non_negative_int, default=0,
+                   help="explain this many random live units of each side first (default 0: use the stored ones)")
+    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
+                   help="local instruct model directory or cached hub id (default: the attached model)")
+    q.add_argument("--seed", type=int, default=0, help="which units --explain draws")
+    add_json_arg(q, "the comparison")
+    q.set_defaults(fn=cmd_compare)
+
+
+# ------------------------------------------------------------------------------ checks
+def _check_fits_config(sae, model: str | None, any_model: bool = False) -> None:
+    """Width, layer and model name of the SAE against the model's config.json and name, before
+    the model loads (the load checks again, config hash included)."""
+    from explorer.core.session import read_config, resolve_model
+
+    if sae.cfg.site is None:
+        raise ExplorerError("the SAE's cfg.json names no hook (metadata.hook_name), so where it reads is unknown")
+    config = read_config(model)
+    width = config.get("hidden_size", config.get("n_embd"))
+    if isinstance(width, int) and width != sae.d_in:
+        raise ExplorerError(f"the SAE reads vectors of width {sae.d_in} but the model has d_model {width}: "
+                            "it was trained on another model")
+    n_layers = config.get("num_hidden_layers", config.get("n_layer"))
+    layer = sae.cfg.site[0]
+    if isinstance(n_layers, int) and layer >= n_layers:
+        raise ExplorerError(f"the SAE reads layer {layer} but the model has layers 0..{n_layers - 1}")
+    trained_on = sae.cfg.metadata.get("model_name")
+    if trained_on and not any_model:
+        name, path = resolve_model(model)
+
+        def short(n) -> str:
+            return str(n or "").rstrip("/").split("/")[-1].lower()
+
+        if short(trained_on) not in (short(name), short(path)):
+            raise ExplorerError(f"the SAE was trained on {trained_on} but the model is {name}; "
+                                "pass --any-model to use it anyway")
+
+
+def _open(args):
+    from explorer.features.units import open_feature_index
+
+    return open_feature_index(args.sae, getattr(args, "index", None))
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_index(args) -> int:
+    from tqdm import tqdm
+
+    from explorer.core.jobs import Job
+    from explorer.features.saelens_io import load_sae
+    from explorer.features.units import index_features
+    from explorer.neurons.index import IndexRequest
+
+    sae = load_sae(args.sae)
+    _check_fits_config(sae, args.model, args.any_model)
+    request = IndexRequest(corpus_path=args.corpus, max_tokens=args.max_tokens or None, window=args.window,
+                           top_k=args.top_k, n_random=args.n_random, batch_windows=args.batch_windows,
+                           corpus_format=args.format, text_field=args.text_field)
+    session = load_session(args)
+    bar = tqdm(total=0, unit="tok", unit_scale=True, desc="indexing", file=sys.stderr, dynamic_ncols=True)
+
+    def on_progress(progress, _partial) -> None:
+        bar.total, bar.n = progress.total, progress.done
+        bar.set_postfix_str(progress.message, refresh=False)
+        bar.refresh()
+
+    try:
+        index = Job(lambda ctx: index_features(session, args.sae, request, ctx=ctx, out_dir=args.out,
+                                               any_model=args.any_model),
+                    name="feature-index", on_progress=on_progress).run()
+    finally:
+        bar.close()
+    if args.json:
+        print_json(dict(index.manifest, path=str(index.path)))
+    else:
+        m = index.manifest
+        print(f"{index.path}\n{m['model']['name']} layer {index.layers[0]}: {index.n_units:,} features, "
+              f"{index.tokens_done:,} tokens of {m['corpus']['path']} in {m['elapsed_s']:.0f} s")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from cli.neurons import example_context, example_json  # one JSON shape for neurons and features
+    from explorer.neurons.describe import DescriptionStore, token_pattern
+
+    index = _open(args)
+    layer, feature = index.layers[0], args.feature
+    index.check_neuron(layer, feature)
+    top = index.top_examples(layer, feature, args.top)
+    rand = index.random_examples(layer, feature)
+    pattern = token_pattern(index, layer, feature)
+    stats = index.stats(layer, feature)
+    descriptions = DescriptionStore(index.path).for_neuron(layer, feature)
+    if args.json:
+        print_json({"layer": layer, "feature": feature, "sae": str(args.sae), "model": index.model_name,
+                    "tokens_indexed": index.tokens_done, "top": [example_json(e) for e in top],
+                    "random": [example_json(e) for e in rand], "pattern": pattern.summary,
+                    "pattern_detail": pattern.to_dict(), "stats": stats.to_dict(), "descriptions": descriptions})
+        return 0
+    print(f"feature {feature} (layer {layer}) of {args.sae} over {index.tokens_done:,} tokens")
+    print(f"  {pattern.summary}")
+    print(f"  max {stats.max:.4g}, mean {stats.mean:.3g}, fires (>0) on {stats.frequency:.1%} of tokens")
+    for d in descriptions:
+        score = "" if d.get("score") is None else f" (score {d['score']:.3f})"
+        print(f"  [{d['source']}] {d['description']}{score}")
+    print("top examples:")
+    for i, e in enumerate(top):
+        print(f"  {i + 1:3d}  {e.activation:9.4g}  {example_context(e)}")
+    print("random examples:")
+    for e in rand[:10]:
+        print(f"       {e.activation:9.4g}  {example_context(e)}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from explorer.neurons.describe import search
+
+    if not args.query and not args.token:
+        raise ExplorerError("sae search needs --query TEXT or --token TOKEN")
+    index = _open(args)
+    hits = search(index, query=args.query, token=args.token, limit=args.limit)
+    rows = []
+    for h in hits:
+        row = {k: v for k, v in h.to_dict().items() if k not in ("type", "neuron")}
+        rows.append({"layer": h.layer, "feature": h.neuron, **{k: v for k, v in row.items() if k != "layer"}})
+    if args.json:
+        print_json({"query": args.query, "token": args.token, "results": rows})
+        return 0
+    if not hits:
+        print("no matching features")
+    for h in hits:
+        score = "" if h.score is None else f" (score {h.score:.3f})"
+        print(f"F{h.neuron:<7d} {h.relevance:5.2f}  [{h.source}] {h.description}{score}")
+    return 0
+
+
+def _index_model(args, index) -> None:
+    """--model defaults to the index's own model, where it still is."""
+    if args.model is None:
+        path = index.manifest["model"].get("path")
+        if path and Path(path).is_dir():
+            args.model = path
+
+
+def cmd_explain(args) -> int:
+    from explorer.neurons.describe import explain_neuron
+
+    index = _open(args)
+    layer = index.layers[0]
+    index.check_neuron(layer, args.feature)
+    _index_model(args, index)
+    session = load_session(args)
+    e = explain_neuron(session, index=index, layer=layer, neuron=args.feature, explainer=args.explainer,
+                       n_explain=args.n_explain, n_score_top=args.n_score, n_score_random=args.n_score,
+                       refresh=args.refresh)
+    if args.json:
+        data = {k: v for k, v in e.to_dict().items() if k not in ("simulated", "true", "type", "neuron")}
+        print_json(dict(data, feature=args.feature))
+        return 0
+    print(f"feature {args.feature} (layer {layer}): responds to {e.explanation or '(no explanation)'}")
+    print(f"  score {e.score_text} ({e.score_note}; {e.n_top} top + {e.n_random} random examples, "
+          f"explainer {e.explainer})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from explorer.neurons.index import NeuronIndex
+    from explorer.neurons.units import compare_units, explain_sample
+
+    features = _open(args)
+    neurons = NeuronIndex.open(args.neurons)
+    if neurons.units is not None:
+        raise ExplorerError(f"--neurons {args.neurons} is a {neurons.unit_kind} index, not a neuron index")
+    layer = features.layers[0]
+    neurons.row(layer)
+    if features.manifest["model"].get("config_hash") != neurons.manifest["model"].get("config_hash"):
+        raise ExplorerError(f"the feature index is of {features.model_name} but --neurons is of "
+                            f"{neurons.model_name}: compare indexes of one model")
+    explainer = None
+    if args.explain:
+        from explorer.neurons.describe import Explainer
+
+        _index_model(args, features)
+        session = load_session(args)
+        exp = Explainer.load(args.explainer, session)
+        explainer = exp.name
+        for index in (features, neurons):
+            log(f"explaining {args.explain} {index.unit_name}s of layer {layer} …")
+            explain_sample(session, index, layer, args.explain, seed=args.seed, explainer=exp)
+    c = compare_units(features, neurons, layer=layer, explainer=explainer)
+    if args.json:
+        data = {k: v for k, v in c.to_dict().items() if k != "type"}
+        print_json(data)
+        return 0
+
+    def score(v, n, m):
+        return "—" if v is None else f"{v:.3f} ({n} of {m} explained have a score)"
+
+    print(f"layer {layer}: features ({c.feature_live:,} live of {c.feature_units:,}) vs neurons "
+          f"({c.neuron_live:,} live of {c.neuron_units:,})")
+    print(f"  token-pattern concentration  {c.feature_concentration:.3f}  vs  {c.neuron_concentration:.3f}")
+    print(f"  single-token units (≥ 50%)   {c.feature_single_token:.1%}  vs  {c.neuron_single_token:.1%}")
+    print(f"  mean explanation score       {score(c.feature_mean_score, c.feature_scored, c.feature_explained)}"
+          f"  vs  {score(c.neuron_mean_score, c.neuron_scored, c.neuron_explained)}"
+          + (f"  [{c.explainer}]" if c.explainer else ""))
+    return 0
