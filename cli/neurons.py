@@ -47,12 +47,7 @@ def add_commands(sub) -> None:
     q.add_argument("--index", required=True, metavar="DIR", help="the index directory")
     q.add_argument("--layer", type=checks.non_negative_int, required=True, help="the neuron's layer (from 0)")
     q.add_argument("--neuron", type=checks.non_negative_int, required=True, help="the neuron's number (from 0)")
-    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
-                   help="local instruct model directory or cached hub id (default: the attached model)")
-    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
-    q.add_argument("--n-score", type=checks.positive_int, default=10,
-                   help="held-out top examples and random examples simulated for the score (each)")
-    q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
+    unit_index.add_explain_args(q)
     add_json_arg(q, "the explanation")
     add_snapshot_arg(q)
     q.set_defaults(fn=cmd_explain)
@@ -74,10 +69,7 @@ def add_commands(sub) -> None:
                         description="Search token patterns, written explanations and imported descriptions.")
     q.add_argument("--index", required=True, metavar="DIR", type=checks.existing("index directory", "dir"),
                    help="the index directory")
-    q.add_argument("--query", default=None, type=checks.text, help="words that must all appear in a description")
-    q.add_argument("--token", default=None, type=checks.token,
-                   help="a token the neuron fires on, e.g. ' he' (or he)")
-    q.add_argument("--limit", type=checks.positive_int, default=50, help="results shown, at most")
+    unit_index.add_search_args(q, "a token the neuron fires on, e.g. ' he' (or he)")
     add_json_arg(q, "the results")
     q.set_defaults(fn=cmd_search)
 
@@ -90,12 +82,7 @@ def cmd_index(args) -> int:
     session = load_session(args)
     index = unit_index.run_with_bar(lambda ctx: build_index(session, request, out_dir=args.out, ctx=ctx),
                                     "neuron-index")
-    if args.json:
-        print_json(dict(index.manifest, path=str(index.path)))
-    else:
-        m = index.manifest
-        print(f"{index.path}\n{m['model']['name']}: {index.n_layers} layers × {index.d_mlp} neurons, "
-              f"{index.tokens_done:,} tokens of {m['corpus']['path']} in {m['elapsed_s']:.0f} s")
+    unit_index.print_built(index, args.json, f": {index.n_layers} layers × {index.d_mlp} neurons")
     return 0
 
 
@@ -105,8 +92,8 @@ def cmd_show(args) -> int:
 
     index = NeuronIndex.open(args.index)
     unit_index.show_unit(index, args.layer, args.neuron, top=args.top, as_json=args.json,
-              head={"layer": args.layer, "neuron": args.neuron},
-              title=f"L{args.layer} N{args.neuron} of {index.model_name} over {index.tokens_done:,} tokens")
+                         head={"layer": args.layer, "neuron": args.neuron},
+                         title=f"L{args.layer} N{args.neuron} of {index.model_name} over {index.tokens_done:,} tokens")
     return 0
 
 

@@ -53,9 +53,7 @@ def add_browse_commands(ssub) -> None:
                                     "imported descriptions (no model needed).")
     _sae_arg(q)
     _index_arg(q)
-    q.add_argument("--query", default=None, type=checks.text, help="words that must all appear in a description")
-    q.add_argument("--token", default=None, type=checks.token, help="a token the feature fires on, e.g. ' he'")
-    q.add_argument("--limit", type=checks.positive_int, default=50, help="results shown, at most")
+    unit_index.add_search_args(q, "a token the feature fires on, e.g. ' he'")
     add_json_arg(q, '{"query", "token", "results": [{"layer", "feature", "source", "kind", "description", '
                     '"score", "relevance"}, ...]}')
     q.set_defaults(fn=cmd_search)
@@ -67,12 +65,7 @@ def add_browse_commands(ssub) -> None:
     _sae_arg(q)
     _index_arg(q)
     q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
-    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
-                   help="local instruct model directory or cached hub id (default: the attached model)")
-    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
-    q.add_argument("--n-score", type=checks.positive_int, default=10,
-                   help="held-out top examples and random examples simulated for the score (each)")
-    q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
+    unit_index.add_explain_args(q)
     add_json_arg(q, "the explanation")
     q.set_defaults(fn=cmd_explain)
 
@@ -88,8 +81,7 @@ def add_browse_commands(ssub) -> None:
                    help="a neuron index of the same model (`neurons index`)")
     q.add_argument("--explain", type=checks.non_negative_int, default=0,
                    help="explain this many random live units of each side first (default 0: use the stored ones)")
-    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
-                   help="local instruct model directory or cached hub id (default: the attached model)")
+    unit_index.add_explainer_arg(q)
     q.add_argument("--seed", type=int, default=0, help="which units --explain draws")
     add_json_arg(q, "the comparison")
     q.set_defaults(fn=cmd_compare)
@@ -140,13 +132,8 @@ def cmd_index(args) -> int:
     request = unit_index.index_request(args)
     session = load_session(args)
     index = unit_index.run_with_bar(lambda ctx: index_features(session, args.sae, request, ctx=ctx, out_dir=args.out,
-                                                    any_model=args.any_model), "feature-index")
-    if args.json:
-        print_json(dict(index.manifest, path=str(index.path)))
-    else:
-        m = index.manifest
-        print(f"{index.path}\n{m['model']['name']} layer {index.layers[0]}: {index.n_units:,} features, "
-              f"{index.tokens_done:,} tokens of {m['corpus']['path']} in {m['elapsed_s']:.0f} s")
+                                                               any_model=args.any_model), "feature-index")
+    unit_index.print_built(index, args.json, f" layer {index.layers[0]}: {index.n_units:,} features")
     return 0
 
 
@@ -154,8 +141,8 @@ def cmd_show(args) -> int:
     index = _open(args)
     layer, feature = index.layers[0], args.feature
     unit_index.show_unit(index, layer, feature, top=args.top, as_json=args.json, quantiles=False,
-              head={"layer": layer, "feature": feature, "sae": str(args.sae)},
-              title=f"feature {feature} (layer {layer}) of {args.sae} over {index.tokens_done:,} tokens")
+                         head={"layer": layer, "feature": feature, "sae": str(args.sae)},
+                         title=f"feature {feature} (layer {layer}) of {args.sae} over {index.tokens_done:,} tokens")
     return 0
 
 

@@ -37,6 +37,27 @@ def add_window_args(q, unit: str) -> None:
     q.add_argument("--batch-windows", type=checks.positive_int, default=16, help="windows per forward pass")
 
 
+def add_explainer_arg(q) -> None:
+    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
+                   help="local instruct model directory or cached hub id (default: the attached model)")
+
+
+def add_explain_args(q) -> None:
+    """--explainer, --n-explain, --n-score, --refresh: how a unit's explanation is written and scored."""
+    add_explainer_arg(q)
+    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
+    q.add_argument("--n-score", type=checks.positive_int, default=10,
+                   help="held-out top examples and random examples simulated for the score (each)")
+    q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
+
+
+def add_search_args(q, token_help: str) -> None:
+    """--query, --token, --limit of a description search."""
+    q.add_argument("--query", default=None, type=checks.text, help="words that must all appear in a description")
+    q.add_argument("--token", default=None, type=checks.token, help=token_help)
+    q.add_argument("--limit", type=checks.positive_int, default=50, help="results shown, at most")
+
+
 def index_request(args, **extra):
     """The IndexRequest that the options of ``add_corpus_args`` and ``add_window_args`` ask for."""
     from explorer.neurons.index import IndexRequest
@@ -63,6 +84,17 @@ def run_with_bar(work: Callable[[Any], Any], name: str):
         return Job(work, name=name, on_progress=on_progress).run()
     finally:
         bar.close()
+
+
+def print_built(index, as_json: bool, units: str) -> None:
+    """A finished index build: its manifest as JSON, or its path and a line of what it holds
+    (``units``, after the model's name: ": 30 layers × 1536 neurons")."""
+    if as_json:
+        print_json(dict(index.manifest, path=str(index.path)))
+        return
+    m = index.manifest
+    print(f"{index.path}\n{m['model']['name']}{units}, {index.tokens_done:,} tokens of {m['corpus']['path']} "
+          f"in {m['elapsed_s']:.0f} s")
 
 
 def default_model_from_index(args, index) -> None:
