@@ -22,7 +22,7 @@ from explorer.training.steer_compare import (
     steering_vs_swap,
     window_losses,
 )
-from tiny_models import make_tiny_model
+from helpers import plain_copy
 
 LAYER = 1
 LINES = ["The farmer said he would sell his house.", "My uncle told him that he is late.",
@@ -37,9 +37,7 @@ def session(tiny_sessions):
 
 @pytest.fixture(scope="module")
 def plain(tokenizer, session):
-    model = make_tiny_model("llama", len(tokenizer))
-    model.load_state_dict(session.hf.state_dict())
-    return model.eval()
+    return plain_copy(tokenizer, session)
 
 
 @pytest.fixture(scope="module")
