@@ -45,6 +45,13 @@ def plain_copy(tokenizer, session, family: str = "llama"):
     return model.eval()
 
 
+def save_model_dir(path: Path, model, tokenizer) -> Path:
+    """A local model directory (weights and tokenizer) that the CLI's ``--model`` loads."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def random_sae_weights(d: int, d_sae: int, seed: int) -> dict[str, torch.Tensor]:
     """Random SAELens-layout weights whose TopK features fire on a tiny model's activations."""
     g = torch.Generator().manual_seed(seed)

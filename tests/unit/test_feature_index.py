@@ -22,7 +22,7 @@ from explorer.features.units import index_features, open_feature_index
 from explorer.neurons.describe import DescriptionStore, Explanation, search
 from explorer.neurons.index import IndexRequest, build_index
 from explorer.neurons.units import compare_units, pattern_concentration, units_on_text
-from helpers import corpus_head, reference_windows
+from helpers import corpus_head, reference_windows, save_model_dir
 from tiny_models import make_tiny_model
 
 LAYER, WIDTH, K = 1, 48, 6
@@ -249,9 +249,7 @@ def test_errors_are_clear(built, tiny_sessions, sae_dir, tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def test_cli_index_show_search_compare(tmp_path, tokenizer, corpus, capsys, sae_dir, neuron_index):
-    model_dir = tmp_path / "model"
-    make_tiny_model("llama", len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model_dir(tmp_path / "model", make_tiny_model("llama", len(tokenizer)), tokenizer)
     sae = load_sae(sae_dir)
     sae_cli = save_sae(sae.with_config(metadata={"hook_name": "blocks.1.hook_resid_post",
                                                  "model_name": "model"}), tmp_path / "sae")

@@ -20,7 +20,7 @@ from explorer.features.edits import feature_vector, parse_features, sae_for
 from explorer.features.sae import SAEError
 from explorer.features.saelens_io import load_sae
 from explorer.interventions.generate import Intervention, generate
-from helpers import plain_copy, random_sae_weights, save_topk_sae, topk_encode
+from helpers import plain_copy, random_sae_weights, save_model_dir, save_topk_sae, topk_encode
 
 PROMPT = "The capital of France is"
 LAYER, D, D_SAE, K = 1, 64, 96, 6
@@ -135,9 +135,7 @@ def run(capsys, *argv):
 
 
 def test_cli_generate_with_features(tmp_path, tokenizer, tiny_sessions, plain, sae_dir, capsys):
-    model_dir = tmp_path / "model"
-    plain.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model_dir(tmp_path / "model", plain, tokenizer)
     a, _ = active_features(tiny_sessions["llama"], plain)
     code, out, err = run(capsys, "generate", "--model", model_dir, "--device", "cpu", "--prompt", PROMPT,
                          "--max-new-tokens", 6, "--sae", sae_dir, "--features", f"{a}=60", "--ab", "--json")
@@ -322,9 +320,7 @@ def test_mlp_out_sae_features_while_generating_and_result_round_trip(tiny_sessio
 
 
 def test_cli_ablate_with_features(tmp_path, tokenizer, tiny_sessions, plain, sae_dir, capsys):
-    model_dir = tmp_path / "model"
-    plain.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model_dir(tmp_path / "model", plain, tokenizer)
     session = tiny_sessions["llama"]
     a, b = active_features(session, plain)
     code, out, err = run(capsys, "ablate", "--model", model_dir, "--device", "cpu", "--prompt", PROMPT,

@@ -15,7 +15,7 @@ from cli.main import main
 from explorer.core.errors import ExplorerError
 from explorer.interventions.ablation import SweepRequest, sweep
 from explorer.interventions.patching import PatchRequest, patch
-from helpers import plain_copy, random_sae_weights, save_topk_sae, topk_encode
+from helpers import plain_copy, random_sae_weights, save_model_dir, save_topk_sae, topk_encode
 
 CLEAN, CORRUPT, TARGET, COMPARE = "The capital of France is", "The capital of Italy is", " Paris", " Rome"
 LAYER, D, D_SAE, K = 1, 64, 96, 6
@@ -144,10 +144,7 @@ def test_bad_feature_sweeps_and_patches(session, sae_dir):
 # ================================================================================== CLI
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer, session):
-    path = tmp_path_factory.mktemp("tiny-llama-dir")
-    session.hf.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("tiny-llama-dir"), session.hf, tokenizer)
 
 
 def test_cli_feature_sweep_and_patch(tiny_dir, sae_dir, session, capsys):
