@@ -17,9 +17,13 @@ def _sae_arg(q) -> None:
                    help="the SAE's directory (cfg.json + sae_weights.safetensors)")
 
 
-def _index_arg(q) -> None:
+def _index_args(q, feature: bool = False) -> None:
+    """--sae and --index of a command reading the feature index; with ``feature``, --feature too."""
+    _sae_arg(q)
     q.add_argument("--index", default=None, metavar="DIR",
                    help="the feature index directory (default: DIR/index inside the SAE's directory)")
+    if feature:
+        q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
 
 
 def add_browse_commands(ssub) -> None:
@@ -41,9 +45,7 @@ def add_browse_commands(ssub) -> None:
     q = ssub.add_parser("show", help="a feature's top and random examples, token pattern and statistics",
                         description="Print a feature's examples, token pattern, statistics and descriptions "
                                     "from its SAE's feature index (no model needed; build it with `sae index`).")
-    _sae_arg(q)
-    _index_arg(q)
-    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    _index_args(q, feature=True)
     q.add_argument("--top", type=checks.positive_int, default=None, help="show only this many top examples")
     add_json_arg(q, "everything shown (the shape of `neurons show`, with feature for neuron)")
     q.set_defaults(fn=cmd_show)
@@ -51,8 +53,7 @@ def add_browse_commands(ssub) -> None:
     q = ssub.add_parser("search", help="find features by description text or by a token they fire on",
                         description="Search the feature index's token patterns, written explanations and "
                                     "imported descriptions (no model needed).")
-    _sae_arg(q)
-    _index_arg(q)
+    _index_args(q)
     unit_index.add_search_args(q, "a token the feature fires on, e.g. ' he'")
     add_json_arg(q, '{"query", "token", "results": [{"layer", "feature", "source", "kind", "description", '
                     '"score", "relevance"}, ...]}')
@@ -62,9 +63,7 @@ def add_browse_commands(ssub) -> None:
                         description="Explain a feature from its top examples (as `neurons explain` does for a "
                                     "neuron) and score the explanation by simulation; kept in the feature index.")
     add_model_args(q)
-    _sae_arg(q)
-    _index_arg(q)
-    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    _index_args(q, feature=True)
     unit_index.add_explain_args(q)
     add_json_arg(q, "the explanation")
     q.set_defaults(fn=cmd_explain)
@@ -75,8 +74,7 @@ def add_browse_commands(ssub) -> None:
                                     "activation mass) and mean explanation score. With --explain N, first "
                                     "explain N random live units of each (loads the model; slow).")
     add_model_args(q)
-    _sae_arg(q)
-    _index_arg(q)
+    _index_args(q)
     q.add_argument("--neurons", required=True, metavar="DIR", type=checks.existing("neuron index", "dir"),
                    help="a neuron index of the same model (`neurons index`)")
     q.add_argument("--explain", type=checks.non_negative_int, default=0,
