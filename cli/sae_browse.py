@@ -7,10 +7,7 @@ with ``feature`` in place of ``neuron``.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from cli import checks
+from cli import checks, unit_index
 from cli.common import add_json_arg, add_model_args, load_session, log, print_json
 from explorer.core.errors import ExplorerError
 
@@ -20,9 +17,13 @@ def _sae_arg(q) -> None:
                    help="the SAE's directory (cfg.json + sae_weights.safetensors)")
 
 
-def _index_arg(q) -> None:
+def _index_args(q, feature: bool = False) -> None:
+    """--sae and --index of a command reading the feature index; with ``feature``, --feature too."""
+    _sae_arg(q)
     q.add_argument("--index", default=None, metavar="DIR",
                    help="the feature index directory (default: DIR/index inside the SAE's directory)")
+    if feature:
+        q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
 
 
 def add_browse_commands(ssub) -> None:
@@ -33,19 +34,8 @@ def add_browse_commands(ssub) -> None:
                                     "An interrupted build resumes.")
     add_model_args(q)
     _sae_arg(q)
-    q.add_argument("--corpus", default=None, metavar="PATH", type=checks.existing("corpus"),
-                   help="text (one document per line), JSONL, parquet or a saved datasets directory "
-                        "(default: the embedded news corpus)")
-    q.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "datasets"],
-                   help="the corpus format (auto: from the file name and contents)")
-    q.add_argument("--text-field", default="text", help="JSONL/parquet/datasets field holding the text")
-    q.add_argument("--max-tokens", type=checks.non_negative_int, default=100_000,
-                   help="tokens to index (0: the whole corpus)")
-    q.add_argument("--window", type=checks.int_between(2, 1_000_000), default=64, help="tokens per example window")
-    q.add_argument("--top-k", type=checks.positive_int, default=20, help="top examples kept per feature")
-    q.add_argument("--n-random", type=checks.non_negative_int, default=20,
-                   help="random example windows kept (shared by all features)")
-    q.add_argument("--batch-windows", type=checks.positive_int, default=16, help="windows per forward pass")
+    unit_index.add_corpus_args(q)
+    unit_index.add_window_args(q, "feature")
     q.add_argument("--out", default=None, metavar="DIR", help="index directory (default: DIR/index of the SAE)")
     q.add_argument("--any-model", action="store_true",
                    help="use the SAE even if it names another model (widths must still match)")
@@ -55,9 +45,7 @@ def add_browse_commands(ssub) -> None:
     q = ssub.add_parser("show", help="a feature's top and random examples, token pattern and statistics",
                         description="Print a feature's examples, token pattern, statistics and descriptions "
                                     "from its SAE's feature index (no model needed; build it with `sae index`).")
-    _sae_arg(q)
-    _index_arg(q)
-    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
+    _index_args(q, feature=True)
     q.add_argument("--top", type=checks.positive_int, default=None, help="show only this many top examples")
     add_json_arg(q, "everything shown (the shape of `neurons show`, with feature for neuron)")
     q.set_defaults(fn=cmd_show)
@@ -65,11 +53,8 @@ def add_browse_commands(ssub) -> None:
     q = ssub.add_parser("search", help="find features by description text or by a token they fire on",
                         description="Search the feature index's token patterns, written explanations and "
                                     "imported descriptions (no model needed).")
-    _sae_arg(q)
-    _index_arg(q)
-    q.add_argument("--query", default=None, type=checks.text, help="words that must all appear in a description")
-    q.add_argument("--token", default=None, type=checks.token, help="a token the feature fires on, e.g. ' he'")
-    q.add_argument("--limit", type=checks.positive_int, default=50, help="results shown, at most")
+    _index_args(q)
+    unit_index.add_search_args(q, "a token the feature fires on, e.g. ' he'")
     add_json_arg(q, '{"query", "token", "results": [{"layer", "feature", "source", "kind", "description", '
                     '"score", "relevance"}, ...]}')
     q.set_defaults(fn=cmd_search)
@@ -78,15 +63,8 @@ def add_browse_commands(ssub) -> None:
                         description="Explain a feature from its top examples (as `neurons explain` does for a "
                                     "neuron) and score the explanation by simulation; kept in the feature index.")
     add_model_args(q)
-    _sae_arg(q)
-    _index_arg(q)
-    q.add_argument("--feature", type=checks.non_negative_int, required=True, help="the feature's number (from 0)")
-    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
-                   help="local instruct model directory or cached hub id (default: the attached model)")
-    q.add_argument("--n-explain", type=checks.positive_int, default=10, help="top examples shown to the explainer")
-    q.add_argument("--n-score", type=checks.positive_int, default=10,
-                   help="held-out top examples and random examples simulated for the score (each)")
-    q.add_argument("--refresh", action="store_true", help="recompute even if a cached explanation exists")
+    _index_args(q, feature=True)
+    unit_index.add_explain_args(q)
     add_json_arg(q, "the explanation")
     q.set_defaults(fn=cmd_explain)
 
@@ -96,14 +74,12 @@ def add_browse_commands(ssub) -> None:
                                     "activation mass) and mean explanation score. With --explain N, first "
                                     "explain N random live units of each (loads the model; slow).")
     add_model_args(q)
-    _sae_arg(q)
-    _index_arg(q)
+    _index_args(q)
     q.add_argument("--neurons", required=True, metavar="DIR", type=checks.existing("neuron index", "dir"),
                    help="a neuron index of the same model (`neurons index`)")
     q.add_argument("--explain", type=checks.non_negative_int, default=0,
                    help="explain this many random live units of each side first (default 0: use the stored ones)")
-    q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
-                   help="local instruct model directory or cached hub id (default: the attached model)")
+    unit_index.add_explainer_arg(q)
     q.add_argument("--seed", type=int, default=0, help="which units --explain draws")
     add_json_arg(q, "the comparison")
     q.set_defaults(fn=cmd_compare)
@@ -146,71 +122,25 @@ def _open(args):
 
 # ------------------------------------------------------------------------------ commands
 def cmd_index(args) -> int:
-    from tqdm import tqdm
-
-    from explorer.core.jobs import Job
     from explorer.features.saelens_io import load_sae
     from explorer.features.units import index_features
-    from explorer.neurons.index import IndexRequest
 
     sae = load_sae(args.sae)
     _check_fits_config(sae, args.model, args.any_model)
-    request = IndexRequest(corpus_path=args.corpus, max_tokens=args.max_tokens or None, window=args.window,
-                           top_k=args.top_k, n_random=args.n_random, batch_windows=args.batch_windows,
-                           corpus_format=args.format, text_field=args.text_field)
+    request = unit_index.index_request(args)
     session = load_session(args)
-    bar = tqdm(total=0, unit="tok", unit_scale=True, desc="indexing", file=sys.stderr, dynamic_ncols=True)
-
-    def on_progress(progress, _partial) -> None:
-        bar.total, bar.n = progress.total, progress.done
-        bar.set_postfix_str(progress.message, refresh=False)
-        bar.refresh()
-
-    try:
-        index = Job(lambda ctx: index_features(session, args.sae, request, ctx=ctx, out_dir=args.out,
-                                               any_model=args.any_model),
-                    name="feature-index", on_progress=on_progress).run()
-    finally:
-        bar.close()
-    if args.json:
-        print_json(dict(index.manifest, path=str(index.path)))
-    else:
-        m = index.manifest
-        print(f"{index.path}\n{m['model']['name']} layer {index.layers[0]}: {index.n_units:,} features, "
-              f"{index.tokens_done:,} tokens of {m['corpus']['path']} in {m['elapsed_s']:.0f} s")
+    index = unit_index.run_with_bar(lambda ctx: index_features(session, args.sae, request, ctx=ctx, out_dir=args.out,
+                                                               any_model=args.any_model), "feature-index")
+    unit_index.print_built(index, args.json, f" layer {index.layers[0]}: {index.n_units:,} features")
     return 0
 
 
 def cmd_show(args) -> int:
-    from cli.neurons import example_context, example_json  # one JSON shape for neurons and features
-    from explorer.neurons.describe import DescriptionStore, token_pattern
-
     index = _open(args)
     layer, feature = index.layers[0], args.feature
-    index.check_neuron(layer, feature)
-    top = index.top_examples(layer, feature, args.top)
-    rand = index.random_examples(layer, feature)
-    pattern = token_pattern(index, layer, feature)
-    stats = index.stats(layer, feature)
-    descriptions = DescriptionStore(index.path).for_neuron(layer, feature)
-    if args.json:
-        print_json({"layer": layer, "feature": feature, "sae": str(args.sae), "model": index.model_name,
-                    "tokens_indexed": index.tokens_done, "top": [example_json(e) for e in top],
-                    "random": [example_json(e) for e in rand], "pattern": pattern.summary,
-                    "pattern_detail": pattern.to_dict(), "stats": stats.to_dict(), "descriptions": descriptions})
-        return 0
-    print(f"feature {feature} (layer {layer}) of {args.sae} over {index.tokens_done:,} tokens")
-    print(f"  {pattern.summary}")
-    print(f"  max {stats.max:.4g}, mean {stats.mean:.3g}, fires (>0) on {stats.frequency:.1%} of tokens")
-    for d in descriptions:
-        score = "" if d.get("score") is None else f" (score {d['score']:.3f})"
-        print(f"  [{d['source']}] {d['description']}{score}")
-    print("top examples:")
-    for i, e in enumerate(top):
-        print(f"  {i + 1:3d}  {e.activation:9.4g}  {example_context(e)}")
-    print("random examples:")
-    for e in rand[:10]:
-        print(f"       {e.activation:9.4g}  {example_context(e)}")
+    unit_index.show_unit(index, layer, feature, top=args.top, as_json=args.json, quantiles=False,
+                         head={"layer": layer, "feature": feature, "sae": str(args.sae)},
+                         title=f"feature {feature} (layer {layer}) of {args.sae} over {index.tokens_done:,} tokens")
     return 0
 
 
@@ -231,17 +161,9 @@ def cmd_search(args) -> int:
     if not hits:
         print("no matching features")
     for h in hits:
-        score = "" if h.score is None else f" (score {h.score:.3f})"
+        score = unit_index.score_suffix(h.score)
         print(f"F{h.neuron:<7d} {h.relevance:5.2f}  [{h.source}] {h.description}{score}")
     return 0
-
-
-def _index_model(args, index) -> None:
-    """--model defaults to the index's own model, where it still is."""
-    if args.model is None:
-        path = index.manifest["model"].get("path")
-        if path and Path(path).is_dir():
-            args.model = path
 
 
 def cmd_explain(args) -> int:
@@ -250,7 +172,7 @@ def cmd_explain(args) -> int:
     index = _open(args)
     layer = index.layers[0]
     index.check_neuron(layer, args.feature)
-    _index_model(args, index)
+    unit_index.default_model_from_index(args, index)
     session = load_session(args)
     e = explain_neuron(session, index=index, layer=layer, neuron=args.feature, explainer=args.explainer,
                        n_explain=args.n_explain, n_score_top=args.n_score, n_score_random=args.n_score,
@@ -259,9 +181,7 @@ def cmd_explain(args) -> int:
         data = {k: v for k, v in e.to_dict().items() if k not in ("simulated", "true", "type", "neuron")}
         print_json(dict(data, feature=args.feature))
         return 0
-    print(f"feature {args.feature} (layer {layer}): responds to {e.explanation or '(no explanation)'}")
-    print(f"  score {e.score_text} ({e.score_note}; {e.n_top} top + {e.n_random} random examples, "
-          f"explainer {e.explainer})")
+    unit_index.print_explanation(f"feature {args.feature} (layer {layer})", e)
     return 0
 
 
@@ -282,7 +202,7 @@ def cmd_compare(args) -> int:
     if args.explain:
         from explorer.neurons.describe import Explainer
 
-        _index_model(args, features)
+        unit_index.default_model_from_index(args, features)
         session = load_session(args)
         exp = Explainer.load(args.explainer, session)
         explainer = exp.name

@@ -193,12 +193,8 @@ class GenerateView(pn.viewable.Viewer):
 
     def start(self, background: bool = True) -> None:
         """Start a generation (``background=False``: run here, for notebooks and tests)."""
-        if self._live.running:
-            return
-        try:
-            request = self.request()
-        except ExplorerError as e:
-            self.error = f"**Cannot generate:** {e}"
+        request = self._live.begin(self.request, self, "**Cannot generate:** {}")
+        if request is None:
             return
         self.param.update(error="", texts=["", ""], running=True, result=None,
                           status="Generating… (**Stop** ends it within one token)")
@@ -232,9 +228,7 @@ class GenerateView(pn.viewable.Viewer):
         self.status = f"Generating… {progress.done} / {progress.total} tokens"
 
     def _on_finish(self, job) -> None:
-        self.running = False
-        if job.error:
-            self.error = f"**Generation failed:** {job.error}"
+        if self._live.failed(job, self, "**Generation failed:** {}"):
             self.status = ""
             return
         result = job.result

@@ -11,12 +11,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import panel as pn
 from panel.io.state import set_curdoc
 
+from explorer.core.errors import ExplorerError
 from explorer.core.jobs import Job, JobContext, Progress
+
+T = TypeVar("T")
 
 
 def served_doc():
@@ -82,6 +85,27 @@ class LiveJob:
     def cancel(self) -> None:
         if self.job is not None:
             self.job.cancel()
+
+    def begin(self, build: Callable[[], T], view: Any, error: str = "**{}**") -> T | None:
+        """The request of a new job: ``build()``; None while a job runs, or when ``build`` raises an
+        ExplorerError (bad input), which ``view.error`` then shows (formatted by ``error``)."""
+        if self.running:
+            return None
+        try:
+            return build()
+        except ExplorerError as e:
+            view.error = error.format(e)
+            return None
+
+    @staticmethod
+    def failed(job: Job, view: Any, error: str) -> bool:
+        """After ``job``: ``view.running`` off and, if the job failed, its error in ``view.error``
+        (formatted by ``error``); True if it failed."""
+        view.running = False
+        if job.error:
+            view.error = error.format(job.error)
+            return True
+        return False
 
     # worker thread ----------------------------------------------------------
     def _report(self, progress: Progress, partial: Any) -> None:

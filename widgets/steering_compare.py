@@ -117,12 +117,8 @@ class SteerComparePart(pn.viewable.Viewer):
         self._live.cancel()
 
     def start(self, background: bool = True) -> None:
-        if self._live.running:
-            return
-        try:
-            request = self.request()
-        except ExplorerError as e:
-            self.error = f"**{e}**"
+        request = self._live.begin(self.request, self)
+        if request is None:
             return
         self.param.update(error="", running=True, result=None, status="Scoring the probes under each setting…")
         self._live.start(lambda ctx: steering_vs_swap(self.session, request, ctx=ctx), name="steer-compare",
@@ -134,9 +130,7 @@ class SteerComparePart(pn.viewable.Viewer):
         self.status = f"Comparing… {progress.done} / {progress.total} ({progress.message})"
 
     def _on_finish(self, job) -> None:
-        self.running = False
-        if job.error:
-            self.error = f"**The comparison failed:** {job.error}"
+        if self._live.failed(job, self, "**The comparison failed:** {}"):
             return
         r = job.result
         if r is not None:

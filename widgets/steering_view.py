@@ -250,12 +250,8 @@ class SteeringView(pn.viewable.Viewer):
         self.compare.close()
 
     def start_sweep(self, background: bool = True) -> None:
-        if self._live.running:
-            return
-        try:
-            request = self.sweep_request()
-        except ExplorerError as e:
-            self.error = f"**{e}**"
+        request = self._live.begin(self.sweep_request, self)
+        if request is None:
             return
         self.param.update(error="", running=True, sweep_result=None, status="Sweeping α…")
         self._live.start(lambda ctx: steer_sweep(self.session, request, ctx=ctx), name="steer-sweep",
@@ -267,9 +263,7 @@ class SteeringView(pn.viewable.Viewer):
         self.status = f"Sweeping α… {progress.done} / {progress.total} ({progress.message})"
 
     def _on_sweep_finish(self, job) -> None:
-        self.running = False
-        if job.error:
-            self.error = f"**The sweep failed:** {job.error}"
+        if self._live.failed(job, self, "**The sweep failed:** {}"):
             return
         if job.result is not None:
             self.sweep_result = job.result

@@ -24,26 +24,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from explorer.core.jobs import JobContext, Unfinished
+from explorer.core.jobs import JobContext
 from explorer.features.edits import feature_edit, parse_features, sae_for
 from explorer.features.sae import SAEError
-from explorer.interventions.edits import (
-    CHUNK_TOKENS,
-    MERGE_TOKENS,
-    EditError,
-    chunks,
-    metric,
-    nnsight_runs,
-    replay,
-    replay_tokens,
-    resolve_tokens,
-    run_clean,
-)
+from explorer.interventions.ablation import SweepRequest, SweepResult, sweep_edits
+from explorer.interventions.edits import EditError, metric, resolve_tokens, run_clean, target_fields
+from explorer.interventions.patching import PatchRequest, PatchResult, check_gap, encode_pair, patch_cells
 
 if TYPE_CHECKING:
     from explorer.core.session import ModelSession
-    from explorer.interventions.ablation import SweepRequest, SweepResult
-    from explorer.interventions.patching import PatchRequest, PatchResult
 
 _RUN_SITE = {"resid": "resid", "mlp": "mlp"}   # the edit site of an SAE -> the clean run's capture site
 
@@ -67,8 +56,6 @@ def site_features(session: ModelSession, sae, layer: int, site: str, ids: torch.
 
 def feature_sweep(session: ModelSession, request: SweepRequest, ctx: JobContext | None = None) -> SweepResult:
     """Ablate each of the ``top_n`` most active SAE features (``request.sae``) one at a time."""
-    from explorer.interventions.ablation import SweepResult
-
     if request.method not in ("exact", "sequential"):
         raise EditError(f"a feature sweep runs exact or sequential, not {request.method!r} (attribution covers "
                         "model components only)")
@@ -90,60 +77,30 @@ def feature_sweep(session: ModelSession, request: SweepRequest, ctx: JobContext 
     logits = run.logits.float()
     effects = np.full(len(order), np.nan, dtype=np.float32)
     edits = [feature_edit(sae, [j], 0.0) for j in order]
-    total, done = len(order), 0
 
     def make(done_now: int) -> SweepResult:
         return SweepResult(
             request=request, model=session.name, tokens=session.decode_each(ids.numpy()),
-            token_ids=ids.numpy().astype(np.int64), target=str(session.decode_each([tid])[0]), target_id=tid,
-            compare=None if cid is None else str(session.decode_each([cid])[0]), compare_id=cid,
+            token_ids=ids.numpy().astype(np.int64), **target_fields(session, tid, cid),
             components=tuple(f"sae:{j}" for j in order), effects=effects.copy(),
             baseline_logit=float(logits[tid]), baseline_prob=float(torch.softmax(logits, -1)[tid]),
             baseline_metric=base_metric, activations=peak[order].cpu().numpy().astype(np.float32),
-            done=done_now, total=total)
+            done=done_now, total=len(order))
 
-    if request.method == "exact":
-        batches = chunks([(layer, i) for i in range(total)], ids.numel(),
-                         min(CHUNK_TOKENS, replay_tokens(session, ids.numel())), MERGE_TOKENS)
-    else:
-        batches = [[(layer, i)] for i in range(total)]
-    for batch in batches:
-        if ctx is not None and ctx.cancelled:
-            break
-        idx = [i for _, i in batch]
-        if request.method == "exact":
-            with torch.no_grad(), session.lock:
-                out = replay(session, run, [[edits[i]] for i in idx])
-        else:
-            out = nnsight_runs(session, ids, [[edits[idx[0]]]])[0]["logits"][None]
-        effects[idx] = (metric(out, tid, cid) - base_metric).cpu().numpy()
-        done += len(idx)
-        if ctx is not None:
-            ctx.report(done, total, partial=make(done), message=f"feature {order[idx[-1]]}")
-    result = make(done)
-    if done < total:
-        raise Unfinished(result)
-    return result
+    return sweep_edits(session, run, edits, request.method, tid, cid, base_metric, effects, ctx=ctx, make=make,
+                       message=lambda i: f"feature {order[i]}")
 
 
 def feature_patch(session: ModelSession, request: PatchRequest, ctx: JobContext | None = None) -> PatchResult:
     """Clamp each chosen feature, at each position, of the corrupted run to its clean activation."""
-    from explorer.interventions.patching import PatchResult
-
     sae, layer, site = _sae(session, request.sae)
-    clean_ids, corrupt_ids = session.encode(request.clean), session.encode(request.corrupt)
-    if clean_ids.numel() != corrupt_ids.numel():
-        raise EditError(f"patching needs clean and corrupted prompts of equal token length: the clean prompt is "
-                        f"{clean_ids.numel()} tokens, the corrupted one {corrupt_ids.numel()}; change words so "
-                        "both tokenise to the same length")
+    clean_ids, corrupt_ids = encode_pair(session, request)
     tid, cid = resolve_tokens(session, request.target, request.compare_token)
     clean, f_clean = site_features(session, sae, layer, site, clean_ids)
     corrupt, f_corrupt = site_features(session, sae, layer, site, corrupt_ids)
     clean_metric = float(metric(clean.logits, tid, cid))
     corrupt_metric = float(metric(corrupt.logits, tid, cid))
-    if abs(clean_metric - corrupt_metric) < 1e-6 * max(1.0, abs(clean_metric)):
-        raise EditError(f"the clean and corrupted prompts give the same metric ({clean_metric:.4g}): there is "
-                        "nothing to restore; pick prompts whose predictions differ")
+    check_gap(clean_metric, corrupt_metric)
     if request.features.strip():
         specs = parse_features(request.features)
         if any(v != 0.0 for _, v in specs):
@@ -162,31 +119,20 @@ def feature_patch(session: ModelSession, request: PatchRequest, ctx: JobContext 
             raise SAEError("no SAE feature differs between the clean and corrupted runs: nothing to patch")
     T, N = clean_ids.numel(), len(feats)
     patched = np.full((N, T), np.nan, dtype=np.float32)
-    total, done = N * T, 0
     gap = clean_metric - corrupt_metric
 
     def make(done_now: int) -> PatchResult:
         return PatchResult(
             request=request, model=session.name, clean_tokens=session.decode_each(clean_ids.numpy()),
-            corrupt_tokens=session.decode_each(corrupt_ids.numpy()), target=str(session.decode_each([tid])[0]),
-            target_id=tid, compare=None if cid is None else str(session.decode_each([cid])[0]), compare_id=cid,
+            corrupt_tokens=session.decode_each(corrupt_ids.numpy()), **target_fields(session, tid, cid),
             site="features", layer_labels=tuple(f"f{j}" for j in feats), clean_metric=clean_metric,
             corrupt_metric=corrupt_metric, patched=patched.copy(),
-            restored=((patched - corrupt_metric) / gap).astype(np.float32), done=done_now, total=total)
+            restored=((patched - corrupt_metric) / gap).astype(np.float32), done=done_now, total=N * T)
+
+    def edits_for(cell: tuple[int, int]) -> list:
+        r, p = cell
+        return [feature_edit(sae, [feats[r]], float(f_clean[p, feats[r]]), positions=[p])]
 
     cells = [(layer, (r, p)) for r in range(N) for p in range(T)]
-    for batch in chunks(cells, T, replay_tokens(session, T)):
-        if ctx is not None and ctx.cancelled:
-            break
-        rows = [[feature_edit(sae, [feats[r]], float(f_clean[p, feats[r]]), positions=[p])] for _, (r, p) in batch]
-        with torch.no_grad(), session.lock:
-            out = replay(session, corrupt, rows)
-        for (_, (r, p)), v in zip(batch, metric(out, tid, cid).cpu().numpy()):
-            patched[r, p] = v
-        done += len(batch)
-        if ctx is not None:
-            ctx.report(done, total, partial=make(done), message=f"feature {feats[batch[-1][1][0]]}")
-    result = make(done)
-    if done < total:
-        raise Unfinished(result)
-    return result
+    return patch_cells(session, corrupt, cells, edits_for, tid, cid, patched, ctx=ctx, make=make,
+                       message=lambda cell: f"feature {feats[cell[0]]}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,31 +42,28 @@ import torch
 from explorer.analyses.lens import LensRequest, LensResult, layer_labels, reduce_rows
 from explorer.core.components import Component, Geometry, components_for, geometry, split_specs
 from explorer.core.errors import EmptyPromptError
-from explorer.core.jobs import JobContext, Unfinished, cached_unless_cancelled
+from explorer.core.jobs import JobContext, cached_unless_cancelled
 from explorer.core.modules import submodule
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
-from explorer.interventions.edits import (  # the sweep's forward sizes: CHUNK_TOKENS, MERGE_TOKENS
-    CHUNK_TOKENS,
-    MERGE_TOKENS,
-    REMOTE_BATCH,
+from explorer.interventions.edits import (
     SITE_ORDER,
     CleanRun,
     Edit,
     EditError,
-    chunks,
     component_edit,
+    edit_batches,
     first,
     hooked,
     last_logits,
+    measure_batches,
     metric,
     nnsight_runs,
-    replay,
-    replay_tokens,
     resolve_tokens,
     run_clean,
     site_path,
+    target_fields,
 )
 
 MODES = ("zero", "mean", "resample")
@@ -413,10 +410,7 @@ def ablate(session: ModelSession, request: AblationRequest | str | None = None, 
             components=tuple(c.spec for c in comps) + feature_names,
             tokens=session.decode_each(ids.numpy()),
             token_ids=ids.numpy().astype(np.int64),
-            target=str(session.decode_each([tid])[0]),
-            target_id=tid,
-            compare=None if cid is None else str(session.decode_each([cid])[0]),
-            compare_id=cid,
+            **target_fields(session, tid, cid),
             baseline=_stats(base["logits"], tid, cid),
             ablated=_stats(abl["logits"], tid, cid),
             lens_baseline=lens_b,
@@ -496,47 +490,36 @@ def _sweep(session: ModelSession, request: SweepRequest, ctx) -> SweepResult:
     effects = np.full(shape, np.nan, dtype=np.float32)
     flat = effects.reshape(-1)
     total = len(comps)
-    done = 0
 
     def make(done_now: int) -> SweepResult:
         return SweepResult(
             request=request, model=session.name, tokens=session.decode_each(ids.numpy()),
-            token_ids=ids.numpy().astype(np.int64), target=str(session.decode_each([tid])[0]),
-            target_id=tid, compare=None if cid is None else str(session.decode_each([cid])[0]),
-            compare_id=cid, components=tuple(c.spec for c in comps), effects=effects.copy(),
+            token_ids=ids.numpy().astype(np.int64), **target_fields(session, tid, cid),
+            components=tuple(c.spec for c in comps), effects=effects.copy(),
             baseline_logit=base_stats.logit, baseline_prob=base_stats.prob, baseline_metric=base_metric,
             activations=peaks, done=done_now, total=total)
 
     planned = [component_edit(c, geom, request.mode, source) for c in comps]
     if request.method == "attribution":
         flat[:] = attribution_effects(session, ids, comps, planned, tid, cid)
-        done = total
-    else:
-        if session.remote:  # a few requests of many edited runs each
-            items = [(c.layer, i) for i, c in enumerate(comps)]
-            batches = [items[s:s + REMOTE_BATCH] for s in range(0, len(items), REMOTE_BATCH)]
-        elif request.method == "exact":
-            batches = chunks([(c.layer, i) for i, c in enumerate(comps)], ids.numel(),
-                             min(CHUNK_TOKENS, replay_tokens(session, ids.numel())), MERGE_TOKENS)
-        else:
-            batches = [[(c.layer, i)] for i, c in enumerate(comps)]
-        for batch in batches:
-            if ctx is not None and ctx.cancelled:
-                break
-            idx = [i for _, i in batch]
-            if request.method == "exact" or session.remote:
-                with torch.no_grad(), session.lock:
-                    logits = replay(session, run, [[planned[i]] for i in idx])
-            else:
-                logits = nnsight_runs(session, ids, [[planned[idx[0]]]])[0]["logits"][None]
-            flat[idx] = (metric(logits, tid, cid) - base_metric).cpu().numpy()
-            done += len(idx)
-            if ctx is not None:
-                ctx.report(done, total, partial=make(done), message=f"layer {comps[idx[-1]].layer}")
-    result = make(done)
-    if done < total:
-        raise Unfinished(result)
-    return result
+        return make(total)
+    return sweep_edits(session, run, planned, request.method, tid, cid, base_metric, flat, ctx=ctx, make=make,
+                       message=lambda i: f"layer {comps[i].layer}")
+
+
+def sweep_edits(session: ModelSession, run: CleanRun, planned: Sequence[Edit], method: str, tid: int,
+                cid: int | None, base_metric: float, effects: np.ndarray, *, ctx,
+                make: Callable[[int], SweepResult], message: Callable[[int], str]) -> SweepResult:
+    """Apply each planned edit alone to ``run``'s prompt and write metric − ``base_metric`` into
+    ``effects[i]`` (a flat view); ``method`` "exact" replays batches of them, "sequential" runs
+    one nnsight trace each. ``make(done)`` builds the (partial) result: see ``measure_batches``."""
+    def store(idx: list[int], values: torch.Tensor) -> None:
+        effects[idx] = (values - base_metric).cpu().numpy()
+
+    batches = edit_batches(session, [(e.layer, i) for i, e in enumerate(planned)], run.n_tokens,
+                           one_each=method == "sequential")
+    return measure_batches(session, run, batches, lambda i: [planned[i]], store, tid, cid, make=make,
+                           message=message, ctx=ctx, plain=method == "sequential")
 
 
 # ========================================================================= attribution

@@ -41,13 +41,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import nnsight
 import torch
 
 from explorer.core.components import Component, Geometry, geometry
 from explorer.core.errors import ExplorerError
+from explorer.core.jobs import Unfinished
 from explorer.core.modules import submodule
 from explorer.core.placement import memory_budget
 from explorer.core.session import ModelSession
@@ -510,3 +511,58 @@ def chunks(items: Sequence[tuple[int, Any]], n_tokens: int, max_tokens: int | No
     if cur:
         out.append(cur)
     return out
+
+
+# ======================================================================= sweep loops
+def target_fields(session: ModelSession, tid: int, cid: int | None) -> dict[str, Any]:
+    """The ``target``, ``target_id``, ``compare`` and ``compare_id`` fields of a result."""
+    return {"target": str(session.decode_each([tid])[0]), "target_id": tid,
+            "compare": None if cid is None else str(session.decode_each([cid])[0]), "compare_id": cid}
+
+
+def edit_batches(session: ModelSession, items: Sequence[tuple[int, Any]], n_tokens: int,
+                 one_each: bool = False) -> list[list[tuple[int, Any]]]:
+    """Group (layer, item) pairs into the forwards that run them: ``REMOTE_BATCH`` per request for
+    a remote model (in order), one per forward with ``one_each`` (a sequential sweep), else
+    ``chunks`` of what fits in memory (``replay_tokens``)."""
+    if session.remote:
+        return [list(items[s:s + REMOTE_BATCH]) for s in range(0, len(items), REMOTE_BATCH)]
+    if one_each:
+        return [[item] for item in items]
+    return chunks(items, n_tokens, replay_tokens(session, n_tokens))
+
+
+R = TypeVar("R")
+K = TypeVar("K")
+
+
+def measure_batches(session: ModelSession, run: CleanRun, batches: Sequence[Sequence[tuple[int, K]]],
+                    edits_for: Callable[[K], list[Edit]], store: Callable[[list[K], torch.Tensor], None],
+                    tid: int, cid: int | None, *, make: Callable[[int], R], message: Callable[[K], str],
+                    ctx: Any = None, plain: bool = False) -> R:
+    """The loop of a sweep or of patching: run each batch's edited runs, hand their metrics to
+    ``store(keys, metric [B])``, and report ``make(done)`` to ``ctx`` after each batch.
+
+    A batch's runs replay ``run`` (``plain``: one ``nnsight_runs`` trace instead, the reference
+    path). ``ctx.cancelled`` stops the loop between batches: then ``Unfinished(make(done))`` is
+    raised; otherwise ``make(total)`` is returned.
+    """
+    total, done = sum(len(b) for b in batches), 0
+    for batch in batches:
+        if ctx is not None and ctx.cancelled:
+            break
+        keys = [k for _, k in batch]
+        rows = [edits_for(k) for k in keys]
+        if plain:
+            logits = torch.stack([r["logits"] for r in nnsight_runs(session, run.ids, rows)])
+        else:
+            with torch.no_grad(), session.lock:
+                logits = replay(session, run, rows)
+        store(keys, metric(logits, tid, cid))
+        done += len(keys)
+        if ctx is not None:
+            ctx.report(done, total, partial=make(done), message=message(keys[-1]))
+    result = make(done)
+    if done < total:
+        raise Unfinished(result)
+    return result

@@ -20,7 +20,7 @@ check it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,22 +28,21 @@ import numpy as np
 import torch
 
 from explorer.analyses.lens import layer_labels
-from explorer.core.jobs import JobContext, Unfinished, cached_unless_cancelled
+from explorer.core.jobs import JobContext, cached_unless_cancelled
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 from explorer.interventions.edits import (
-    REMOTE_BATCH,
     CleanRun,
     Edit,
     EditError,
-    chunks,
+    edit_batches,
+    measure_batches,
     metric,
     nnsight_runs,
-    replay,
-    replay_tokens,
     resolve_tokens,
     run_clean,
+    target_fields,
 )
 
 SITES = ("resid", "attn", "mlp")   # and "features" (routed to explorer.features.sweeps)
@@ -88,19 +87,47 @@ class PatchResult(Result):
         return self.done == self.total
 
 
+def encode_pair(session: ModelSession, request: PatchRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean and corrupted prompts' token ids, which must be of equal length."""
+    clean_ids, corrupt_ids = session.encode(request.clean), session.encode(request.corrupt)
+    if clean_ids.numel() != corrupt_ids.numel():
+        raise EditError(
+            f"patching needs clean and corrupted prompts of equal token length: the clean prompt is "
+            f"{clean_ids.numel()} tokens, the corrupted one {corrupt_ids.numel()}; "
+            "change words so both tokenise to the same length")
+    return clean_ids, corrupt_ids
+
+
+def check_gap(clean_metric: float, corrupt_metric: float) -> None:
+    """Refuse prompts whose metrics are equal: no fraction of their gap can be restored."""
+    if abs(clean_metric - corrupt_metric) < 1e-6 * max(1.0, abs(clean_metric)):
+        raise EditError(
+            f"the clean and corrupted prompts give the same metric ({clean_metric:.4g}): there is "
+            "nothing to restore; pick prompts whose predictions differ")
+
+
+def patch_cells(session: ModelSession, corrupt: CleanRun, cells: Sequence[tuple[int, tuple[int, int]]],
+                edits_for: Callable[[tuple[int, int]], list[Edit]], tid: int, cid: int | None,
+                patched: np.ndarray, *, ctx, make: Callable[[int], PatchResult],
+                message: Callable[[tuple[int, int]], str]) -> PatchResult:
+    """Run each cell's patch (``(layer, (row, position))``, edits from ``edits_for((row, position))``)
+    on the corrupted run, batched, and write its metric into ``patched[row, position]``.
+    ``make(done)`` builds the (partial) result: see ``measure_batches``."""
+    def store(keys: list[tuple[int, int]], values: torch.Tensor) -> None:
+        for (r, p), v in zip(keys, values.cpu().numpy()):
+            patched[r, p] = v
+
+    return measure_batches(session, corrupt, edit_batches(session, cells, corrupt.n_tokens), edits_for, store,
+                           tid, cid, make=make, message=message, ctx=ctx)
+
+
 class _Setup:
     """Validated inputs: ids, token ids, clean activations and the corrupted run."""
 
     def __init__(self, session: ModelSession, request: PatchRequest) -> None:
         if request.site not in SITES:
             raise EditError(f"unknown patching site {request.site!r}: use one of {', '.join(SITES)}")
-        self.clean_ids = session.encode(request.clean)
-        self.corrupt_ids = session.encode(request.corrupt)
-        if self.clean_ids.numel() != self.corrupt_ids.numel():
-            raise EditError(
-                f"patching needs clean and corrupted prompts of equal token length: the clean prompt is "
-                f"{self.clean_ids.numel()} tokens, the corrupted one {self.corrupt_ids.numel()}; "
-                "change words so both tokenise to the same length")
+        self.clean_ids, self.corrupt_ids = encode_pair(session, request)
         self.tid, self.cid = resolve_tokens(session, request.target, request.compare_token)
         self.site = request.site
         clean = run_clean(session, self.clean_ids, {request.site})
@@ -108,11 +135,7 @@ class _Setup:
         self.clean_metric = float(metric(clean.logits, self.tid, self.cid))
         self.corrupt: CleanRun = run_clean(session, self.corrupt_ids)
         self.corrupt_metric = float(metric(self.corrupt.logits, self.tid, self.cid))
-        gap = self.clean_metric - self.corrupt_metric
-        if abs(gap) < 1e-6 * max(1.0, abs(self.clean_metric)):
-            raise EditError(
-                f"the clean and corrupted prompts give the same metric ({self.clean_metric:.4g}): there is "
-                "nothing to restore; pick prompts whose predictions differ")
+        check_gap(self.clean_metric, self.corrupt_metric)
 
     def edits(self, layer: int, positions: Iterable[int]) -> list[Edit]:
         return [Edit(self.site, layer, (p,), self.clean_acts[layer, p]) for p in positions]
@@ -148,39 +171,22 @@ def _patch(session: ModelSession, request: PatchRequest, ctx) -> PatchResult:
     setup = _Setup(session, request)
     L, T = session.n_layers, setup.clean_ids.numel()
     patched = np.full((L, T), np.nan, dtype=np.float32)
-    total, done = L * T, 0
+    total = L * T
 
     def make(done_now: int) -> PatchResult:
         return PatchResult(
             request=request, model=session.name,
             clean_tokens=session.decode_each(setup.clean_ids.numpy()),
             corrupt_tokens=session.decode_each(setup.corrupt_ids.numpy()),
-            target=str(session.decode_each([setup.tid])[0]), target_id=setup.tid,
-            compare=None if setup.cid is None else str(session.decode_each([setup.cid])[0]),
-            compare_id=setup.cid, site=setup.site, layer_labels=layer_labels(L)[1:],
+            **target_fields(session, setup.tid, setup.cid), site=setup.site,
+            layer_labels=layer_labels(L)[1:],
             clean_metric=setup.clean_metric, corrupt_metric=setup.corrupt_metric,
             patched=patched.copy(), restored=setup.restored(patched).astype(np.float32),
             done=done_now, total=total)
 
     cells = [(l, (l, p)) for l in range(L) for p in range(T)]
-    batches = ([cells[s:s + REMOTE_BATCH] for s in range(0, len(cells), REMOTE_BATCH)] if session.remote
-               else chunks(cells, T, replay_tokens(session, T)))  # remote: a few requests of many runs
-    for batch in batches:
-        if ctx is not None and ctx.cancelled:
-            break
-        rows = [setup.edits(l, [p]) for _, (l, p) in batch]
-        with torch.no_grad(), session.lock:
-            logits = replay(session, setup.corrupt, rows)
-        values = metric(logits, setup.tid, setup.cid).cpu().numpy()
-        for (_, (l, p)), v in zip(batch, values):
-            patched[l, p] = v
-        done += len(batch)
-        if ctx is not None:
-            ctx.report(done, total, partial=make(done), message=f"layer {batch[-1][1][0]}")
-    result = make(done)
-    if done < total:
-        raise Unfinished(result)
-    return result
+    return patch_cells(session, setup.corrupt, cells, lambda k: setup.edits(k[0], [k[1]]), setup.tid, setup.cid,
+                       patched, ctx=ctx, make=make, message=lambda k: f"layer {k[0]}")
 
 
 def patched_metric(session: ModelSession, request: PatchRequest,

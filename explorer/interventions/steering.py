@@ -46,7 +46,7 @@ from explorer.core.requests import build_request
 from explorer.core.results import Result, array, sized
 from explorer.core.session import ModelSession
 from explorer.interventions.ablation import TargetStats
-from explorer.interventions.edits import EditError, metric, resolve_tokens
+from explorer.interventions.edits import EditError, metric, resolve_tokens, target_fields
 from explorer.interventions.generate import (
     EditHooks,
     Intervention,
@@ -348,9 +348,7 @@ def steer_apply(session: ModelSession, request: SteerRequest | None = None, /, *
     ids = session.encode(request.prompt)
     tid, cid = resolve_tokens(session, request.target, request.compare_token)
     base, steered = edited_logits(session, ids, [Plan(), plan_for(session, iv, ids)])
-    return SteerResult(request=request, model=session.name, layer=layer,
-                       target=str(session.decode_each([tid])[0]), target_id=tid,
-                       compare=None if cid is None else str(session.decode_each([cid])[0]), compare_id=cid,
+    return SteerResult(request=request, model=session.name, layer=layer, **target_fields(session, tid, cid),
                        baseline=_stats(base, tid, cid), steered=_stats(steered, tid, cid))
 
 

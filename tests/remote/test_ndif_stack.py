@@ -8,14 +8,12 @@ overhead (remote vs local) and the stack's resident memory.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ from explorer import ablate, attention_patterns, head_scores, logit_lens, patch,
 from explorer.analyses.lens import residual_streams
 from explorer.core.defaults import ensure_default_model
 from explorer.core.session import ModelSession
+from helpers import assert_results_agree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack import Stack  # noqa: E402
@@ -51,19 +50,8 @@ def sessions(stack):
     return remote, local
 
 
-def assert_same(a, b, tol: float = TOL, path: str = "") -> None:
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        where = f"{path}{f.name}"
-        if isinstance(x, np.ndarray):
-            if x.dtype.kind == "f":
-                np.testing.assert_allclose(x, y, rtol=tol, atol=tol, equal_nan=True, err_msg=where)
-            else:
-                assert np.array_equal(x, y), where
-        elif isinstance(x, float):
-            assert x == pytest.approx(y, rel=tol, abs=tol), where
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type) and hasattr(x, "to_dict"):
-            assert_same(x, y, tol, where + ".")
+def assert_same(a, b, tol: float = TOL) -> None:
+    assert_results_agree(a, b, tol)
 
 
 def test_no_weights_here(sessions):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import explorer.interventions.ablation as ablation_mod
+import explorer.interventions.edits as edits_mod
 from explorer.analyses.lens import LensRequest, logit_lens
 from explorer.core.components import Component, ComponentError, Geometry, geometry, parse_component, parse_components
 from explorer.core.errors import EmptyPromptError, TokenError
@@ -378,8 +379,8 @@ def test_head_sweep_matches_reference_hooks(tiny_session, plain):
 @pytest.mark.parametrize("kind", ["heads", "blocks", "neurons"])
 def test_batched_sweep_equals_sequential(tiny_session, kind, monkeypatch):
     # Small chunks so that a layer's ablations span several forwards and layers merge.
-    monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 15)
-    monkeypatch.setattr(ablation_mod, "MERGE_TOKENS", 12)
+    monkeypatch.setattr(edits_mod, "CHUNK_TOKENS", 15)
+    monkeypatch.setattr(edits_mod, "MERGE_TOKENS", 12)
     exact = sweep(tiny_session, SweepRequest(PROMPT, TARGET, kind=kind, top_n=12))
     seq = sweep(tiny_session, SweepRequest(PROMPT, TARGET, kind=kind, top_n=12, method="sequential"))
     shape = {"heads": (N_LAYERS, N_HEADS), "blocks": (N_LAYERS, 2), "neurons": (12,)}[kind]
@@ -456,8 +457,8 @@ class FakeContext:
 
 def test_sweep_reports_partials_and_cancel_keeps_finished(tiny_sessions, monkeypatch):
     session = tiny_sessions["gpt2"]
-    monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 10)  # 2 heads per forward: 6 batches
-    monkeypatch.setattr(ablation_mod, "MERGE_TOKENS", 0)
+    monkeypatch.setattr(edits_mod, "CHUNK_TOKENS", 10)  # 2 heads per forward: 6 batches
+    monkeypatch.setattr(edits_mod, "MERGE_TOKENS", 0)
     request = SweepRequest(PROMPT, " Rome", kind="heads")  # 5 tokens: 2 heads per forward
     ctx = FakeContext(cancel_after=2)
     part = sweep(session, request, ctx=ctx)
@@ -477,7 +478,7 @@ def test_sweep_reports_partials_and_cancel_keeps_finished(tiny_sessions, monkeyp
 
 def test_sweep_as_job_cancel(tiny_sessions, monkeypatch):
     session = tiny_sessions["llama"]
-    monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 5)  # one head per forward
+    monkeypatch.setattr(edits_mod, "CHUNK_TOKENS", 5)  # one head per forward
     request = SweepRequest("One two three four five", TARGET, kind="heads")
     seen, jobs = [], []
 
@@ -496,7 +497,7 @@ def test_sweep_as_job_cancel(tiny_sessions, monkeypatch):
 
 def test_sweep_round_trip_with_nan(tiny_sessions, monkeypatch):
     session = tiny_sessions["mistral"]
-    monkeypatch.setattr(ablation_mod, "CHUNK_TOKENS", 5)
+    monkeypatch.setattr(edits_mod, "CHUNK_TOKENS", 5)
     ctx = FakeContext(cancel_after=1)
     part = sweep(session, SweepRequest(PROMPT, TARGET, kind="neurons", top_n=5), ctx=ctx)
     assert part.done == 1 and np.isnan(part.effects).sum() == 4

@@ -24,17 +24,12 @@ from explorer.neurons.describe import (
     token_pattern,
 )
 from explorer.neurons.index import IndexRequest, build_index, neuron_activations
+from helpers import corpus_head
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from explorer.core.defaults import ensure_default_corpus
-
-    with open(ensure_default_corpus(), encoding="utf-8") as f:
-        lines = [next(f) for _ in range(10)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
+    return corpus_head(tmp_path_factory.mktemp("corpus"), 10)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from explorer.features.units import index_features, open_feature_index
 from explorer.neurons.describe import DescriptionStore, Explanation, search
 from explorer.neurons.index import IndexRequest, build_index
 from explorer.neurons.units import compare_units, pattern_concentration, units_on_text
+from helpers import corpus_head, reference_windows, save_model_dir
 from tiny_models import make_tiny_model
 
 LAYER, WIDTH, K = 1, 48, 6
@@ -30,13 +31,7 @@ WINDOW, MAX_TOKENS, TOP_K, N_RANDOM, BATCH = 32, 1536, 6, 5, 8
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from explorer.core.defaults import ensure_default_corpus
-
-    with open(ensure_default_corpus(), encoding="utf-8") as f:
-        lines = [next(f) for _ in range(12)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
+    return corpus_head(tmp_path_factory.mktemp("corpus"), 12)
 
 
 def request(corpus) -> IndexRequest:
@@ -68,16 +63,6 @@ def neuron_index(tiny_sessions, corpus, tmp_path_factory):
     return build_index(tiny_sessions["llama"], request(corpus), out_dir=tmp_path_factory.mktemp("neurons"))
 
 
-def reference_windows(tokenizer, corpus) -> np.ndarray:
-    sep = tokenizer("\n\n", add_special_tokens=False).input_ids
-    flat: list[int] = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            flat += tokenizer(line.strip(), add_special_tokens=False).input_ids + sep
-    n = min(len(flat) // WINDOW, MAX_TOKENS // WINDOW)
-    return np.array(flat[: n * WINDOW], dtype=np.int64).reshape(n, WINDOW)
-
-
 def plain_features(session, tokenizer, sae_dir, ids: np.ndarray) -> np.ndarray:
     """[windows, W, d_sae]: block 1's output from a plain copy of the model (forward hook), then
     TopK encode by hand: h = (x − b_dec) W_enc + b_enc; the k largest through a ReLU; position 0 zero."""
@@ -105,7 +90,7 @@ def plain_features(session, tokenizer, sae_dir, ids: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(built, tiny_sessions, tokenizer, corpus, sae_dir):
-    windows = reference_windows(tokenizer, corpus)
+    windows = reference_windows(tokenizer, corpus, WINDOW, MAX_TOKENS)
     return windows, plain_features(tiny_sessions["llama"], tokenizer, sae_dir, windows)
 
 
@@ -264,9 +249,7 @@ def test_errors_are_clear(built, tiny_sessions, sae_dir, tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def test_cli_index_show_search_compare(tmp_path, tokenizer, corpus, capsys, sae_dir, neuron_index):
-    model_dir = tmp_path / "model"
-    make_tiny_model("llama", len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model_dir(tmp_path / "model", make_tiny_model("llama", len(tokenizer)), tokenizer)
     sae = load_sae(sae_dir)
     sae_cli = save_sae(sae.with_config(metadata={"hook_name": "blocks.1.hook_resid_post",
                                                  "model_name": "model"}), tmp_path / "sae")

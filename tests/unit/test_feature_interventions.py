@@ -17,43 +17,31 @@ import torch
 from cli.main import main
 from explorer.core.errors import ExplorerError
 from explorer.features.edits import feature_vector, parse_features, sae_for
-from explorer.features.sae import SAEConfig, SAEError, SparseAutoencoder
-from explorer.features.saelens_io import load_sae, save_sae
+from explorer.features.sae import SAEError
+from explorer.features.saelens_io import load_sae
 from explorer.interventions.generate import Intervention, generate
-from tiny_models import make_tiny_model
+from helpers import plain_copy, random_sae_weights, save_model_dir, save_topk_sae, topk_encode
 
 PROMPT = "The capital of France is"
 LAYER, D, D_SAE, K = 1, 64, 96, 6
 
 
 def sae_weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(D, D_SAE, generator=g) * 0.4, "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
-            "W_dec": torch.randn(D_SAE, D, generator=g) * 1.5, "b_dec": torch.randn(D, generator=g) * 0.1}
+    return random_sae_weights(D, D_SAE, seed)
 
 
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sae")
-    cfg = SAEConfig(d_in=D, d_sae=D_SAE, architecture="topk", k=K,
-                    metadata={"hook_name": f"blocks.{LAYER}.hook_resid_post"})
-    save_sae(SparseAutoencoder(cfg, sae_weights()), path)
-    return path
+    return save_topk_sae(tmp_path_factory.mktemp("sae"), sae_weights(), LAYER, K)
 
 
 @pytest.fixture(scope="module")
 def plain(tokenizer, tiny_sessions):
-    model = make_tiny_model("llama", len(tokenizer))
-    model.load_state_dict(tiny_sessions["llama"].hf.state_dict())
-    return model
+    return plain_copy(tokenizer, tiny_sessions["llama"])
 
 
 def ref_encode(w, x: torch.Tensor) -> torch.Tensor:
-    """TopK (SAELens): pre = (x − b_dec) W_enc + b_enc; keep the k largest, ReLU'd."""
-    h = (x.double() - w["b_dec"].double()) @ w["W_enc"].double() + w["b_enc"].double()
-    out = torch.zeros_like(h)
-    top = h.topk(K, dim=-1)
-    return out.scatter(-1, top.indices, top.values.clamp(min=0))
+    return topk_encode(w, x, K)
 
 
 def ref_decode(w, f: torch.Tensor) -> torch.Tensor:
@@ -147,9 +135,7 @@ def run(capsys, *argv):
 
 
 def test_cli_generate_with_features(tmp_path, tokenizer, tiny_sessions, plain, sae_dir, capsys):
-    model_dir = tmp_path / "model"
-    plain.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model_dir(tmp_path / "model", plain, tokenizer)
     a, _ = active_features(tiny_sessions["llama"], plain)
     code, out, err = run(capsys, "generate", "--model", model_dir, "--device", "cpu", "--prompt", PROMPT,
                          "--max-new-tokens", 6, "--sae", sae_dir, "--features", f"{a}=60", "--ab", "--json")
@@ -309,9 +295,7 @@ def test_mlp_out_sae_features_while_generating_and_result_round_trip(tiny_sessio
     """An SAE on block 1's MLP output edits that output (not the residual stream)."""
     from explorer.core.results import RESULT_TYPES
 
-    cfg = SAEConfig(d_in=D, d_sae=D_SAE, architecture="topk", k=K,
-                    metadata={"hook_name": f"blocks.{LAYER}.hook_mlp_out"})
-    save_sae(SparseAutoencoder(cfg, sae_weights()), tmp_path)
+    save_topk_sae(tmp_path, sae_weights(), LAYER, K, hook="mlp_out")
     session = tiny_sessions["llama"]
     ids = session.encode(PROMPT)
     w = sae_weights()
@@ -336,9 +320,7 @@ def test_mlp_out_sae_features_while_generating_and_result_round_trip(tiny_sessio
 
 
 def test_cli_ablate_with_features(tmp_path, tokenizer, tiny_sessions, plain, sae_dir, capsys):
-    model_dir = tmp_path / "model"
-    plain.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_model_dir(tmp_path / "model", plain, tokenizer)
     session = tiny_sessions["llama"]
     a, b = active_features(session, plain)
     code, out, err = run(capsys, "ablate", "--model", model_dir, "--device", "cpu", "--prompt", PROMPT,

@@ -13,28 +13,20 @@ import torch
 
 from cli.main import main
 from explorer.core.errors import ExplorerError
-from explorer.features.sae import SAEConfig, SparseAutoencoder
-from explorer.features.saelens_io import save_sae
 from explorer.interventions.ablation import SweepRequest, sweep
 from explorer.interventions.patching import PatchRequest, patch
-from tiny_models import make_tiny_model
+from helpers import plain_copy, random_sae_weights, save_model_dir, save_topk_sae, topk_encode
 
 CLEAN, CORRUPT, TARGET, COMPARE = "The capital of France is", "The capital of Italy is", " Paris", " Rome"
 LAYER, D, D_SAE, K = 1, 64, 96, 6
 
 
 def sae_weights(seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(D, D_SAE, generator=g) * 0.4, "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
-            "W_dec": torch.randn(D_SAE, D, generator=g) * 1.5, "b_dec": torch.randn(D, generator=g) * 0.1}
+    return random_sae_weights(D, D_SAE, seed)
 
 
 def ref_encode(x: torch.Tensor) -> torch.Tensor:
-    """TopK (SAELens): pre = (x − b_dec) W_enc + b_enc; the k largest kept, ReLU'd."""
-    w = sae_weights()
-    h = (x.double() - w["b_dec"].double()) @ w["W_enc"].double() + w["b_enc"].double()
-    top = h.topk(K, dim=-1)
-    return torch.zeros_like(h).scatter(-1, top.indices, top.values.clamp(min=0))
+    return topk_encode(sae_weights(), x, K)
 
 
 def set_features(x: torch.Tensor, values: dict[int, float]) -> torch.Tensor:
@@ -47,11 +39,7 @@ def set_features(x: torch.Tensor, values: dict[int, float]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sae")
-    cfg = SAEConfig(d_in=D, d_sae=D_SAE, architecture="topk", k=K,
-                    metadata={"hook_name": f"blocks.{LAYER}.hook_resid_post"})
-    save_sae(SparseAutoencoder(cfg, sae_weights()), path)
-    return path
+    return save_topk_sae(tmp_path_factory.mktemp("sae"), sae_weights(), LAYER, K)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +49,7 @@ def session(tiny_sessions):
 
 @pytest.fixture(scope="module")
 def plain(tokenizer, session):
-    model = make_tiny_model("llama", len(tokenizer))
-    model.load_state_dict(session.hf.state_dict())
-    return model.eval()
+    return plain_copy(tokenizer, session)
 
 
 def run_plain(plain, ids: torch.Tensor, edit=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +144,7 @@ def test_bad_feature_sweeps_and_patches(session, sae_dir):
 # ================================================================================== CLI
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer, session):
-    path = tmp_path_factory.mktemp("tiny-llama-dir")
-    session.hf.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("tiny-llama-dir"), session.hf, tokenizer)
 
 
 def test_cli_feature_sweep_and_patch(tiny_dir, sae_dir, session, capsys):

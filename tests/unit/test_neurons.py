@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from cli.main import main
 from explorer.core.corpus import CorpusError
 from explorer.core.errors import ExplorerError
@@ -31,6 +32,7 @@ from explorer.neurons.index import (
     hist_quantiles,
     window_priority,
 )
+from helpers import corpus_head
 from tiny_models import make_tiny_model
 
 # The families with distinct MLPs: Llama's SwiGLU, GPT-2's Conv1D, NeoX's, Phi-3's fused
@@ -45,13 +47,7 @@ WINDOW, MAX_TOKENS, TOP_K, N_RANDOM, BATCH = 32, 1536, 6, 5, 8
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The first 12 articles of the default corpus as a small text corpus."""
-    from explorer.core.defaults import ensure_default_corpus
-
-    with open(ensure_default_corpus(), encoding="utf-8") as f:
-        lines = [next(f) for _ in range(12)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
+    return corpus_head(tmp_path_factory.mktemp("corpus"), 12)
 
 
 def request(corpus, **kw) -> IndexRequest:
@@ -62,13 +58,7 @@ def request(corpus, **kw) -> IndexRequest:
 
 
 def reference_windows(tokenizer, corpus, window=WINDOW, max_tokens=MAX_TOKENS) -> np.ndarray:
-    sep = tokenizer("\n\n", add_special_tokens=False).input_ids
-    flat: list[int] = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            flat += tokenizer(line.strip(), add_special_tokens=False).input_ids + sep
-    n = min(len(flat) // window, max_tokens // window)
-    return np.array(flat[: n * window], dtype=np.int64).reshape(n, window)
+    return helpers.reference_windows(tokenizer, corpus, window, max_tokens)
 
 
 def plain_acts(family, tokenizer, session, ids: np.ndarray) -> list[np.ndarray]:

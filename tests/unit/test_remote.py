@@ -10,9 +10,7 @@ LayerNorm, biases) and Gemma 2 (post-norms, soft-capped logits).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from nnsight.intervention.backends.local import LocalSimulationBackend
@@ -22,6 +20,7 @@ from explorer import ablate, attention_patterns, compare_prompts, head_scores, l
 from explorer.core.errors import UnsupportedModelError
 from explorer.core.remote import RemoteServerError, RemoteUnsupportedError, remote_target
 from explorer.core.session import ModelSession
+from helpers import assert_results_agree
 from tiny_models import make_tiny_model
 
 FAMILIES = ("llama", "gpt2", "gemma2")
@@ -61,21 +60,8 @@ def remote_calls(monkeypatch):
     return calls
 
 
-def assert_same(a, b, tol: float = TOL, path: str = "") -> None:
-    """Every array, number and nested result of two results agree (within ``tol``, relative to
-    the values' size for large logits)."""
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        where = f"{path}{f.name}"
-        if isinstance(x, np.ndarray):
-            if x.dtype.kind in "fc":
-                np.testing.assert_allclose(x, y, rtol=tol, atol=tol, equal_nan=True, err_msg=where)
-            else:
-                assert np.array_equal(x, y), where
-        elif isinstance(x, float):
-            assert x == pytest.approx(y, rel=tol, abs=tol), where
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type) and hasattr(x, "to_dict"):
-            assert_same(x, y, tol, where + ".")
+def assert_same(a, b, tol: float = TOL) -> None:
+    assert_results_agree(a, b, tol)
 
 
 def top1(session: ModelSession) -> str:

@@ -22,7 +22,7 @@ from explorer.training.steer_compare import (
     steering_vs_swap,
     window_losses,
 )
-from tiny_models import make_tiny_model
+from helpers import plain_copy, save_model_dir
 
 LAYER = 1
 LINES = ["The farmer said he would sell his house.", "My uncle told him that he is late.",
@@ -37,9 +37,7 @@ def session(tiny_sessions):
 
 @pytest.fixture(scope="module")
 def plain(tokenizer, session):
-    model = make_tiny_model("llama", len(tokenizer))
-    model.load_state_dict(session.hf.state_dict())
-    return model.eval()
+    return plain_copy(tokenizer, session)
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +194,7 @@ def test_no_run_partials_cancel_and_bad_input(session, tmp_path):
 # ================================================================================== CLI
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer, session):
-    path = tmp_path_factory.mktemp("tiny-llama-dir")
-    session.hf.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model_dir(tmp_path_factory.mktemp("tiny-llama-dir"), session.hf, tokenizer)
 
 
 def test_cli_json_shape_and_numbers(tiny_dir, run_dir, session, capsys):
