@@ -253,3 +253,21 @@ def test_cli_trains_a_batch_topk_transcoder_and_encodes_with_it(tmp_path, tokeni
     assert data["tokens"] == ["The", " nurse"] and data["site"] == "mlp_in"
     assert main(["sae", "attribute", "--model", str(model_dir), "--sae", str(out), "--prompt", "The nurse"]) == 2
     assert "not on transcoders" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the Train SAE tab
+def test_the_train_sae_tab_trains_a_batch_topk_transcoder(tiny_sessions, corpus, tmp_path):
+    from explorer.persistence.history import History
+    from widgets.sae_train_view import SAETrainView
+
+    history = History()
+    view = SAETrainView(tiny_sessions["llama"], history=history, background=False,
+                        base_config=TrainConfig(window=32, batch_windows=4, eval_windows=2, eval_every=2,
+                                                warmup_steps=2),
+                        layer=1, site="transcoder", architecture="batchtopk", width=32, k=4, max_tokens=512,
+                        batch=64, corpus=corpus, out_dir=str(tmp_path / "tc"))
+    assert view.config().architecture == "batchtopk" and view.config().site == "transcoder"
+    view.param.trigger("start")
+    assert view.error == "" and view.result.status == "done"
+    assert load_sae(view.sae_path).cfg.is_transcoder
+    assert "transcoder batchtopk" in history.entries[-1].label
