@@ -91,6 +91,7 @@ def test_batch_topk_saves_a_jumprelu_that_encodes_as_a_plain_one(batch_trained, 
     assert np.all(r.log_l0 <= TRAIN["k"] + 1e-9) and np.all(np.isfinite(r.log_fvu)) and 0 < r.fvu < 1
     cfg = json.loads((__import__("pathlib").Path(r.out_dir) / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and "k" not in cfg
+    assert cfg["normalize_activations"] == "constant_norm_rescale"   # each vector scaled to norm √d_in
     assert cfg["metadata"]["explorer"]["architecture"] == "batchtopk" and cfg["metadata"]["explorer"]["k"] == 8
     from safetensors.numpy import load_file
 
@@ -100,10 +101,13 @@ def test_batch_topk_saves_a_jumprelu_that_encodes_as_a_plain_one(batch_trained, 
     session = tiny_sessions["llama"]
     ids = session.encode("The nurse said that she would come back tomorrow")[None]
     x = activations(session, ids, 1, "resid")[0].double()
-    h = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    scaled = x * D ** 0.5 / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    h = (scaled - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     plain = torch.where(h > theta, h.clamp(min=0), torch.zeros_like(h))
     sae = load_sae(r.out_dir)
     torch.testing.assert_close(sae.encode(x.float()).double(), plain, atol=1e-5, rtol=1e-5)
+    recon = (plain @ w["W_dec"] + w["b_dec"]) * torch.linalg.vector_norm(x, dim=-1, keepdim=True) / D ** 0.5
+    torch.testing.assert_close(sae(x.float()).double(), recon, atol=1e-4, rtol=1e-4)
     feats = encode_prompt(session, "The nurse said that she would come back tomorrow", sae=r.out_dir, top_k=3)
     assert feats.architecture == "jumprelu" and feats.l0.tolist() == (plain > 0).sum(-1).tolist()
     assert r.l0 == pytest.approx(r.eval_l0[-1]) and 0 < r.l0   # held-out L0: what the threshold gives
