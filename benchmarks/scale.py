@@ -178,8 +178,12 @@ def reference_task(task: str, model, tokenizer, texts: dict, args, work: Path):
     """The same model work in plain transformers: no nnsight, no engine."""
     device = args.device
     if task == "lens":
-        from lens import PlainLens
+        from lens import PARTS, PlainLens
 
+        # Gemma 2 names its parts as Llama does. The plain lens reads the embedding before Gemma's
+        # √d scaling and skips the final soft-capping (one tanh per logit): the same matmuls and
+        # reductions, so a time and memory reference, not a check of the values.
+        PARTS.setdefault("gemma2", PARTS["llama"])
         plain = PlainLens(model, tokenizer)
 
         def lens():

@@ -1,5 +1,5 @@
-"""``python -m explorer sae``: train a TopK sparse autoencoder on one site; encode a prompt with an SAE;
-index, show, search and compare its features (``cli.sae_browse``)."""
+"""``python -m explorer sae``: train a TopK or BatchTopK sparse autoencoder (or a transcoder) on one site;
+encode a prompt with an SAE; index, show, search and compare its features (``cli.sae_browse``)."""
 from __future__ import annotations
 
 import sys
@@ -18,15 +18,19 @@ def add_commands(sub) -> None:
     ssub = p.add_subparsers(dest="sae_command", required=True, metavar="ACTION",
                             help="train, encode, attribute, feature, vector, index, show, search, explain or compare")
 
-    q = ssub.add_parser("train", help="train (or resume) a TopK SAE on one site",
+    q = ssub.add_parser("train", help="train (or resume) a TopK or BatchTopK SAE, or a transcoder, on one site",
                         description="Stream a corpus through the model (stopped after the chosen layer) and "
                                     "train a TopK SAE on the site's activations; an interrupted run resumes from "
                                     "its last checkpoint in --out. Prints FVU, L0, dead-latent share and "
                                     "Δ LM loss on held-out windows.")
     add_model_args(q)
     q.add_argument("--layer", type=checks.non_negative_int, required=True, help="the block (from 0)")
-    q.add_argument("--site", choices=["resid", "mlp_out"], default="resid",
-                   help="resid: the block's output (residual stream); mlp_out: its MLP's output")
+    q.add_argument("--site", choices=["resid", "mlp_out", "transcoder"], default="resid",
+                   help="resid: the block's output (residual stream); mlp_out: its MLP's output; transcoder: "
+                        "from the MLP's input (after its norm) to its output (Δ loss replaces the MLP's output)")
+    q.add_argument("--architecture", choices=["topk", "batchtopk"], default="topk",
+                   help="topk: k latents per token; batchtopk: the k·B largest across each batch of B tokens, "
+                        "saved as a JumpReLU with the threshold estimated in training (SAELens's layout)")
     q.add_argument("--width", type=checks.positive_int, default=4608, help="latents (SAE width)")
     q.add_argument("--k", type=checks.positive_int, default=32, help="active latents per token (TopK)")
     q.add_argument("--max-tokens", type=checks.positive_int, default=2_000_000, help="training tokens")
@@ -193,7 +197,8 @@ def cmd_train(args) -> int:
     from explorer.features.train import TrainConfig, train_sae
 
     _check_sizes(args)
-    config = TrainConfig(layer=args.layer, site=args.site, width=args.width, k=args.k, max_tokens=args.max_tokens,
+    config = TrainConfig(layer=args.layer, site=args.site, architecture=args.architecture, width=args.width, k=args.k,
+                         max_tokens=args.max_tokens,
                          lr=args.lr, batch=args.batch, window=args.window, batch_windows=args.batch_windows,
                          eval_every=args.eval_every, corpus_path=args.corpus, corpus_format=args.format,
                          text_field=args.text_field, seed=args.seed)
@@ -220,8 +225,10 @@ def cmd_train(args) -> int:
         print_json(result.summary())
         return 0
     log(f"saved to {result.out_dir}")
-    print(f"{result.status}: {result.tokens:,} tokens, layer {result.layer} {result.site}, width {result.width}, "
-          f"k {result.k}; FVU {result.fvu:.4f}, L0 {result.l0:.1f}, dead {result.dead_fraction:.1%}, "
+    arch = result.settings.get("architecture", "topk")
+    print(f"{result.status}: {result.tokens:,} tokens, layer {result.layer} {result.site}, {arch}, "
+          f"width {result.width}, k {result.k}; FVU {result.fvu:.4f}, L0 {result.l0:.1f}, "
+          f"dead {result.dead_fraction:.1%}, "
           f"Δ loss {result.delta_loss:+.4f} nats (clean {result.clean_loss:.4f}) in {result.elapsed_s:.0f} s")
     return 0
 

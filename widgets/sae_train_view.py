@@ -1,13 +1,14 @@
-"""The "Train SAE" tab: train a TopK sparse autoencoder live, and encode a prompt with an SAE.
+"""The "Train SAE" tab: train a TopK or BatchTopK sparse autoencoder (or a transcoder) live, and
+encode a prompt with an SAE.
 
 Two parts:
-- **Training.** Settings of ``explorer.features.train.TrainConfig`` (layer, site, width, k,
-  tokens, learning rate, batch, corpus); *Start* runs ``train_sae`` as a job through
-  ``widgets.live.LiveJob`` into the output folder (empty: the cache, keyed by model, corpus and
-  settings). Each forward pass's partial result reaches the page's loop (throttled) and the four
-  charts (FVU, L0, dead latents, Δ LM loss) are refreshed from it. *Cancel* stops after the
-  current pass (checkpointed, the SAE so far saved); *Resume* starts the same settings again,
-  which continues from the last checkpoint.
+- **Training.** Settings of ``explorer.features.train.TrainConfig`` (layer, site, architecture,
+  width, k, tokens, learning rate, batch, corpus; site ``transcoder``: MLP input -> MLP output);
+  *Start* runs ``train_sae`` as a job through ``widgets.live.LiveJob`` into the output folder
+  (empty: the cache, keyed by model, corpus and settings). Each forward pass's partial result
+  reaches the page's loop (throttled) and the four charts (FVU, L0, dead latents, Δ LM loss) are
+  refreshed from it. *Cancel* stops after the current pass (checkpointed, the SAE so far saved);
+  *Resume* starts the same settings again, which continues from the last checkpoint.
 - **Encode.** An SAE folder (SAELens layout; filled in with the last trained one) and a prompt:
   the top features per position as a heatmap (windowed past 32 positions); *Attribute*: the
   features ranked by activation × gradient of a target token's logit, per position.
@@ -38,8 +39,12 @@ class SAETrainView(pn.viewable.Viewer):
 
     # ---- training settings
     layer = param.Integer(default=12, bounds=(0, None), label="Layer")
-    site = param.Selector(default="resid", objects=["resid", "mlp_out"], label="Site",
-                          doc="resid: the block's output (residual stream); mlp_out: its MLP's output.")
+    site = param.Selector(default="resid", objects=["resid", "mlp_out", "transcoder"], label="Site",
+                          doc="resid: the block's output (residual stream); mlp_out: its MLP's output; "
+                              "transcoder: from the MLP's input (after its norm) to its output.")
+    architecture = param.Selector(default="topk", objects=["topk", "batchtopk"], label="Architecture",
+                                  doc="topk: k latents per token; batchtopk: k·B across a batch of B tokens "
+                                      "(saved as a JumpReLU with the threshold estimated in training).")
     width = param.Integer(default=4608, bounds=(1, None), label="Width (latents)")
     k = param.Integer(default=32, bounds=(1, None), label="k (active latents)")
     max_tokens = param.Integer(default=2_000_000, bounds=(1, None), label="Training tokens")
@@ -90,7 +95,8 @@ class SAETrainView(pn.viewable.Viewer):
         """The run's settings: the view's fields over ``base_config`` (checked)."""
         from dataclasses import replace
 
-        config = replace(self.base_config, layer=self.layer, site=self.site, width=self.width, k=self.k,
+        config = replace(self.base_config, layer=self.layer, site=self.site, architecture=self.architecture,
+                         width=self.width, k=self.k,
                          max_tokens=self.max_tokens, lr=float(self.lr) or None, batch=self.batch,
                          corpus_path=self.corpus.strip() or None)
         config.check(self.session.n_layers)
@@ -159,7 +165,9 @@ class SAETrainView(pn.viewable.Viewer):
                        f"L0 {fmt(result.l0, '.1f')}, dead {fmt(result.dead_fraction, '.1%')}, "
                        f"Δ loss {fmt(result.delta_loss, '+.3f')} nats. Saved to `{result.out_dir}`.")
         if self.history is not None:
-            self.history.add(result, f"SAE L{result.layer} {result.site} ×{result.width} k{result.k}")
+            arch = result.settings.get("architecture", "topk")
+            kind = "" if arch == "topk" else f" {arch}"
+            self.history.add(result, f"SAE L{result.layer} {result.site}{kind} ×{result.width} k{result.k}")
 
     def _refresh_charts(self, result: SAETrainResult) -> None:
         data = sc.training_data(result)
@@ -235,6 +243,7 @@ class SAETrainView(pn.viewable.Viewer):
         p = self.param
         settings = pn.Column(
             pn.Row(pn.widgets.IntInput.from_param(p.layer, width=90), pn.widgets.Select.from_param(p.site, width=110),
+                   pn.widgets.Select.from_param(p.architecture, width=120, css_classes=["sae-architecture"]),
                    pn.widgets.IntInput.from_param(p.width, width=120), pn.widgets.IntInput.from_param(p.k, width=90)),
             pn.Row(pn.widgets.IntInput.from_param(p.max_tokens, width=140),
                    pn.widgets.FloatInput.from_param(p.lr, width=150),
@@ -260,7 +269,8 @@ class SAETrainView(pn.viewable.Viewer):
                           css_classes=["sae-encode-error"]),
             self._heatmap, self._attribution, sizing_mode="stretch_width")
         note = pn.pane.Markdown(
-            "A TopK sparse autoencoder trained here (own implementation, SAELens file layout). The full-size "
+            "A TopK or BatchTopK sparse autoencoder, or a transcoder (MLP input to MLP output), trained here "
+            "(own implementation, SAELens file layout). The full-size "
             "run (layer 12 residual, width 4,608, k 32, 2M tokens of the 'large' corpus) is hours on 2 busy CPU "
             "cores: `python -m explorer sae train --layer 12 --width 4608 --k 32 --max-tokens 2000000 "
             "--corpus large --out DIR`.", css_classes=["sae-note"])

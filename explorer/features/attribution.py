@@ -23,7 +23,7 @@ from explorer.core.requests import build_request
 from explorer.core.results import Result, array
 from explorer.features.encode import open_sae
 from explorer.features.harvest import site_module
-from explorer.features.sae import SAEError
+from explorer.features.sae import SAEError, require_sae
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ def feature_attribution(session, request: AttributionRequest | str | None = None
     if request.top_n < 1:
         raise SAEError(f"top_n must be ≥ 1, got {request.top_n}")
     sae = open_sae(session, request.sae, any_model=request.any_model)
+    require_sae(sae, "feature attribution")
     layer, site = sae.cfg.site
     ids = session.encode(request.prompt)
     module = site_module(session, layer, site)

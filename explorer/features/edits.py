@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explorer.features.sae import SAEError, SparseAutoencoder
+from explorer.features.sae import SAEError, SparseAutoencoder, require_sae
 from explorer.features.saelens_io import WEIGHTS_FILE, check_fits, load_sae, resolve_sae_dir
 from explorer.interventions.edits import Edit, register_op
 
@@ -54,6 +54,7 @@ def _op_name(sae: SparseAutoencoder) -> str:
 
 
 def _site(sae: SparseAutoencoder) -> tuple[int, str]:
+    require_sae(sae, "editing features")
     site = sae.cfg.site
     if site is None:
         raise SAEError("the SAE's cfg.json names no hook (metadata.hook_name), so where to edit is unknown")

@@ -8,6 +8,12 @@ Written (SAELens 6 format): ``cfg.json`` holds ``architecture``, ``d_in``, ``d_s
 current format, and ours under ``explorer``); the safetensors file holds ``W_enc`` [d_in, d_sae],
 ``b_enc``, ``W_dec`` [d_sae, d_in], ``b_dec`` (and ``threshold`` for JumpReLU).
 
+Transcoders (``SAEConfig.d_out`` set) are written as SAELens 6 writes them: ``architecture``
+``transcoder`` (ReLU) or ``jumprelu_transcoder``, ``d_out``, ``apply_b_dec_to_input`` false, and
+the output hook as ``metadata.hook_name_out``; ``W_dec`` is [d_sae, d_out]. A TopK transcoder is
+written as ``topk_transcoder`` with ``k``: SAELens 6 has no such class (it would refuse the
+file), which is why training offers BatchTopK, saved as ``jumprelu_transcoder``, which it reads.
+
 Read: the same, and the flat pre-6 configs (``hook_name`` or ``hook_point``, ``model_name``,
 ``activation_fn_str``/``activation_fn`` with ``activation_fn_kwargs.k`` for TopK under
 ``architecture: standard``), from a local directory or a Hugging Face hub id already in the local
@@ -44,15 +50,20 @@ SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config format these files follow
 def saelens_config(sae: SparseAutoencoder) -> dict[str, Any]:
     """The ``cfg.json`` dict of an SAE (SAELens 6 layout)."""
     cfg = sae.cfg
+    arch = cfg.architecture
+    if cfg.is_transcoder:
+        arch = _TRANSCODER_NAMES[arch]
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
             "model_name": None, "hook_name": None, "hook_layer": None, **cfg.metadata}
     if meta.get("hook_name") and meta.get("hook_layer") is None:
         meta["hook_layer"] = int(meta["hook_name"].split(".")[1])
-    out: dict[str, Any] = {"architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+    out: dict[str, Any] = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
                            "normalize_activations": cfg.normalize_activations, "reshape_activations": "none"}
     if cfg.architecture == "topk":
         out["k"] = cfg.k
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.d_out
     out["metadata"] = meta
     return out
 
@@ -99,6 +110,11 @@ def resolve_sae_dir(spec: str | Path) -> Path:
                    "already in the local Hugging Face cache)")
 
 
+# Our architecture (the activation) of a transcoder, by its SAELens name, and back.
+_TRANSCODER_NAMES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder", "topk": "topk_transcoder"}
+_TRANSCODERS = {v: k for k, v in _TRANSCODER_NAMES.items()}
+
+
 def _activation(raw: dict) -> str:
     return str(raw.get("activation_fn") or raw.get("activation_fn_str") or "relu")
 
@@ -114,15 +130,23 @@ def config_from_saelens(raw: dict) -> SAEConfig:
     for old, new in (("hook_point", "hook_name"), ("hook_point_layer", "hook_layer")):
         if old in raw and new not in raw:
             raw = {**raw, new: raw[old]}
-    for key in ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "dataset_path"):
+    for key in ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "dataset_path",
+                "hook_name_out"):
         if meta.get(key) is None and raw.get(key) is not None:
             meta[key] = raw[key]
     arch = str(raw.get("architecture", "standard"))
     k = raw.get("k")
+    d_out = None
+    if arch in _TRANSCODERS:
+        arch = _TRANSCODERS[arch]
+        d_out = raw.get("d_out", raw.get("d_in"))
+        raw = {**raw, "apply_b_dec_to_input": False}    # SAELens: never for transcoders
+        if arch == "standard" and _activation(raw) != "relu":
+            raise SAEError(f"unsupported activation {_activation(raw)!r} for a transcoder (supported: relu)")
     if arch == "standard" and _activation(raw) == "topk":   # pre-6: TopK as a standard SAE's activation
         arch = "topk"
         k = (raw.get("activation_fn_kwargs") or {}).get("k", k)
-    elif arch == "standard" and _activation(raw) != "relu":
+    elif arch == "standard" and d_out is None and _activation(raw) != "relu":
         raise SAEError(f"unsupported activation {_activation(raw)!r} for a standard SAE (supported: relu, topk)")
     norm = raw.get("normalize_activations", "none")
     if isinstance(norm, bool):  # old configs: True meant the April-update scaling
@@ -135,7 +159,8 @@ def config_from_saelens(raw: dict) -> SAEConfig:
         cfg = SAEConfig(d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=arch,
                         k=int(k) if k is not None else None,
                         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-                        normalize_activations=str(norm), metadata=meta)
+                        normalize_activations=str(norm), metadata=meta,
+                        d_out=int(d_out) if d_out is not None else None)
     except KeyError as e:
         raise SAEError(f"{CFG_FILE} lacks {e}") from None
     except (TypeError, ValueError) as e:
@@ -185,6 +210,14 @@ def check_fits(sae: SparseAutoencoder, session, *, any_model: bool = False) -> t
     if sae.d_in != d_model:
         raise SAEError(f"the SAE reads vectors of width {sae.d_in} but {session.name} has d_model {d_model}: "
                        "it was trained on another model")
+    if sae.cfg.is_transcoder:
+        out = sae.cfg.site_out
+        if where != "mlp_in" or out is None or out != (layer, "mlp_out"):
+            raise SAEError(f"this app reads transcoders from an MLP's input to the same MLP's output; this one reads "
+                           f"{sae.cfg.metadata.get('hook_name')} and writes {sae.cfg.metadata.get('hook_name_out')}")
+        if sae.cfg.d_out != d_model:
+            raise SAEError(f"the transcoder writes vectors of width {sae.cfg.d_out} but {session.name} has d_model "
+                           f"{d_model}: it was trained on another model")
     if not 0 <= layer < session.n_layers:
         raise SAEError(f"the SAE reads layer {layer} but {session.name} has layers 0..{session.n_layers - 1}")
     if not any_model:

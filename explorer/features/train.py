@@ -1,4 +1,5 @@
-"""Training a TopK sparse autoencoder on one site of the attached model: a resumable job.
+"""Training a TopK or BatchTopK sparse autoencoder (or transcoder) on one site of the attached
+model: a resumable job.
 
 Data. The corpus (``corpus_path``: a path, None for the default news corpus, ``large`` for the
 State of the Union + Moby-Dick corpus of ``explorer.features.corpora``) is cut into windows of
@@ -21,6 +22,36 @@ layer 12, 120 steps of 1,024 vectors reached a held-out FVU of 0.33 at lr 1e-3 a
 sparsify's 3.8e-4) after a linear warm-up of ``warmup_steps``; decoder rows are kept at unit
 norm (their gradient's radial part removed, then renormalised after each step). The decoding of k active latents is an
 ``embedding_bag`` over their decoder rows (k·d_in per vector instead of width·d_in).
+
+BatchTopK (``architecture="batchtopk"``; Bussmann et al. 2024): a step keeps the k·B largest
+pre-activations of its B vectors across the whole batch (through a ReLU), so a vector may use
+more or fewer than k latents, k on average. Inference cannot see a batch, so a threshold θ is
+estimated while training: after every step, the smallest positive activation kept, averaged
+exponentially (θ ← 0.99·θ + 0.01·min, as SAELens's BatchTopK; the first step sets θ to its min
+rather than averaging from 0, which would bias short runs low). The SAE is saved and evaluated as
+what it is at inference, a JumpReLU with every latent's threshold θ (SAELens's ``jumprelu``: it
+keeps h where h > θ; SAELens saves its own BatchTopK SAEs the same way), so SAELens, Neuronpedia
+tooling and this app all encode it alike; ``metadata.explorer`` records ``architecture:
+batchtopk`` and ``k``. Held-out L0 is then what the threshold gives, near k, not exactly k.
+A BatchTopK SAE (not transcoder) reads each vector scaled to norm √d_in (SAELens's
+``constant_norm_rescale``, saved in its ``cfg.json``, so SAELens and this app undo it on decoding):
+selecting across the batch, the residual stream's few vectors of 10–100× the typical norm would
+otherwise take most of the k·B activations (on SmolLM2's layer 12, width 4,608, k 32, 65k tokens:
+training FVU 3.6 → 3.8 unscaled). FVU and Δ loss are measured on the unscaled activations. A
+transcoder's input is already normalised by the block's pre-MLP norm and is left as it is.
+The running θ adapts over ~100 steps, so short runs keep an early, off θ: on SmolLM2's layer 12
+(width 4,608, k 32, 65k tokens, 64 steps) it gave a held-out L0 of 10.8 on the residual stream
+(training FVU 0.44, as TopK's) and 64.5 on a transcoder; long runs are what it is made for.
+
+Transcoder (``site="transcoder"``; Dunefsky et al. 2024): the input is block ``layer``'s MLP input
+(after its norm), the target that MLP's output, both from the same pass (``harvest.mlp_pairs``);
+b_dec (on the output side) is never subtracted from the input; FVU is against the target's
+variance; Δ LM loss replaces the MLP's output with the transcoder's output (``harvest.spliced_mlp``).
+The encoder is scaled on the first pass so that the initial output varies 0.1× as much as the
+target (the two sites' scales can differ by orders of magnitude: unscaled, a tiny model's first
+FVU was 15).
+Saved as SAELens writes transcoders (``explorer.features.saelens_io``): ``jumprelu_transcoder``
+for BatchTopK, ``topk_transcoder`` (this app's name; SAELens 6 has no TopK transcoder) for TopK.
 
 Metrics. After every forward pass a log row: tokens, FVU and L0 (mean active latents) over the
 pass's steps, and the dead-latent share: latents that did not fire in the last ``dead_window``
@@ -59,13 +90,17 @@ from explorer.core.jobs import JobContext
 from explorer.core.requests import build_request
 from explorer.core.results import Result, array
 from explorer.features.corpora import resolve_corpus
-from explorer.features.harvest import activations, lm_loss, spliced
-from explorer.features.sae import SITES, SAEConfig, SAEError, SparseAutoencoder, hook_name
+from explorer.features.harvest import activations, lm_loss, mlp_pairs, spliced, spliced_mlp
+from explorer.features.sae import MLP_IN, SITES, TRANSCODER, SAEConfig, SAEError, SparseAutoencoder, hook_name
 from explorer.features.saelens_io import save_sae
 
 RESULT_FILE = "training.json"
 STATE_FILE = "state.safetensors"
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+TRAIN_SITES = SITES + (TRANSCODER,)
+TRAIN_ARCHITECTURES = ("topk", "batchtopk")
+THRESHOLD_LR = 0.01           # BatchTopK: the weight of each step's minimum in the threshold's running average
+TRANSCODER_INIT_SCALE = 0.1   # a transcoder's initial output spread, relative to its target's (FVU starts ≈ 1)
 
 
 @dataclass(frozen=True)
@@ -73,7 +108,8 @@ class TrainConfig:
     """Settings of an SAE training run (see the module docstring)."""
 
     layer: int = 12
-    site: str = "resid"
+    site: str = "resid"               # resid, mlp_out, or transcoder (MLP input -> MLP output)
+    architecture: str = "topk"        # topk or batchtopk (k per vector, or k·B per batch of B)
     width: int = 4608
     k: int = 32
     max_tokens: int = 2_000_000       # training tokens (model tokens read; the held-out windows extra)
@@ -98,8 +134,11 @@ class TrainConfig:
 
     def check(self, n_layers: int | None = None) -> None:
         """Name the first bad setting (layers against ``n_layers`` when given)."""
-        if self.site not in SITES:
-            raise SAEError(f"unknown site {self.site!r} (use {' or '.join(SITES)})")
+        if self.site not in TRAIN_SITES:
+            raise SAEError(f"unknown site {self.site!r} (use {', '.join(TRAIN_SITES)})")
+        if self.architecture not in TRAIN_ARCHITECTURES:
+            raise SAEError(f"unknown training architecture {self.architecture!r} "
+                           f"(use {' or '.join(TRAIN_ARCHITECTURES)})")
         if n_layers is not None and not 0 <= self.layer < n_layers:
             raise SAEError(f"layer {self.layer} is out of range: the model has layers 0..{n_layers - 1}")
         if self.width < 1 or not 1 <= self.k <= self.width:
@@ -124,7 +163,17 @@ class TrainConfig:
         d = asdict(self)
         for key in ("checkpoint_seconds", "checkpoint_every", "corpus_path"):
             d.pop(key)
+        if self.architecture == "topk":   # TopK runs keep the key and settings they had before the option
+            d.pop("architecture")
         return d
+
+    @property
+    def batch_topk(self) -> bool:
+        return self.architecture == "batchtopk"
+
+    @property
+    def transcoder(self) -> bool:
+        return self.site == TRANSCODER
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,10 +219,16 @@ class TrainState:
 
     def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device, metadata: dict) -> None:
         self.cfg = cfg
-        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.width, architecture="topk", k=cfg.k, metadata=metadata)
+        # BatchTopK is trained by batch and used (evaluated, saved) as the JumpReLU its threshold makes.
+        arch = dict(architecture="jumprelu") if cfg.batch_topk else dict(architecture="topk", k=cfg.k)
+        io = dict(d_out=d_in, apply_b_dec_to_input=False) if cfg.transcoder else {}
+        if cfg.batch_topk and not cfg.transcoder:
+            io = dict(normalize_activations="constant_norm_rescale")
+        sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.width, metadata=metadata, **arch, **io)
         self.sae = SparseAutoencoder.init(sae_cfg, seed=cfg.seed, device=device)
-        for p in self.sae.parameters():
-            p.requires_grad_(True)
+        for n in _PARAMS:
+            getattr(self.sae, n).requires_grad_(True)
+        self.threshold: float | None = None   # BatchTopK: the running estimate of θ
         self.opt = torch.optim.Adam([getattr(self.sae, n) for n in _PARAMS], lr=cfg.learning_rate)
         self.fired_at = torch.full((cfg.width,), -1, dtype=torch.int64, device=device)
         self.step = 0
@@ -208,9 +263,12 @@ class TrainState:
         arrays["fired_at"] = self.fired_at.cpu().numpy()
         if self.eval_ids is not None:
             arrays["eval_ids"] = self.eval_ids
-        meta = {"state": json.dumps({"step": self.step, "passes": self.passes, "windows_done": self.windows_done,
-                                     "tokens": self.tokens, "cursor": list(self.cursor), "clean_loss": self.clean_loss,
-                                     "logs": self.logs, "evals": self.evals})}
+        state = {"step": self.step, "passes": self.passes, "windows_done": self.windows_done,
+                 "tokens": self.tokens, "cursor": list(self.cursor), "clean_loss": self.clean_loss,
+                 "logs": self.logs, "evals": self.evals}
+        if self.cfg.batch_topk:
+            state["threshold"] = self.threshold
+        meta = {"state": json.dumps(state)}
         save_arrays(directory / STATE_FILE, arrays, meta)
 
     def load(self, directory: Path) -> None:
@@ -238,19 +296,52 @@ class TrainState:
         self.windows_done, self.tokens = state["windows_done"], state["tokens"]
         self.cursor = tuple(state["cursor"])
         self.clean_loss, self.logs, self.evals = state["clean_loss"], state["logs"], state["evals"]
+        if self.cfg.batch_topk:
+            self.set_threshold(state.get("threshold"))
+
+    def set_threshold(self, value: float | None) -> None:
+        """BatchTopK: the running θ, copied into every latent's JumpReLU threshold."""
+        self.threshold = value
+        with torch.no_grad():
+            self.sae.threshold.fill_(0.0 if value is None else value)
 
 
 # ------------------------------------------------------------------------------ one step
-def train_step(run: TrainState, x: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """One Adam step on activation vectors ``x`` [N, d_in]; returns (FVU, L0, latents fired)."""
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK's selection: the k·N largest of pre-activations ``pre`` [N, width] across the
+    batch, through a ReLU. Returns (rows, latents, values), ordered by row then latent.
+
+    >>> rows, latents, values = batch_topk(torch.tensor([[3., -1., 2.], [0.5, 4., 1.]]), 1)
+    >>> rows.tolist(), latents.tolist(), values.tolist()
+    ([0, 1], [0, 1], [3.0, 4.0])
+    """
+    n, width = pre.shape
+    top = pre.reshape(-1).topk(min(k * n, n * width))
+    flat, order = top.indices.sort()
+    return flat // width, flat % width, torch.relu(top.values[order])
+
+
+def train_step(run: TrainState, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[float, float, torch.Tensor]:
+    """One Adam step on activation vectors ``x`` [N, d_in] (a transcoder: inputs ``x``, targets
+    ``y`` [N, d_out]); returns (FVU, L0, latents fired)."""
     cfg, sae = run.cfg, run.sae
     lr = cfg.learning_rate * min(1.0, (run.step + 1) / max(1, cfg.warmup_steps))
     for group in run.opt.param_groups:
         group["lr"] = lr
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    top = pre.topk(cfg.k, dim=-1)
-    vals = torch.relu(top.values)
-    recon = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+    if cfg.transcoder:
+        pre = x @ sae.W_enc + sae.b_enc
+        x = y                      # from here on, x is what is reconstructed
+    else:
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if cfg.batch_topk:
+        rows, latents, vals = batch_topk(pre, cfg.k)
+        counts = torch.bincount(rows, minlength=len(x))
+        recon = F.embedding_bag(latents, sae.W_dec, torch.cumsum(counts, 0) - counts, per_sample_weights=vals,
+                                mode="sum") + sae.b_dec
+    else:
+        top = pre.topk(cfg.k, dim=-1)
+        vals = torch.relu(top.values)
+        recon = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
     total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
     fvu = (recon - x).pow(2).sum() / total_var
     loss = fvu
@@ -275,15 +366,24 @@ def train_step(run: TrainState, x: torch.Tensor) -> tuple[float, float, torch.Te
         sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
     active = vals > 0
     fired = torch.zeros(cfg.width, dtype=torch.bool, device=x.device)
-    fired[top.indices[active]] = True
     run.step += 1
+    if cfg.batch_topk:
+        fired[latents[active]] = True
+        if active.any():
+            low = float(vals.detach()[active].min())
+            run.set_threshold(low if run.threshold is None else (1 - THRESHOLD_LR) * run.threshold + THRESHOLD_LR * low)
+        return float(fvu.detach()), float(active.sum()) / len(x), fired
+    fired[top.indices[active]] = True
     return float(fvu.detach()), float(active.sum(-1).float().mean()), fired
 
 
 # ------------------------------------------------------------------------------ evaluation
 def evaluate(session, sae: SparseAutoencoder, ids: torch.Tensor, layer: int, site: str,
              skip_first: int) -> tuple[float, float, float]:
-    """(FVU, L0, LM loss with the reconstruction spliced in at positions ≥ ``skip_first``) on ``ids``."""
+    """(FVU, L0, LM loss with the reconstruction spliced in at positions ≥ ``skip_first``) on ``ids``
+    (``site="transcoder"``: the MLP's output replaced by the transcoder's output of the MLP's input)."""
+    if site == TRANSCODER:
+        return _evaluate_transcoder(session, sae, ids, layer, skip_first)
     with torch.no_grad():
         acts = activations(session, ids, layer, site).float()
         x = acts[:, skip_first:].reshape(-1, acts.shape[-1])
@@ -297,6 +397,26 @@ def evaluate(session, sae: SparseAutoencoder, ids: torch.Tensor, layer: int, sit
             return y
 
         with session.lock, spliced(session, layer, site, reconstruct):
+            loss = lm_loss(session, ids)
+    return fvu, l0, loss
+
+
+def _evaluate_transcoder(session, sae: SparseAutoencoder, ids: torch.Tensor, layer: int,
+                         skip_first: int) -> tuple[float, float, float]:
+    with torch.no_grad():
+        inp, out = mlp_pairs(session, ids, layer)
+        x = inp[:, skip_first:].reshape(-1, inp.shape[-1]).float()
+        y = out[:, skip_first:].reshape(-1, out.shape[-1]).float()
+        f = sae.encode(x)
+        fvu = float((sae.decode(f) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12))
+        l0 = float((f > 0).sum(-1).float().mean())
+
+        def replace(mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+            z = mlp_out.clone()
+            z[:, skip_first:] = sae(mlp_in[:, skip_first:].float()).to(mlp_out.dtype)
+            return z
+
+        with session.lock, spliced_mlp(session, layer, replace):
             loss = lm_loss(session, ids)
     return fvu, l0, loss
 
@@ -355,7 +475,8 @@ def _evaluate_into(session, run: TrainState) -> None:
 
 def train_sae(session, request: TrainConfig | None = None, /, *, ctx: JobContext | None = None,
               out_dir: str | Path | None = None, **fields: Any) -> SAETrainResult:
-    """Train (or resume, or reopen) a TopK SAE on one site of ``session``'s model (module docstring).
+    """Train (or resume, or reopen) a TopK or BatchTopK SAE, or a transcoder, on one site of
+    ``session``'s model (module docstring).
 
     Progress goes to ``ctx.report(tokens, max_tokens, partial=SAETrainResult, message=...)``
     after every forward pass; a cancelled run checkpoints, saves its SAE so far and returns
@@ -391,10 +512,16 @@ def train_sae(session, request: TrainConfig | None = None, /, *, ctx: JobContext
 
     d_in = int(session.hf.config.hidden_size)
     info = session.info()
-    metadata = {"model_name": info.name, "hook_name": hook_name(cfg.layer, cfg.site), "hook_layer": cfg.layer,
-                "context_size": cfg.window, "prepend_bos": False, "dataset_path": corpus["path"],
+    metadata = {"model_name": info.name, "hook_name": hook_name(cfg.layer, MLP_IN if cfg.transcoder else cfg.site),
+                "hook_layer": cfg.layer, "context_size": cfg.window, "prepend_bos": False,
+                "dataset_path": corpus["path"],
                 "explorer": {"config_hash": info.config_hash, "site": cfg.site, "layer": cfg.layer,
                              "trained_by": "explorer.features.train (TopK, AuxK)", "key": key}}
+    if cfg.transcoder:
+        metadata["hook_name_out"] = hook_name(cfg.layer, "mlp_out")
+    if cfg.batch_topk:
+        metadata["explorer"].update(trained_by="explorer.features.train (BatchTopK, AuxK)", architecture="batchtopk",
+                                    k=cfg.k, threshold_lr=THRESHOLD_LR)
     run = TrainState(cfg, d_in, session.device, metadata)
     latest = checkpoints.latest() if saved_job is not None else None
     if latest is not None:
@@ -477,17 +604,30 @@ def _train_pass(session, run: TrainState, batch: list) -> None:
     """One forward pass over ``batch`` windows, its optimizer steps, its log row (and evaluation)."""
     cfg = run.cfg
     ids = torch.from_numpy(np.stack([w.ids for w in batch]))
-    acts = activations(session, ids, cfg.layer, cfg.site).float()
-    x = acts[:, cfg.skip_first:].reshape(-1, acts.shape[-1])
+    y = None
+    if cfg.transcoder:
+        inp, out = mlp_pairs(session, ids, cfg.layer)
+        x = inp.float()[:, cfg.skip_first:].reshape(-1, inp.shape[-1])
+        y = out.float()[:, cfg.skip_first:].reshape(-1, out.shape[-1])
+    else:
+        acts = activations(session, ids, cfg.layer, cfg.site).float()
+        x = acts[:, cfg.skip_first:].reshape(-1, acts.shape[-1])
+        if cfg.batch_topk:   # each vector to norm √d, as the saved SAE's constant_norm_rescale does
+            x = x * (x.shape[-1] ** 0.5 / x.norm(dim=-1, keepdim=True))
     if run.step == 0:
         with torch.no_grad():
-            run.sae.b_dec.copy_(x.mean(0))
+            run.sae.b_dec.copy_((x if y is None else y).mean(0))
+            if y is not None:
+                _scale_encoder(run, x, y)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.passes)
-    x = x[torch.randperm(len(x), generator=g).to(x.device)]
+    perm = torch.randperm(len(x), generator=g).to(x.device)
+    x = x[perm]
+    if y is not None:
+        y = y[perm]
     fvus, l0s, sizes = [], [], []
     fired = torch.zeros(cfg.width, dtype=torch.bool, device=x.device)
     for i in range(0, len(x), cfg.batch):
-        fvu, l0, f = train_step(run, x[i:i + cfg.batch])
+        fvu, l0, f = train_step(run, x[i:i + cfg.batch], None if y is None else y[i:i + cfg.batch])
         fvus.append(fvu)
         l0s.append(l0)
         sizes.append(len(x[i:i + cfg.batch]))
@@ -502,6 +642,20 @@ def _train_pass(session, run: TrainState, batch: list) -> None:
                      "l0": float(np.dot(l0s, weights)), "dead": run.dead_fraction()})
     if run.passes % cfg.eval_every == 0:
         _evaluate_into(session, run)
+
+
+def _scale_encoder(run: TrainState, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A transcoder's encoder, scaled on the first pass so that its initial output varies as
+    ``TRANSCODER_INIT_SCALE`` × the target does: its input and output sites can differ in
+    scale by orders of magnitude (an SAE's encoder = decoder transposed needs no such step). The
+    TopK and BatchTopK selections are unchanged by a positive scale; the output scales with it."""
+    sae, k = run.sae, run.cfg.k
+    pre = x @ sae.W_enc + sae.b_enc
+    top = pre.topk(k, dim=-1)
+    out = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=torch.relu(top.values), mode="sum")
+    spread = out.pow(2).sum().sqrt()
+    if spread > 0:
+        sae.W_enc.mul_(TRANSCODER_INIT_SCALE * (y - y.mean(0)).pow(2).sum().sqrt() / spread)
 
 
 def sae_train_job(session, config: TrainConfig, out_dir: str | Path | None = None, **job_kwargs):
