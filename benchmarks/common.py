@@ -33,12 +33,15 @@ def rotate(
     reps: int,
     warmup: int = 1,
     before: dict[str, Callable[[], None]] | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each method ``reps`` times, rotating the order within every rep.
 
     Interleaving means a slow spell of a shared machine hits all methods alike; the first method
     of a rep changes from rep to rep. ``before[name]`` runs untimed before each call (e.g.
-    clearing a cache). Returns every sample in seconds; report the median.
+    clearing a cache). Returns every sample in seconds (wall); report the median. Given a dict,
+    ``cpu`` receives each sample's CPU seconds of this process too (all its threads): steadier
+    than wall time when other jobs share the cores.
     """
     before = before or {}
     names = list(methods)
@@ -52,9 +55,11 @@ def rotate(
         for name in order:
             before.get(name, lambda: None)()
             gc.collect()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             methods[name]()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - cpu_start)
     return times
 
 
