@@ -115,7 +115,21 @@ def sae_results(session, tmp_path_factory):
 
     return (run, encode_prompt(session, PROMPT, sae=str(out), top_k=3),
             feature_attribution(session, PROMPT, sae=str(out), top_n=3),
-            feature_card(session, str(out), 1, top_k=3))
+            feature_card(session, str(out), 1, top_k=3), out, corpus)
+
+
+def _feature_browse_results(session, index, sae_dir, corpus):
+    """The feature index's results: a card, the features on a prompt, features vs neurons."""
+    from explorer.features.browse import feature_profile
+    from explorer.features.units import index_features
+    from explorer.neurons.units import compare_units, units_on_text
+
+    features = index_features(session, str(sae_dir), IndexRequest(corpus_path=str(corpus), max_tokens=256, window=16,
+                                                                  top_k=4, n_random=3, batch_windows=8))
+    feature = int(features.selective_neurons(1).neurons[0])
+    return [("feature profile", feature_profile(session, str(sae_dir), features, feature, top_k=3, n_examples=3)),
+            ("features on a prompt", units_on_text(session, features, PROMPT, top_k=2)),
+            ("features vs neurons", compare_units(features, index, layer=1))]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +185,7 @@ def entries(session, index, intervention, sae_results):
         ("SAE attribution", sae_results[2]),
         ("SAE feature card", sae_results[3]),
     ]
+    results += _feature_browse_results(session, index, sae_results[4], sae_results[5])
     results += _steering_results(session, intervention[0].out_dir)
     return [Entry(label, result) for label, result in results]
 
@@ -360,7 +375,7 @@ def test_view_shows_every_result_grouped_and_labelled(snapshot_path, entries, se
     assert sorted(titles, key=lambda t: int(t.split(".")[0])) == [f"{i + 1}. {e.label}" for i, e in enumerate(entries)]
     assert _groups(view) == ["### Logit lens (2)", "### Heads (4)", "### Ablation and patching (3)",
                              "### Neurons (10)", "### Demonstrations (3)", "### Pronoun swap (7)",
-                             "### Probes and patchscopes (4)", "### Generate and steering (6)", "### Features (SAEs) (4)",
+                             "### Probes and patchscopes (4)", "### Generate and steering (6)", "### Features (SAEs) (7)",
                              "### Other (1)"]
     # every figure of every result is in its card, each followed by its caption
     first = cards[0].objects
