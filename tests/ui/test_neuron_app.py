@@ -48,10 +48,10 @@ def test_without_an_index_the_build_button_builds_and_opens_one(page, served, tm
     view = app.neurons
     expect(page.locator(".neuron-no-index p").first).to_contain_text("No neuron index is open")
     expect(page.locator(".neuron-build button")).to_be_enabled()
-    view.out_dir = str(tmp_path / "built")  # keep the test's index out of the user's cache
+    view.indexer.out_dir = str(tmp_path / "built")  # keep the test's index out of the user's cache
     page.locator(".neuron-max-tokens input").fill("256")
     page.locator(".neuron-max-tokens input").press("Enter")
-    wait_until(lambda: view.max_tokens == 256, page)
+    wait_until(lambda: view.indexer.max_tokens == 256, page)
     page.locator(".neuron-build button").click()
     status = page.locator(".neuron-build-status p")
     expect(status).to_contain_text("Built: 256 tokens", timeout=TIMEOUT)
@@ -74,20 +74,20 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
     page.locator(".neuron-query input").press("Enter")
     page.locator(".neuron-search button").click()
     expect(page.locator(".neuron-search-status p")).to_contain_text("neurons for token", timeout=TIMEOUT)
-    hits = view.hits
+    hits = view.search.hits
     assert hits and [(h.layer, h.neuron) for h in hits] == [(h.layer, h.neuron) for h in search(index, token="he", limit=200)]
     # a hit in an early layer: its per-token activations need only the first few blocks
     i = min(range(len(hits)), key=lambda j: hits[j].layer)
     layer, neuron = hits[i].layer, hits[i].neuron
-    label = list(view._hit_select.options)[i]
+    label = list(view.search._hit_select.options)[i]
     page.locator(".neuron-hits select").select_option(label=label)
     expect(page.locator(".neuron-card-info .ncard-title")).to_have_text(f"Layer {layer} · neuron {neuron}",
                                                                         timeout=TIMEOUT)
     expect(page.locator(".neuron-card-info .pattern")).to_contain_text("fires on")
     expect(page.locator(".neuron-histogram canvas").first).to_be_visible()
     # highlighted examples: every token of every top example carries its activation once computed
-    wait_until(lambda: view.top is not None and view.top.token_activations is not None, page, timeout=TIMEOUT)
-    top = view.top
+    wait_until(lambda: view.card.top is not None and view.card.top.token_activations is not None, page, timeout=TIMEOUT)
+    top = view.card.top
     examples = page.locator(".neuron-top-examples .nex")
     expect(examples).to_have_count(len(top), timeout=TIMEOUT)
     first = page.locator(".neuron-top-examples .nex").first.locator(".tok")
@@ -107,7 +107,7 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
     # the neuron on a prompt: a bar per token
     page.locator(".neuron-run-prompt button").click()
     expect(page.locator(".neuron-prompt-chart canvas").first).to_be_visible(timeout=TIMEOUT)
-    wait_until(lambda: view.prompt_result is not None, page, timeout=TIMEOUT)
+    wait_until(lambda: view.on_prompt.result is not None, page, timeout=TIMEOUT)
 
     # "Ablate this neuron" selects it in the ablation tab and shows that tab
     page.locator(".neuron-ablate-this button").click()
@@ -129,7 +129,7 @@ def test_bad_neuron_shows_an_error(page, served, index):
     expect(page.locator(".neuron-index-info p")).to_contain_text("1,024 tokens", timeout=TIMEOUT)
     page.locator(".neuron-layer input").fill("99")
     page.locator(".neuron-layer input").press("Enter")
-    wait_until(lambda: app.neurons.layer == 99, page)
+    wait_until(lambda: app.neurons.card.layer == 99, page)
     page.locator(".neuron-show button").click()
     error = page.locator(".neuron-error")
     expect(error).to_contain_text("layer 99 is out of range", timeout=TIMEOUT)
