@@ -122,7 +122,7 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                                            css_classes=["patchscope-run"])
         top_k = pn.widgets.IntInput.from_param(self.param.top_k, width=80)
         placeholder = pn.widgets.IntInput.from_param(self.param.placeholder, width=140)
-        start = pn.widgets.IntInput.from_param(self.param.start, width=120)
+        start = pn.widgets.IntInput.from_param(self.param.start, width=160)  # its label needs ~140 px
         error = alert(self.param.error, "patchscope-error")
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
         grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")

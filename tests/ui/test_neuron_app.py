@@ -17,7 +17,7 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from browser import serve_explorer  # noqa: E402
+from browser import assert_in_view, serve_explorer  # noqa: E402
 from explorer.neurons.describe import search  # noqa: E402
 from explorer.neurons.index import IndexRequest, build_index  # noqa: E402
 
@@ -48,6 +48,11 @@ def test_without_an_index_the_build_button_builds_and_opens_one(page, served, tm
     view = app.neurons
     expect(page.locator(".neuron-no-index p").first).to_contain_text("No neuron index is open")
     expect(page.locator(".neuron-build button")).to_be_enabled()
+    # At 1600 x 1000 the Open and Cancel buttons at the row ends are inside the page (issue 15: Open was clipped)
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.wait_for_timeout(300)
+    for button in (".neuron-open-index button", ".neuron-cancel button"):
+        assert_in_view(page, button)
     view.indexer.out_dir = str(tmp_path / "built")  # keep the test's index out of the user's cache
     page.locator(".neuron-max-tokens input").fill("256")
     page.locator(".neuron-max-tokens input").press("Enter")
