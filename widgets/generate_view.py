@@ -170,7 +170,8 @@ class GenerateView(pn.viewable.Viewer):
                                         sizing_mode="stretch_width") for i in range(2)]
         self._strips = [pn.pane.Bokeh(None, css_classes=[f"gen-strip-{i}"]) for i in range(2)]
         self._ranks = pn.pane.Bokeh(None, css_classes=["gen-rank-chart"], sizing_mode="stretch_width")
-        self._column = pn.pane.HTML("", css_classes=["gen-lens-column"], stylesheets=[sc.TABLE_CSS])
+        # A fixed width: sized by its content, the table was laid out over the stretching rank chart.
+        self._column = pn.pane.HTML("", css_classes=["gen-lens-column"], stylesheets=[sc.TABLE_CSS], width=440)
         self._layout = self._build_layout()
 
     # ------------------------------------------------------------------ running
