@@ -120,10 +120,12 @@ def test_a_long_prompt_is_patched_at_one_window_of_positions(tiny_sessions):
     """A 1,000-token prompt patched at every position took tens of minutes with no progress: the
     view patches one grid's window, the last positions or from the one typed."""
     session = tiny_sessions["llama"]
-    width = pc.patchscope_width()
+    from widgets.patchscope_view import LONG_WINDOW
+
+    width = LONG_WINDOW
     view = PatchscopeView(session, prompt="one two three four " * 60, top_k=2)
     n = int(session.encode(view.prompt).numel())
-    assert n > width + 10
+    assert n > pc.patchscope_width() + 10
     asyncio.run(view._compute_once())
     assert view.error == "" and view.result.positions.tolist() == list(range(n - width, n))
     assert f"of {n} (positions {n - width}–{n - 1}" in view.status and view.start == n - width
