@@ -147,6 +147,9 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         fig = pc.patchscope_grid(self.result, column)
         source = fig.select_one({"name": pc.PATCHSCOPE_SOURCE})
         source.selected.on_change("indices", self._tap_handler(source, self.result))
+        # The pane's own width: left to the layout, the row squeezed a 32-column grid into
+        # ~830 px and the tokens overlapped; at its width the box around it scrolls sideways.
+        self._grid.param.update(width=fig.width, min_width=fig.width, height=fig.height)
         self._grid.object = fig
         lo, hi = pc.patchscope_window(self.result, column)
         self.select_cell(len(self.result.layer_labels) - 1, hi - 1)
