@@ -147,9 +147,11 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         fig = pc.patchscope_grid(self.result, column)
         source = fig.select_one({"name": pc.PATCHSCOPE_SOURCE})
         source.selected.on_change("indices", self._tap_handler(source, self.result))
-        # The pane's own width: left to the layout, the row squeezed a 32-column grid into
-        # ~830 px and the tokens overlapped; at its width the box around it scrolls sideways.
-        self._grid.param.update(width=fig.width, min_width=fig.width, height=fig.height)
+        # Left to the layout, the row squeezed a 32-column grid into ~830 px and the tokens
+        # overlapped; at its own width the box around it scrolls sideways. Set on the new figure
+        # before it is shown (the pane's width would be synced into the figure on the page, off
+        # the document's lock).
+        fig.min_width = fig.width
         self._grid.object = fig
         lo, hi = pc.patchscope_window(self.result, column)
         self.select_cell(len(self.result.layer_labels) - 1, hi - 1)

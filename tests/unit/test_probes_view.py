@@ -130,7 +130,7 @@ def test_a_long_prompt_is_patched_at_one_window_of_positions(tiny_sessions):
     assert view.error == "" and view.result.positions.tolist() == list(range(n - width, n))
     assert f"of {n} (positions {n - width}–{n - 1}" in view.status and view.start == n - width
     # the grid keeps its width (its box scrolls): squeezed by the row, its tokens overlapped
-    assert view._grid.width == view._grid.min_width == view._grid.object.width >= 70 * width
+    assert view._grid.object.min_width == view._grid.object.width >= 70 * width
     direct = patchscope(session, PatchscopeRequest(view.prompt, (n - 1,), top_k=2))
     assert view.result.top_ids[:, -1].tolist() == direct.top_ids[:, 0].tolist()  # the engine's numbers
     view.start = 3
