@@ -76,3 +76,24 @@ def serve_explorer(page, session, tab: str | None = None, ready: str | None = No
     if ready is not None:
         expect(page.locator(ready)).to_be_visible()
     return apps[0], messages
+
+
+# How far the page's main area is wider than what it shows (px; 0 when nothing sticks out). Inactive
+# tabs are hidden but laid out, so a widget sticking out of any tab makes every tab scroll sideways.
+MAIN_OVERFLOW_JS = """() => {
+  let main = null
+  const walk = (root) => { for (const el of root.querySelectorAll('*')) {
+    if (!main && String(el.className).includes('main-content')) main = el; if (el.shadowRoot) walk(el.shadowRoot) } }
+  walk(document)
+  return main ? main.scrollWidth - main.clientWidth : null
+}"""
+
+
+def assert_in_view(page, selector: str) -> None:
+    """The first element matching ``selector`` lies wholly inside the viewport's width, and the
+    main area does not scroll sideways."""
+    box = page.locator(selector).first.bounding_box()
+    width = page.viewport_size["width"]
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box, width)
+    overflow = page.evaluate(MAIN_OVERFLOW_JS)
+    assert overflow is not None and overflow <= 1, f"the main area is {overflow} px wider than the page"

@@ -328,9 +328,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self.features.close()  # a feature index build stops after its batch, checkpointed
         self.generate.close()  # a generation stops within one token
         self.steering.close()  # an alpha sweep stops after its current value
-        for live in (getattr(self.neurons, "_build_job", None), getattr(self.neurons, "_explain_job", None)):
-            if live is not None:
-                live.cancel()
+        self.neurons.close()  # a running index build keeps its checkpoint
 
     def _on_session_destroyed(self, session_context) -> None:
         try:

@@ -32,6 +32,7 @@ from explorer.persistence.history import History
 from . import steering_charts as sc
 from .charts import shorten
 from .live import LiveJob
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ class GenerateView(pn.viewable.Viewer):
                                         sizing_mode="stretch_width") for i in range(2)]
         self._strips = [pn.pane.Bokeh(None, css_classes=[f"gen-strip-{i}"]) for i in range(2)]
         self._ranks = pn.pane.Bokeh(None, css_classes=["gen-rank-chart"], sizing_mode="stretch_width")
-        self._column = pn.pane.HTML("", css_classes=["gen-lens-column"], stylesheets=[sc.TABLE_CSS])
+        # A fixed width: sized by its content, the table was laid out over the stretching rank chart.
+        self._column = pn.pane.HTML("", css_classes=["gen-lens-column"], stylesheets=[sc.TABLE_CSS], width=440)
         self._layout = self._build_layout()
 
     # ------------------------------------------------------------------ running
@@ -304,8 +306,7 @@ class GenerateView(pn.viewable.Viewer):
                                   css_classes=["gen-run"])
         stop = w.Button.from_param(self.param.stop, color="warning", width=90,
                                    disabled=self.param.running.rx.not_(), css_classes=["gen-stop"])
-        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
-                              sizing_mode="stretch_width", css_classes=["gen-error"])
+        error = alert(self.param.error, "gen-error")  # readable colours (the theme's are 1.3:1)
         status = pn.pane.Markdown(self.param.status, css_classes=["gen-status"], sizing_mode="stretch_width")
         arms = pn.Row(*[pn.Column(t, x, s, sizing_mode="stretch_width")
                         for t, x, s in zip(self._arm_titles, self._arm_texts, self._strips)],

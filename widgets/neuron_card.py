@@ -1,9 +1,7 @@
 """The neuron view's card part: a neuron's token pattern, stored explanations with their scores
 (Explain writes and scores one with the attached model, as a job), statistics, histogram, top
 and random examples shaded by activation (re-running the model on the stored windows; cached
-per neuron), its activation on a prompt, and "Ablate this neuron".
-
-A mixin of params and methods: ``NeuronView`` combines it with the index and the search.
+per neuron), and "Ablate this neuron".
 """
 from __future__ import annotations
 
@@ -11,12 +9,15 @@ import asyncio
 import html
 import logging
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import panel as pn
 import param
 
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import DONE, Job
+from explorer.core.session import ModelSession
 from explorer.neurons.describe import (
     DescriptionStore,
     ExampleActivations,
@@ -25,16 +26,13 @@ from explorer.neurons.describe import (
     explain_neuron,
     token_pattern,
 )
-from explorer.neurons.index import (
-    NeuronHistogram,
-    NeuronStats,
-    PromptActivation,
-    prompt_activation,
-)
+from explorer.neurons.index import NeuronHistogram, NeuronIndex, NeuronStats
+from explorer.persistence.history import History
 
 from . import neuron_charts
 from .chart_style import neuron_spec
-from .parts import TEXT_LIMIT, error_text, job_running
+from .live import LiveJob
+from .parts import RunState, error_text, job_running
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +51,9 @@ EXAMPLES_PX = 460  # height of the card's example lists (they scroll)
 EXAMPLES_CACHE = 32  # neurons whose per-token activations are kept (two small arrays each)
 
 
-class CardPart(param.Parameterized):
-    """One neuron's card (the host view provides session, history, index, error, busy)."""
+class CardPart(pn.viewable.Viewer):
+    """One neuron's card; ``on_ablate(specs)`` hears "Ablate this neuron"."""
 
-    # ----------------------------------------------------------------- the card
     layer = param.Integer(default=0, label="Layer")
     neuron = param.Integer(default=0, label="Neuron")
     show = param.Event(label="Open neuron", doc="Open the card of (layer, neuron).")
@@ -68,24 +65,45 @@ class CardPart(param.Parameterized):
     descriptions = param.List(default=[], doc="Stored descriptions of the card's neuron.")
     pattern_text = param.String(default="")
     examples_busy = param.Boolean(default=False, doc="True while per-token activations are computed.")
-
     explain = param.Event(label="Explain", doc="Write and score an explanation with the attached model.")
     explaining = param.Boolean(default=False)
     explanation = param.ClassSelector(class_=Explanation, default=None, allow_None=True,
                                       doc="The last explanation written here.")
     explain_status = param.String(default="")
-
-    prompt = param.String(default="The nurse said that she would be late.", label="Prompt",
-                          doc="Text to read the neuron's activation on.")
-    run_prompt = param.Event(label="Run on prompt")
-    prompt_result = param.ClassSelector(class_=PromptActivation, default=None, allow_None=True)
-    prompt_busy = param.Boolean(default=False)
-
     ablate_this = param.Event(label="Ablate this neuron")
-    ablate_hits = param.Event(label="Ablate all hits")
-    ablate_request = param.ClassSelector(class_=tuple, default=(),
-                                         doc="Component specs ('5:123') to select in the ablation tab; "
-                                             "set by the ablate buttons.")
+
+    def __init__(self, session: ModelSession, state: RunState, on_ablate: Callable[[tuple[str, ...]], None],
+                 history: History | None = None, background: bool = True, **params) -> None:
+        """``state``: the view's shared status/error line."""
+        super().__init__(**params)
+        self.session, self.state, self._on_ablate, self.history = session, state, on_ablate, history
+        self.background = background  # False: jobs run on the caller's thread (notebooks, tests)
+        self.index: NeuronIndex | None = None
+        self.model_note = ""  # why the attached model cannot run on the index; empty when it can
+        self._explain_job = LiveJob(lambda progress, partial: None, self._on_explain_finish)
+        self._examples: OrderedDict[tuple, tuple[ExampleActivations, ExampleActivations]] = OrderedDict()
+        self._card_key: tuple | None = None
+        self._computing = 0  # example-activation runs in flight
+        self._histogram = pn.pane.Bokeh(None, css_classes=["neuron-histogram"], sizing_mode="stretch_width")
+        self._top_html = pn.pane.HTML("", css_classes=["neuron-top-examples"], sizing_mode="stretch_width",
+                                      stylesheets=[neuron_charts.EXAMPLES_CSS])
+        self._random_html = pn.pane.HTML("", css_classes=["neuron-random-examples"], sizing_mode="stretch_width",
+                                         stylesheets=[neuron_charts.EXAMPLES_CSS])
+        self._card_html = pn.pane.HTML("", css_classes=["neuron-card-info"], sizing_mode="stretch_width",
+                                       stylesheets=[CARD_CSS])
+        self._layout = self._build()
+
+    def set_index(self, index: NeuronIndex, model_note: str = "") -> None:
+        """A new index: the card is cleared; ``model_note`` says why the model cannot run on it."""
+        self.index, self.model_note = index, model_note
+        self._examples.clear()
+        self._card_key = None
+        self.param.update(stats=None, histogram=None, top=None, random=None, descriptions=[], pattern_text="",
+                          explanation=None, explain_status="")
+
+    def close(self) -> None:
+        """Stop a running Explain."""
+        self._explain_job.cancel()
 
     # ================================================================= the card
     def select_neuron(self, layer: int, neuron: int) -> None:
@@ -104,7 +122,7 @@ class CardPart(param.Parameterized):
                               neuron=self.neuron if neuron is None else neuron)
         index, layer, neuron = self.index, self.layer, self.neuron
         if index is None:
-            self.error = "**No index is open:** open or build one first."
+            self.state.error = "**No index is open:** open or build one first."
             return
         key = (str(index.path), index.tokens_done, layer, neuron)
         try:
@@ -116,23 +134,23 @@ class CardPart(param.Parameterized):
             cached = self._examples.get(key)
             top, rand = cached if cached is not None else example_activations(index, layer, neuron)
         except ExplorerError as e:
-            self.error = f"**Could not open the neuron:** {e}"
+            self.state.error = f"**Could not open the neuron:** {e}"
             return
         self._card_key = key
         self.param.update(stats=stats, histogram=hist, top=top, random=rand, descriptions=descriptions,
-                          pattern_text=pattern.summary, explanation=None, explain_status="", error="",
-                          status=self._card_status(layer, neuron, cached is not None))
+                          pattern_text=pattern.summary, explanation=None, explain_status="")
+        self.state.param.update(error="", status=self._card_status(layer, neuron, cached is not None))
         if self.history is not None:
             label = f"neuron {neuron_spec(layer, neuron)}"
             for result, what in ((stats, "stats"), (hist, "histogram"), (pattern, "token pattern")):
                 self.history.add(result, f"{label} {what}")
-        if cached is None and self._model_ok:
+        if cached is None and not self.model_note:
             self._computing += 1
             self.examples_busy = True
             try:
                 top, rand = await asyncio.to_thread(example_activations, index, layer, neuron, self.session)
             except Exception as e:
-                self.error = error_text(e, "compute the examples' activations", log)
+                self.state.error = error_text(e, "compute the examples' activations", log)
                 return
             finally:
                 self._computing -= 1
@@ -141,14 +159,15 @@ class CardPart(param.Parameterized):
             while len(self._examples) > EXAMPLES_CACHE:
                 self._examples.popitem(last=False)
             if self._card_key == key:  # the user may have opened another neuron meanwhile
-                self.param.update(top=top, random=rand, status=self._card_status(layer, neuron, True))
+                self.param.update(top=top, random=rand)
+                self.state.status = self._card_status(layer, neuron, True)
         if self.history is not None and self._card_key == key:
             self.history.add(self.top, f"neuron {neuron_spec(layer, neuron)} top examples")
             self.history.add(self.random, f"neuron {neuron_spec(layer, neuron)} random examples")
 
     def _card_status(self, layer: int, neuron: int, computed: bool) -> str:
-        if not self._model_ok:
-            return f"**Neuron {neuron_spec(layer, neuron)}** · stored data only: {self._model_note}"
+        if self.model_note:
+            return f"**Neuron {neuron_spec(layer, neuron)}** · stored data only: {self.model_note}"
         if not computed:
             return (f"**Neuron {neuron_spec(layer, neuron)}** · computing every example token's activation "
                     f"(the model re-reads the stored windows up to layer {layer})…")
@@ -218,13 +237,14 @@ class CardPart(param.Parameterized):
         if job_running(self._explain_job):
             return self._explain_job.job
         if self.index is None or self.stats is None:
-            self.error = "**Nothing to explain:** open a neuron first."
+            self.state.error = "**Nothing to explain:** open a neuron first."
             return None
-        if not self._model_ok:
-            self.error = f"**Cannot explain:** {self._model_note}"
+        if self.model_note:
+            self.state.error = f"**Cannot explain:** {self.model_note}"
             return None
         index, session, layer, neuron = self.index, self.session, self.stats.layer, self.stats.neuron
-        self.param.update(explaining=True, error="", explain_status=(
+        self.state.error = ""
+        self.param.update(explaining=True, explain_status=(
             f"Explaining neuron {neuron_spec(layer, neuron)} with {session.name}: it writes an explanation from "
             "the top examples, then simulates activations to score it (tens of seconds on a CPU)…"))
 
@@ -237,7 +257,7 @@ class CardPart(param.Parameterized):
         self.explaining = False
         if job.status != DONE or job.result is None:
             self.explain_status = ""
-            self.error = f"**Could not explain the neuron:** {job.error}"
+            self.state.error = f"**Could not explain the neuron:** {job.error}"
             return
         e: Explanation = job.result
         if self.history is not None:
@@ -252,54 +272,23 @@ class CardPart(param.Parameterized):
             self.param.update(explanation=e,
                               descriptions=DescriptionStore(self.index.path).for_neuron(e.layer, e.neuron))
 
-    # ----------------------------------------------------------------- prompt
-    @param.depends("run_prompt", watch=True)
-    async def _on_run_prompt(self) -> None:
-        await self.compute_prompt()
-
-    async def compute_prompt(self) -> None:
-        """The card's neuron (or layer/neuron) on the prompt, without blocking the loop."""
-        layer, neuron = (self.stats.layer, self.stats.neuron) if self.stats is not None else (self.layer, self.neuron)
-        if self.index is not None and not self._model_ok:
-            self.error = f"**Cannot run the prompt:** {self._model_note}"
-            return
-        self.prompt_busy = True
-        try:
-            result = await asyncio.to_thread(prompt_activation, self.session, self.prompt, layer=layer, neuron=neuron)
-        except Exception as e:
-            self.error = error_text(e, "run the prompt", log)
-            return
-        finally:
-            self.prompt_busy = False
-        if self.history is not None:
-            self.history.add(result, f"neuron {neuron_spec(layer, neuron)} on a prompt")
-        self.param.update(prompt_result=result, error="")
-
-    @param.depends("prompt_result", watch=True)
-    def _update_prompt_chart(self) -> None:
-        if self.prompt_result is not None:
-            self._prompt_chart.object = neuron_charts.prompt_activation_chart(self.prompt_result)
-
     # ----------------------------------------------------------------- ablate
-    def request_ablation(self, specs: tuple[str, ...]) -> None:
-        """Ask for these components in the ablation tab (fires even if the request repeats)."""
-        if not specs:
-            self.error = "**Nothing to ablate:** open a neuron or search first."
-            return
-        if tuple(specs) == self.ablate_request:
-            self.param.trigger("ablate_request")
-        else:
-            self.ablate_request = tuple(specs)
-
     @param.depends("ablate_this", watch=True)
     def _on_ablate_this(self) -> None:
-        self.request_ablation((f"{self.stats.layer}:{self.stats.neuron}",) if self.stats is not None else ())
+        if self.stats is None:
+            self.state.error = "**Nothing to ablate:** open a neuron first."
+            return
+        self._on_ablate((f"{self.stats.layer}:{self.stats.neuron}",))
 
-    @param.depends("ablate_hits", watch=True)
-    def _on_ablate_hits(self) -> None:
-        self.request_ablation(self.hit_specs())
+    def controls(self) -> pn.Row:
+        """Layer, neuron and *Open neuron* (the view puts them under the search)."""
+        layer = pn.widgets.IntInput.from_param(self.param.layer, width=90, css_classes=["neuron-layer"])
+        neuron = pn.widgets.IntInput.from_param(self.param.neuron, width=110, css_classes=["neuron-neuron"])
+        show = pn.widgets.Button.from_param(self.param.show, width=120, margin=(26, 10, 10, 10),
+                                            css_classes=["neuron-show"])
+        return pn.Row(layer, neuron, show)
 
-    def _card_layout(self) -> pn.Column:
+    def _build(self) -> pn.Column:
         explain = pn.widgets.Button.from_param(self.param.explain, width=110, disabled=self.param.explaining,
                                                loading=self.param.explaining, css_classes=["neuron-explain"])
         ablate_this = pn.widgets.Button.from_param(self.param.ablate_this, width=170,
@@ -315,18 +304,14 @@ class CardPart(param.Parameterized):
                                                          sizing_mode="stretch_width")),
                            sizing_mode="stretch_width", loading=self.param.examples_busy,
                            css_classes=["neuron-examples"])
-        prompt = pn.widgets.TextInput.from_param(self.param.prompt, max_length=TEXT_LIMIT,
-                                                 sizing_mode="stretch_width",
-                                                 css_classes=["neuron-prompt"])
-        run_prompt = pn.widgets.Button.from_param(self.param.run_prompt, width=140, margin=(26, 10, 10, 10),
-                                                  disabled=self.param.prompt_busy, css_classes=["neuron-run-prompt"])
         card = pn.Column(
             pn.Row(pn.Column(self._card_html, pn.Row(explain, ablate_this), explain_status, width=380),
                    pn.Column(self._histogram, min_width=360, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
             examples,
-            pn.Row(prompt, run_prompt, sizing_mode="stretch_width"),
-            pn.Column(self._prompt_chart, loading=self.param.prompt_busy, sizing_mode="stretch_width"),
             sizing_mode="stretch_width", visible=self.param.stats.rx.is_not(None),
             css_classes=["neuron-card"])
         return card
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout

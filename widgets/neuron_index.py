@@ -1,14 +1,13 @@
-"""The neuron view's index part: open an index (or one in the cache for this model), build one
-over a corpus as a job (Cancel keeps a checkpoint; Build / Resume continues it), and the
-overview of the most selective neurons per layer (a click opens one).
-
-A mixin of params and methods: ``NeuronView`` combines it with the search and the card.
+"""The neuron view's index parts: ``IndexPart`` opens an index (or one in the cache for this
+model) or builds one over a corpus as a job (Cancel keeps a checkpoint; Build / Resume continues
+it); ``OverviewPart`` draws the most selective neurons per layer (a click opens one).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import panel as pn
@@ -17,9 +16,7 @@ import param
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import CANCELLED, DONE, Job
 from explorer.core.session import ModelSession
-from explorer.neurons.describe import (
-    check_session,
-)
+from explorer.neurons.describe import check_session
 from explorer.neurons.index import (
     IndexRequest,
     NeuronIndex,
@@ -28,7 +25,8 @@ from explorer.neurons.index import (
 )
 
 from . import neuron_charts
-from .parts import error_text, job_running
+from .live import LiveJob
+from .parts import RunState, error_text, job_running
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +62,9 @@ def known_indexes(session: ModelSession) -> dict[str, str]:
     return {label: path for _, label, path in found}
 
 
-class IndexPart(param.Parameterized):
-    """Open, build and summarise a neuron index (the host view provides session, history, error, busy)."""
+class IndexPart(pn.viewable.Viewer):
+    """Open or build a neuron index; ``on_index(index, model_note)`` hears of every index shown
+    (``model_note``: why the attached model cannot run on it, empty when it can)."""
 
     index_dir = param.String(default="", label="Index directory",
                              doc="A neuron index directory to open.")
@@ -90,11 +89,20 @@ class IndexPart(param.Parameterized):
     index = param.ClassSelector(class_=NeuronIndex, default=None, allow_None=True, doc="The open index.")
     index_info = param.String(default="", doc="One line about the open index.")
 
-    # ----------------------------------------------------------------- overview
-    overview_n = param.Integer(default=5, bounds=(1, 50), label="Neurons per layer")
-    overview = param.ClassSelector(class_=SelectiveNeurons, default=None, allow_None=True)
+    def __init__(self, session: ModelSession, state: RunState, on_index: Callable[[NeuronIndex, str], None],
+                 background: bool = True, **params) -> None:
+        """``state``: the view's shared status/error/busy line."""
+        super().__init__(**params)
+        self.session, self.state, self._on_index = session, state, on_index
+        self.background = background  # False: jobs run on the caller's thread (notebooks, tests)
+        self.model_note = ""
+        self._build_job = LiveJob(self._on_build_progress, self._on_build_finish)
+        self._known = pn.widgets.Select(label="Indexes in the cache", options={}, css_classes=["neuron-known"],
+                                        sizing_mode="stretch_width")
+        self._known.param.watch(self._on_known_selected, "value")
+        self.refresh_known()
+        self._layout = self._build()
 
-    # ================================================================= index
     def refresh_known(self) -> None:
         """List the indexes in the cache built with this model (for the picker)."""
         try:
@@ -116,57 +124,33 @@ class IndexPart(param.Parameterized):
         """Open an index directory (reading it off the loop); errors are shown, the old index kept."""
         path = str(path).strip()
         if not path:
-            self.error = "**No index directory given:** type one, pick one from the cache, or build an index."
+            self.state.error = "**No index directory given:** type one, pick one from the cache, or build an index."
             return
-        self.busy = True
+        self.state.busy = True
         try:
             index = await asyncio.to_thread(NeuronIndex.open, path)
             self.set_index(index)
         except Exception as e:
-            self.error = error_text(e, "open the index", log)
+            self.state.error = error_text(e, "open the index", log)
         finally:
-            self.busy = False
+            self.state.busy = False
 
     def set_index(self, index: NeuronIndex) -> None:
-        """Show an index: its overview, search and cards (the previous card is cleared)."""
+        """Show an index (and tell the view, which clears the other parts)."""
         try:
             check_session(index, self.session)
-            self._model_ok, self._model_note = True, ""
+            self.model_note = ""
         except ExplorerError as e:
-            self._model_ok, self._model_note = False, str(e)
-        self._examples.clear()
-        self._card_key = None
-        self._hit_select.param.update(options={}, value=[], disabled=True)
+            self.model_note = str(e)
         m = index.manifest
         state = "complete" if index.complete else "partial (Build / Resume continues it)"
         info = (f"**Index** `{index.path}` · {index.model_name} · {index.n_layers} layers × {index.d_mlp:,} neurons · "
                 f"{index.tokens_done:,} tokens of `{Path(str(m['corpus']['path'])).name}` · {state}")
-        if self._model_note:
-            info += f" · ⚠ {self._model_note}: stored data only (no shading, prompt or Explain)."
-        self.param.update(index=index, index_dir=str(index.path), index_info=info, hits=[], search_status="",
-                          stats=None, histogram=None, top=None, random=None, descriptions=[], pattern_text="",
-                          explanation=None, explain_status="", prompt_result=None, error="",
-                          status="Search the descriptions, type a layer and neuron, or click a point of the overview.")
+        if self.model_note:
+            info += f" · ⚠ {self.model_note}: stored data only (no shading, prompt or Explain)."
+        self.param.update(index=index, index_dir=str(index.path), index_info=info)
+        self._on_index(index, self.model_note)
         self.refresh_known()
-
-    @param.depends("overview_n", "index", watch=True)
-    def _update_overview(self) -> None:
-        if self.index is None:
-            return
-        overview = self.index.selective_neurons(self.overview_n)
-        self.overview = overview
-        if self.history is not None:
-            self.history.add(overview, f"selective neurons ({overview.n_per_layer} per layer)")
-        fig = neuron_charts.selectivity_overview(overview)
-        source = fig.select_one({"name": neuron_charts.OVERVIEW_SOURCE})
-        source.selected.on_change("indices", self._overview_tap(source, overview))
-        self._overview_chart.object = fig
-
-    def _overview_tap(self, source, overview: SelectiveNeurons):
-        def on_tap(attr, old, new) -> None:
-            if new and self.overview is overview:  # ignore taps on a replaced chart
-                self.select_neuron(int(source.data["layer"][new[0]]), int(source.data["neuron"][new[0]]))
-        return on_tap
 
     # ----------------------------------------------------------------- build
     def build_request(self) -> IndexRequest:
@@ -191,21 +175,24 @@ class IndexPart(param.Parameterized):
         try:
             request = self.build_request()
         except ExplorerError as e:
-            self.error = f"**Could not build the index:** {e}"
+            self.state.error = f"**Could not build the index:** {e}"
             return None
         out = self.out_dir.strip() or None
         session = self.session
-        self.param.update(building=True, build_percent=0, error="",
-                          build_status="Starting: reading the corpus…")
+        self.param.update(building=True, build_percent=0, build_status="Starting: reading the corpus…")
+        self.state.error = ""
         return self._build_job.start(lambda ctx: build_index(session, request, out_dir=out, ctx=ctx),
-                                     name="neuron-index",
-                                     background=self.background)
+                                     name="neuron-index", background=self.background)
 
     @param.depends("cancel", watch=True)
     def _on_cancel(self) -> None:
         if job_running(self._build_job):
             self._build_job.cancel()
             self.build_status = "Cancelling: finishing the current batch and writing a checkpoint…"
+
+    def close(self) -> None:
+        """Stop a running build (its checkpoint is kept)."""
+        self._build_job.cancel()
 
     def _on_build_progress(self, progress, partial) -> None:
         total = max(progress.total, 1)
@@ -226,11 +213,9 @@ class IndexPart(param.Parameterized):
                                  "press Build / Resume to continue.")
         else:
             self.build_status = "The build failed."
-            self.error = f"**Could not build the index:** {job.error}"
+            self.state.error = f"**Could not build the index:** {job.error}"
 
-    def _index_layout(self) -> tuple:
-        """The picker, the index line and the no-index text."""
-        no_index = self.param.index.rx.is_(None)
+    def _build(self) -> pn.viewable.Viewable:
         index_dir = pn.widgets.TextInput.from_param(self.param.index_dir, sizing_mode="stretch_width",
                                                     placeholder="/path/to/index", css_classes=["neuron-index-dir"])
         open_btn = pn.widgets.Button.from_param(self.param.open_index, width=90, margin=(26, 10, 10, 10),
@@ -260,8 +245,50 @@ class IndexPart(param.Parameterized):
             pn.Row(self._known, index_dir, open_btn, sizing_mode="stretch_width"),
             pn.Row(corpus, max_tokens, build, cancel, sizing_mode="stretch_width"),
             advanced, progress, build_status, sizing_mode="stretch_width", css_classes=["neuron-picker"])
-        no_index_md = pn.pane.Markdown(NO_INDEX_TEXT.format(tokens=self.max_tokens), css_classes=["neuron-no-index"],
-                                       visible=no_index, sizing_mode="stretch_width")
         info = pn.pane.Markdown(self.param.index_info, css_classes=["neuron-index-info"],
                                 visible=self.param.index_info.rx.bool(), sizing_mode="stretch_width", margin=(0, 10))
-        return picker, info, no_index_md
+        return pn.Column(picker, info, sizing_mode="stretch_width")
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
+
+
+class OverviewPart(pn.viewable.Viewer):
+    """The most selective neurons of every layer; a click on a point calls ``on_pick(layer, neuron)``."""
+
+    n_per_layer = param.Integer(default=5, bounds=(1, 50), label="Neurons per layer")
+    result = param.ClassSelector(class_=SelectiveNeurons, default=None, allow_None=True,
+                                 doc="The overview shown.")
+
+    def __init__(self, on_pick: Callable[[int, int], None], history=None, **params) -> None:
+        super().__init__(**params)
+        self._on_pick, self.history = on_pick, history
+        self.index: NeuronIndex | None = None
+        self._chart = pn.pane.Bokeh(None, css_classes=["neuron-overview"], sizing_mode="stretch_width")
+
+    def set_index(self, index: NeuronIndex) -> None:
+        self.index = index
+        self._update()
+
+    @param.depends("n_per_layer", watch=True)
+    def _update(self) -> None:
+        if self.index is None:
+            return
+        overview = self.index.selective_neurons(self.n_per_layer)
+        self.result = overview
+        if self.history is not None:
+            self.history.add(overview, f"selective neurons ({overview.n_per_layer} per layer)")
+        fig = neuron_charts.selectivity_overview(overview)
+        source = fig.select_one({"name": neuron_charts.OVERVIEW_SOURCE})
+        source.selected.on_change("indices", self._tap(source, overview))
+        self._chart.object = fig
+
+    def _tap(self, source, overview: SelectiveNeurons):
+        def on_tap(attr, old, new) -> None:
+            if new and self.result is overview:  # ignore taps on a replaced chart
+                self._on_pick(int(source.data["layer"][new[0]]), int(source.data["neuron"][new[0]]))
+        return on_tap
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        n = pn.widgets.IntInput.from_param(self.param.n_per_layer, width=130)
+        return pn.Column(pn.Row(n), self._chart, sizing_mode="stretch_width")

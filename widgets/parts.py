@@ -150,7 +150,7 @@ class JobPanel(param.Parameterized):
     """One long job of a view: Start/Cancel buttons, a progress bar, its status and error line.
 
     ``on_progress(progress, partial)`` and ``on_finish(job)`` are the owner's; a failed job's
-    error is shown here (``what`` names the work: "run the sweep").
+    error is shown here (``what`` names the work: "run the sweep"), then ``on_fail(job)`` runs if given.
     """
 
     running = param.Boolean(default=False)
@@ -160,10 +160,11 @@ class JobPanel(param.Parameterized):
     error = param.String(default="")
 
     def __init__(self, what: str, css: str, on_progress: Callable[[Progress, Any], None],
-                 on_finish: Callable[[Job], None], start_label: str = "Start", **params) -> None:
+                 on_finish: Callable[[Job], None], start_label: str = "Start",
+                 on_fail: Callable[[Job], None] | None = None, **params) -> None:
         super().__init__(**params)
         self.what, self.css, self.start_label = what, css, start_label
-        self._owner_progress, self._owner_finish = on_progress, on_finish
+        self._owner_progress, self._owner_finish, self._owner_fail = on_progress, on_finish, on_fail
         self.live = LiveJob(self._progress, self._finish)
         # Set from params by a watcher, never by refs: a bar refuses value > max, and refs may
         # apply a new value before the new max.
@@ -194,6 +195,8 @@ class JobPanel(param.Parameterized):
         self.running = False
         if job.status == FAILED:
             self.param.update(error=f"**Could not {self.what}:** {job.error}", status="Failed.")
+            if self._owner_fail is not None:
+                self._owner_fail(job)
             return
         self._owner_finish(job)
 
@@ -244,6 +247,8 @@ class JobSection(param.Parameterized):
     cancel = param.Event(label="Cancel")
     stale = param.Boolean(default=False, doc="True when the shown result no longer matches the inputs.")
 
+    cancel_note = "Cancelling after the current batch…"  # the status line while a cancel takes effect
+
     def _mark_stale(self, *_events) -> None:
         if self.result is not None and not self.job.running:
             self.stale = True
@@ -254,4 +259,4 @@ class JobSection(param.Parameterized):
 
     @param.depends("cancel", watch=True)
     def _on_cancel(self) -> None:
-        self.job.cancel()
+        self.job.cancel(self.cancel_note)

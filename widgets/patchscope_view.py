@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 
+import numpy as np
 import panel as pn
 import param
 
@@ -25,6 +26,10 @@ from .live import QueuedRuns
 from .parts import TEXT_LIMIT, alert, error_text
 
 log = logging.getLogger(__name__)
+
+# Positions patched per run when the prompt is longer than one grid: each is a patched forward
+# per block (30 x 32 = 960 for the default model, about a minute on 2 busy CPU cores).
+LONG_WINDOW = 32
 
 TOPK_CSS = """
 .caption { font-weight: 600; margin-bottom: 6px; }
@@ -48,7 +53,8 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                                     "-2 to read the repeated token instead.")
     top_k = param.Integer(default=10, bounds=(1, 50), label="Top-k")
     start = param.Integer(default=0, bounds=(0, None), label="First position shown",
-                          doc="Long prompts show a window of positions; the result keeps them all.")
+                          doc="A prompt longer than the grid is patched at a window of 32 positions: "
+                              "its last ones, or from the position typed here.")
     run = param.Event(label="Run patchscope")
 
     result = param.ClassSelector(class_=PatchscopeResult, default=None, allow_None=True)
@@ -60,6 +66,8 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
         super().__init__(**params)
         self.session = session
         self.history = history
+        self._start_picked = False  # the user typed a first position (kept for the next run)
+        self._setting_start = False
         self._grid = pn.pane.Bokeh(None, css_classes=["patchscope-grid"])
         self._topk = pn.pane.HTML("", css_classes=["patchscope-topk"], width=300, stylesheets=[TOPK_CSS],
                                   margin=(10, 10, 10, 20))
@@ -71,8 +79,8 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
 
     async def _compute_once(self) -> None:
         started = time.perf_counter()
-        request = PatchscopeRequest(self.prompt, None, self.identity.replace("\\n", "\n"), self.placeholder,
-                                    top_k=self.top_k)
+        request = PatchscopeRequest(self.prompt, self._positions(), self.identity.replace("\\n", "\n"),
+                                    self.placeholder, top_k=self.top_k)
         try:
             result = await asyncio.to_thread(patchscope, self.session, request)
         except Exception as e:  # bad input says what to do; a bug is logged; the page stays
@@ -80,16 +88,47 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
             return
         self.show(result, time.perf_counter() - started)
 
+    def _positions(self) -> tuple[int, ...] | None:
+        """None (every position) when the prompt fits one grid, else one grid's window: the last
+        positions, or from the one the user typed. A 1,000-token prompt patched everywhere took
+        tens of minutes with no progress (30,000 patched runs for a 30-block model)."""
+        try:
+            n = int(self.session.encode(self.prompt).numel())
+        except Exception:  # the engine reports a bad prompt
+            return None
+        width = min(LONG_WINDOW, pc.patchscope_width())
+        if n <= pc.patchscope_width():
+            return None
+        first = self.start if self._start_picked else n - width
+        first = min(max(0, first), n - width)
+        return tuple(range(first, first + width))
+
+    @param.depends("start", watch=True)
+    def _on_start(self) -> None:
+        if not self._setting_start:
+            self._start_picked = True
+
+    @param.depends("prompt", watch=True)
+    def _on_prompt(self) -> None:
+        self._start_picked = False  # a new prompt shows its last positions unless the user picks others
+
     def show(self, result: PatchscopeResult, seconds: float | None = None) -> None:
         if self.history is not None:
             self.history.add(result, f"patchscope: {shorten(result.request.prompt, 30)}")
         lo, _ = pc.patchscope_window(result)
         final = result.top_tokens[-1, -1, 0]
         took = f" · {seconds:.2f} s" if seconds is not None else ""
-        self.param.update(result=result, start=lo, error="",
-                          status=f"**{result.model}** · {len(result.positions)} positions × "
-                                 f"{len(result.layer_labels)} blocks · last block at the last position "
-                                 f"{quote_token(final)}{took}")
+        n, shown = len(result.tokens), len(result.positions)
+        part = "" if shown == n else (f" of {n} (positions {int(result.positions[0])}–{int(result.positions[-1])}: "
+                                      "type *First position shown* and run again for others)")
+        self._setting_start = True
+        try:
+            self.param.update(result=result, start=int(result.positions[lo]), error="",
+                              status=f"**{result.model}** · {shown} positions{part} × "
+                                     f"{len(result.layer_labels)} blocks · last block at position "
+                                     f"{int(result.positions[-1])} {quote_token(final)}{took}")
+        finally:
+            self._setting_start = False
 
     def select_cell(self, row: int, col: int) -> None:
         self._topk.object = pc.patchscope_topk_html(self.result, row, col)
@@ -104,11 +143,17 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
     def _update_grid(self) -> None:
         if self.result is None:
             return
-        fig = pc.patchscope_grid(self.result, self.start)
+        column = int(np.searchsorted(self.result.positions, self.start))  # ``start`` is a token position
+        fig = pc.patchscope_grid(self.result, column)
         source = fig.select_one({"name": pc.PATCHSCOPE_SOURCE})
         source.selected.on_change("indices", self._tap_handler(source, self.result))
+        # Left to the layout, the row squeezed a 32-column grid into ~830 px and the tokens
+        # overlapped; at its own width the box around it scrolls sideways. Set on the new figure
+        # before it is shown (the pane's width would be synced into the figure on the page, off
+        # the document's lock).
+        fig.min_width = fig.width
         self._grid.object = fig
-        lo, hi = pc.patchscope_window(self.result, self.start)
+        lo, hi = pc.patchscope_window(self.result, column)
         self.select_cell(len(self.result.layer_labels) - 1, hi - 1)
 
     def _build_layout(self) -> pn.viewable.Viewable:
@@ -122,7 +167,7 @@ class PatchscopeView(QueuedRuns, pn.viewable.Viewer):
                                            css_classes=["patchscope-run"])
         top_k = pn.widgets.IntInput.from_param(self.param.top_k, width=80)
         placeholder = pn.widgets.IntInput.from_param(self.param.placeholder, width=140)
-        start = pn.widgets.IntInput.from_param(self.param.start, width=120)
+        start = pn.widgets.IntInput.from_param(self.param.start, width=160)  # its label needs ~140 px
         error = alert(self.param.error, "patchscope-error")
         status = pn.pane.Markdown(self.param.status, sizing_mode="stretch_width", css_classes=["patchscope-status"])
         grid_box = pn.Column(self._grid, scroll="x-auto", sizing_mode="stretch_width")

@@ -124,10 +124,15 @@ def probe_curve(result: ProbeResult | None = None, ccs: CCSResult | None = None,
 
 
 # ------------------------------------------------------------------- patchscope grid
+def patchscope_width(max_columns: int = 100) -> int:
+    """How many source positions one grid shows: at most ``max_columns`` and ≤ MAX_PX wide."""
+    return max(1, min(max_columns, (MAX_PX - 200) // COLUMN_PX))
+
+
 def patchscope_window(result: PatchscopeResult, start: int | None = None, max_columns: int = 100) -> tuple[int, int]:
     """The columns [lo, hi) a grid shows: at most ``max_columns`` and ≤ MAX_PX wide; default the last ones."""
     n = len(result.positions)
-    width = max(1, min(max_columns, (MAX_PX - 200) // COLUMN_PX))
+    width = patchscope_width(max_columns)
     lo = max(0, n - width) if start is None else min(max(0, int(start)), max(0, n - width))
     return lo, min(n, lo + width)
 

@@ -30,6 +30,7 @@ from explorer.persistence.history import History
 
 from . import sae_charts as sc
 from .live import LiveJob
+from .parts import alert
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class SAETrainView(pn.viewable.Viewer):
                    pn.widgets.Button.from_param(p.cancel, css_classes=["sae-cancel"]),
                    pn.widgets.Button.from_param(p.resume, css_classes=["sae-resume"]), self._bar),
             pn.pane.Markdown(p.status, css_classes=["sae-status"]),
-            pn.pane.Alert(p.error, alert_type="danger", visible=p.error.rx.bool(), css_classes=["sae-error"]),
+            alert(p.error, "sae-error"),  # readable colours (the theme's are 1.3:1)
             sizing_mode="stretch_width")
         charts = pn.GridBox(*self._chart_panes.values(), ncols=2)
         encode = pn.Column(
@@ -265,8 +266,7 @@ class SAETrainView(pn.viewable.Viewer):
             pn.Row(pn.widgets.Button.from_param(p.run_encode, color="primary", css_classes=["sae-encode"]),
                    pn.widgets.TextInput.from_param(p.attr_target, width=260),
                    pn.widgets.Button.from_param(p.run_attribute, css_classes=["sae-attribute"])),
-            pn.pane.Alert(p.encode_error, alert_type="danger", visible=p.encode_error.rx.bool(),
-                          css_classes=["sae-encode-error"]),
+            alert(p.encode_error, "sae-encode-error"),
             self._heatmap, self._attribution, sizing_mode="stretch_width")
         note = pn.pane.Markdown(
             "A TopK or BatchTopK sparse autoencoder, or a transcoder (MLP input to MLP output), trained here "

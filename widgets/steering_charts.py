@@ -64,9 +64,12 @@ def token_strip(gen: Generation, selected: int | None = None, title: str | None 
     fig = figure(name=TOKEN_STRIP, width=STRIP_WIDTH, height=bounded(34 + 24 * lines),
                  x_range=Range1d(0, LINE_CHARS), y_range=Range1d(-lines + 0.5, 0.5), tools="",
                  toolbar_location=None, title=title or gen.label)
-    fig.rect("x", "y", width="w", height=0.85, source=source, fill_color="color", line_color="#c9d3de")
+    # The picked token is marked by its fill colour; the others stay opaque (Bokeh's default
+    # fades unselected glyphs to 0.1 alpha, which left the text unreadable once one was picked).
+    fig.rect("x", "y", width="w", height=0.85, source=source, fill_color="color", line_color="#c9d3de",
+             nonselection_fill_alpha=1.0, nonselection_line_alpha=1.0)
     fig.text("x", "y", text="text", source=source, text_align="center", text_baseline="middle",
-             text_font_size="12px", text_font="monospace")
+             text_font_size="12px", text_font="monospace", text_color="#222222", nonselection_text_alpha=1.0)
     fig.add_tools(TapTool(), HoverTool(tooltips=[("token", "@n: @text")]))
     fig.axis.visible = False
     fig.grid.visible = False

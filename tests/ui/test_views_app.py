@@ -46,6 +46,14 @@ def test_alerts_meet_wcag_aa_and_say_what_to_do(page, default_session):
     fg, bg, inner = error.evaluate(COLORS_JS)
     assert contrast(hex_of(fg), hex_of(bg)) >= 4.5, (fg, bg)
     assert contrast(hex_of(inner), hex_of(bg)) >= 4.5, (inner, bg)
+    # The Generate and Train SAE tabs' alerts too (they used the theme's white on pink).
+    doc = next(iter(app._tabs._models.values()))[0].document
+    for name, view, css in (("Generate", app.generate, ".gen-error"), ("Train SAE", app.sae, ".sae-error")):
+        tab(page, name).click()
+        dispatch(doc, lambda view=view: setattr(view, "error", "**Could not run:** check the inputs."))
+        expect(page.locator(css)).to_contain_text("check the inputs", timeout=RUN_TIMEOUT)
+        fg, bg, inner = page.locator(css).evaluate(COLORS_JS)
+        assert contrast(hex_of(fg), hex_of(bg)) >= 4.5 and contrast(hex_of(inner), hex_of(bg)) >= 4.5, (css, fg, bg)
     # Save / Export look like buttons: a filled background, readable text on it.
     for css in (".save-snapshot .bk-btn", ".export-html .bk-btn"):
         fg, bg = page.locator(css).evaluate("el => [getComputedStyle(el).color, getComputedStyle(el).backgroundColor]")

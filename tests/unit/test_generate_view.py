@@ -41,6 +41,11 @@ def test_generate_view_streams_ab_and_shows_the_lens_column(tiny_sessions):
     source = view._strips[1].object.select_one({"name": sc.TOKEN_SOURCE})
     source.selected.indices = [4]
     assert view.token == 4
+    # Picking a token leaves the others readable (Bokeh's default faded them to alpha 0.1).
+    for renderer in view._strips[1].object.renderers:
+        glyph = renderer.nonselection_glyph
+        alphas = [getattr(glyph, a) for a in ("fill_alpha", "line_alpha", "text_alpha") if hasattr(glyph, a)]
+        assert alphas and all(a == 1.0 for a in alphas), (type(glyph).__name__, alphas)
 
 
 def test_generate_view_stop_and_errors(tiny_sessions):

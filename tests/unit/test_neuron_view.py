@@ -103,7 +103,9 @@ def reference_windows(tokenizer, corpus) -> np.ndarray:
 def make_view(session, corpus, out_dir, **kw) -> NeuronView:
     args = dict(corpus=str(corpus), out_dir=str(out_dir), **SETTINGS)
     args.update(kw)
-    return NeuronView(session, history=History(), background=False, **args)
+    view = NeuronView(session, history=History(), background=False)
+    view.indexer.param.update(**args)
+    return view
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +113,8 @@ def built(session, corpus, tmp_path_factory):
     """A view that built its index in the foreground, with every progress line it showed."""
     view = make_view(session, corpus, tmp_path_factory.mktemp("view-index"))
     lines: list[str] = []
-    view.param.watch(lambda e: lines.append(e.new), "build_status")
-    view.param.trigger("build")
+    view.indexer.param.watch(lambda e: lines.append(e.new), "build_status")
+    view.indexer.param.trigger("build")
     return view, lines
 
 
@@ -132,31 +134,31 @@ def run(coro) -> None:
 def test_build_in_the_view_opens_the_same_index_as_the_engine(built, session, corpus, tmp_path):
     view, lines = built
     index = view.index
-    assert view.error == "" and index is not None and index.complete
+    assert view.state.error == "" and index is not None and index.complete
     assert index.tokens_done == MAX_TOKENS // WINDOW * WINDOW
-    assert view.index_dir == str(index.path) and "complete" in view.index_info
-    assert view.build_percent == 100 and view.build_status.startswith(f"Built: {index.tokens_done:,} tokens")
+    assert view.indexer.index_dir == str(index.path) and "complete" in view.indexer.index_info
+    assert view.indexer.build_percent == 100 and view.indexer.build_status.startswith(f"Built: {index.tokens_done:,} tokens")
     # the progress bar's lines: tokens done of the total, tokens/s and time left
     assert any(re.search(r"\d[\d,]* / 1,024 tokens · [\d,]+ tokens/s, ETA \d+m\d\ds", s) for s in lines), lines
     direct = build_index(session, IndexRequest(corpus_path=str(corpus), **SETTINGS), out_dir=tmp_path / "direct")
     for name, array in direct.arrays.items():
         assert np.array_equal(array, index.arrays[name]), name
     # the overview is there at once, and recorded
-    assert isinstance(view.overview, SelectiveNeurons) and view._overview_chart.object is not None
+    assert isinstance(view.overview.result, SelectiveNeurons) and view.overview._chart.object is not None
     assert any(isinstance(e.result, SelectiveNeurons) for e in view.history.entries)
 
 
 def test_a_cancelled_build_resumes_to_the_full_index(session, corpus, built, tmp_path):
     view = make_view(session, corpus, tmp_path / "idx")
     # cancel from the first progress report (the build checks between batches)
-    watcher = view.param.watch(lambda e: view.param.trigger("cancel"), "build_percent")
-    view.param.trigger("build")
-    view.param.unwatch(watcher)
-    assert view.index is None and view.error == ""
-    done = int(re.search(r"Cancelled at ([\d,]+) tokens", view.build_status).group(1).replace(",", ""))
-    assert 0 < done < MAX_TOKENS and "Build / Resume" in view.build_status
-    view.param.trigger("build")
-    assert view.index is not None and view.index.complete and view.error == ""
+    watcher = view.indexer.param.watch(lambda e: view.indexer.param.trigger("cancel"), "build_percent")
+    view.indexer.param.trigger("build")
+    view.indexer.param.unwatch(watcher)
+    assert view.index is None and view.state.error == ""
+    done = int(re.search(r"Cancelled at ([\d,]+) tokens", view.indexer.build_status).group(1).replace(",", ""))
+    assert 0 < done < MAX_TOKENS and "Build / Resume" in view.indexer.build_status
+    view.indexer.param.trigger("build")
+    assert view.index is not None and view.index.complete and view.state.error == ""
     full = built[0].index
     for name in ("top_act", "top_row", "top_pos", "windows", "hist", "rand_act", "n_pos"):
         assert np.array_equal(view.index.arrays[name], full.arrays[name]), name
@@ -164,8 +166,8 @@ def test_a_cancelled_build_resumes_to_the_full_index(session, corpus, built, tmp
 
 def test_build_errors_are_visible(session, tmp_path, built):
     view = make_view(session, tmp_path / "missing.txt", tmp_path / "idx")
-    view.param.trigger("build")
-    assert "corpus not found" in view.error and view.index is None and not view.building
+    view.indexer.param.trigger("build")
+    assert "corpus not found" in view.state.error and view.index is None and not view.indexer.building
     # a job failure (here: a directory holding something else) reaches the view too
     other = tmp_path / "other"
     other.mkdir()
@@ -173,43 +175,44 @@ def test_build_errors_are_visible(session, tmp_path, built):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     view = make_view(session, empty, tmp_path / "idx2")
-    view.param.trigger("build")
-    assert "no documents" in view.error and "failed" in view.build_status
+    view.indexer.param.trigger("build")
+    assert "no documents" in view.state.error and "failed" in view.indexer.build_status
     # opening a directory that is not an index keeps the index that is open
     v = NeuronView(session, background=False)
     v.set_index(built[0].index)
-    v.index_dir = str(other)
-    v.param.trigger("open_index")
-    assert "no neuron index" in v.error and v.index is built[0].index
+    v.indexer.index_dir = str(other)
+    v.indexer.param.trigger("open_index")
+    assert "no neuron index" in v.state.error and v.index is built[0].index
 
 
 def test_open_an_index_directory(built, session):
-    v = NeuronView(session, background=False, index_dir=str(built[0].index.path))
-    v.param.trigger("open_index")
-    assert v.error == "" and v.index is not None and v.index.path == built[0].index.path
-    assert v.overview is not None
+    v = NeuronView(session, background=False)
+    v.indexer.index_dir = str(built[0].index.path)
+    v.indexer.param.trigger("open_index")
+    assert v.state.error == "" and v.index is not None and v.index.path == built[0].index.path
+    assert v.overview.result is not None
 
 
 # ------------------------------------------------------------------ the card
 def test_card_values_equal_the_index(view, built):
     index = built[0].index
     run(view.open_neuron(1, 5))
-    assert view.error == ""
-    assert view.stats.to_dict() == index.stats(1, 5).to_dict()
-    assert np.array_equal(view.histogram.counts, index.arrays["hist"][1, 5])
-    assert view.pattern_text == token_pattern(index, 1, 5).summary
+    assert view.state.error == ""
+    assert view.card.stats.to_dict() == index.stats(1, 5).to_dict()
+    assert np.array_equal(view.card.histogram.counts, index.arrays["hist"][1, 5])
+    assert view.card.pattern_text == token_pattern(index, 1, 5).summary
     top, rand = index.top_examples(1, 5), index.random_examples(1, 5)
-    assert len(view.top) == len(top) == TOP_K and len(view.random) == len(rand) == N_RANDOM
-    for shown, stored in ((view.top, top), (view.random, rand)):
+    assert len(view.card.top) == len(top) == TOP_K and len(view.card.random) == len(rand) == N_RANDOM
+    for shown, stored in ((view.card.top, top), (view.card.random, rand)):
         assert shown.positions.tolist() == [e.position for e in stored]
         assert np.allclose(shown.activations, [e.activation for e in stored])
         assert np.array_equal(shown.token_ids, np.stack([e.token_ids for e in stored]))
-    html = view._card_html.object
+    html = view.card._card_html.object
     assert "Layer 1 · neuron 5" in html and f"{index.stats(1, 5).max:.4g}" in html
     # the histogram chart shows the index's counts, with the median and max marked
-    source = view._histogram.object.select_one({"name": neuron_charts.HISTOGRAM_SOURCE})
+    source = view.card._histogram.object.select_one({"name": neuron_charts.HISTOGRAM_SOURCE})
     assert source.data["count"] == index.arrays["hist"][1, 5].tolist()
-    assert {s.name for s in view._histogram.object.select({"type": Span})} >= {"histogram-median", "histogram-max"}
+    assert {s.name for s in view.card._histogram.object.select({"type": Span})} >= {"histogram-median", "histogram-max"}
     labels = [e.label for e in view.history.entries]
     assert "neuron 1:5 stats" in labels and "neuron 1:5 top examples" in labels
 
@@ -217,7 +220,7 @@ def test_card_values_equal_the_index(view, built):
 def test_highlighted_activations_equal_the_model_on_the_stored_ids(view, built, session, plain):
     layer, neuron = 2, 7
     run(view.open_neuron(layer, neuron))
-    for ex in (view.top, view.random):
+    for ex in (view.card.top, view.card.random):
         engine = neuron_activations(session, [layer], torch.from_numpy(ex.token_ids))[0][:, :, neuron].numpy()
         reference = plain_acts(plain, ex.token_ids, layer)[:, :, neuron]
         assert np.allclose(ex.token_activations, engine, atol=1e-4)
@@ -225,11 +228,11 @@ def test_highlighted_activations_equal_the_model_on_the_stored_ids(view, built, 
         # the stored activation is the model's at the stored position (the max, for top examples)
         at = ex.token_activations[np.arange(len(ex)), ex.positions]
         assert np.allclose(at, ex.activations, atol=1e-4)
-    assert np.allclose(view.top.token_activations.max(axis=1), view.top.activations, atol=1e-4)
+    assert np.allclose(view.card.top.token_activations.max(axis=1), view.card.top.activations, atol=1e-4)
     # the HTML shades every token and carries its activation
-    html = view._top_html.object
+    html = view.card._top_html.object
     acts = [float(a) for a in re.findall(r"data-act='([^']*)'", html)]
-    assert np.allclose(acts, view.top.token_activations.ravel(), atol=1e-6)
+    assert np.allclose(acts, view.card.top.token_activations.ravel(), atol=1e-6)
     assert html.count("class='tok peak'") == TOP_K and "background: rgba(" in html
 
 
@@ -246,46 +249,46 @@ def test_examples_are_computed_once_per_neuron(view, monkeypatch):
     run(view.open_neuron(0, 4))
     run(view.open_neuron(0, 3))
     assert calls.count(True) == 2  # the model ran for two neurons; the third open came from the cache
-    assert view.stats.neuron == 3 and view.top.token_activations is not None
+    assert view.card.stats.neuron == 3 and view.card.top.token_activations is not None
 
 
 def test_bad_layer_or_neuron_is_visible_and_keeps_the_card(view):
     run(view.open_neuron(1, 2))
-    card = view.stats
+    card = view.card.stats
     run(view.open_neuron(99, 0))
-    assert "layer 99 is out of range" in view.error and view.stats is card
+    assert "layer 99 is out of range" in view.state.error and view.card.stats is card
     run(view.open_neuron(0, -1))
-    assert "neuron -1 is out of range" in view.error and view.stats is card
+    assert "neuron -1 is out of range" in view.state.error and view.card.stats is card
     run(view.open_neuron(1, 2))
-    assert view.error == ""
+    assert view.state.error == ""
 
 
 def test_no_index_says_how_to_build_one(session):
     v = NeuronView(session, background=False)
     run(v.open_neuron(0, 0))
-    assert "No index is open" in v.error
-    v.do_search()
-    assert "No index is open" in v.error
-    assert "Build / Resume" in neuron_index.NO_INDEX_TEXT and v.max_tokens == 20_000
+    assert "No index is open" in v.state.error
+    v.search.do_search()
+    assert "No index is open" in v.state.error
+    assert "Build / Resume" in neuron_index.NO_INDEX_TEXT and v.indexer.max_tokens == 20_000
 
 
 # ------------------------------------------------------------------ search
 def test_token_search_lists_the_engine_hits_and_opens_a_card(view, built):
     index = built[0].index
     token = str(index.top_examples(1, 5)[0].token)
-    view.query = "token:" + token
-    hits = view.do_search()
+    view.search.query = "token:" + token
+    hits = view.search.do_search()
     expected = search(index, token=token, limit=200)
     assert [(h.layer, h.neuron) for h in hits] == [(h.layer, h.neuron) for h in expected]
-    assert (1, 5) in [(h.layer, h.neuron) for h in hits] and view.error == ""
-    assert view.search_status.startswith(f"{len(hits)} neurons for token")
+    assert (1, 5) in [(h.layer, h.neuron) for h in hits] and view.state.error == ""
+    assert view.search.search_status.startswith(f"{len(hits)} neurons for token")
     # token mode without the prefix finds the same
-    view.param.update(query=token, search_mode="token")
-    assert [(h.layer, h.neuron) for h in view.do_search()] == [(h.layer, h.neuron) for h in expected]
+    view.search.param.update(query=token, search_mode="token")
+    assert [(h.layer, h.neuron) for h in view.search.do_search()] == [(h.layer, h.neuron) for h in expected]
     # picking a hit in the list opens its card
-    view.pick_hit(1)
-    assert (view.stats.layer, view.stats.neuron) == (hits[1].layer, hits[1].neuron)
-    assert view.top.token_activations is not None
+    view.search.pick_hit(1)
+    assert (view.card.stats.layer, view.card.stats.neuron) == (hits[1].layer, hits[1].neuron)
+    assert view.card.top.token_activations is not None
 
 
 def test_text_search_finds_imported_descriptions(built, session, tmp_path):
@@ -296,16 +299,16 @@ def test_text_search_finds_imported_descriptions(built, session, tmp_path):
     try:
         v = NeuronView(session, background=False)
         v.set_index(index)
-        v.query = "pronouns said"
-        hits = v.do_search()
+        v.search.query = "pronouns said"
+        hits = v.search.do_search()
         assert [(h.layer, h.neuron, h.kind) for h in hits] == [(2, 9, "csv")]
-        v.pick_hit(0)
-        assert "pronouns after said that" in v._card_html.object and "score 0.420" in v._card_html.object
-        v.query = "nothing matches this"
-        assert v.do_search() == [] and v.search_status.startswith("No neuron matches")
-        v.query = "   "
-        v.do_search()
-        assert "the search is empty" in v.error
+        v.search.pick_hit(0)
+        assert "pronouns after said that" in v.card._card_html.object and "score 0.420" in v.card._card_html.object
+        v.search.query = "nothing matches this"
+        assert v.search.do_search() == [] and v.search.search_status.startswith("No neuron matches")
+        v.search.query = "   "
+        v.search.do_search()
+        assert "the search is empty" in v.state.error
     finally:
         (index.path / "imported.json").unlink()
 
@@ -322,44 +325,44 @@ def test_parse_query():
 def test_ablate_buttons_set_the_request(view):
     seen = []
     view.param.watch(lambda e: seen.append(e.new), "ablate_request")
-    view.param.trigger("ablate_this")
-    assert "Nothing to ablate" in view.error and seen == []
+    view.card.param.trigger("ablate_this")
+    assert "Nothing to ablate" in view.state.error and seen == []
     run(view.open_neuron(1, 5))
-    view.param.trigger("ablate_this")
-    view.param.trigger("ablate_this")  # the same request again still reaches the ablation tab
+    view.card.param.trigger("ablate_this")
+    view.card.param.trigger("ablate_this")  # the same request again still reaches the ablation tab
     assert seen == [("1:5",), ("1:5",)] and view.ablate_request == ("1:5",)
-    view.query = "token:" + str(view.top.tokens[0][view.top.positions[0]])
-    hits = view.do_search()
-    view.param.trigger("ablate_hits")
+    view.search.query = "token:" + str(view.card.top.tokens[0][view.card.top.positions[0]])
+    hits = view.search.do_search()
+    view.search.param.trigger("ablate_hits")
     specs = list(dict.fromkeys(f"{h.layer}:{h.neuron}" for h in hits))
     assert list(view.ablate_request) == specs and "1:5" in specs
 
 
 def test_prompt_activation_equals_plain_hooks(view, session, plain, tokenizer):
     run(view.open_neuron(2, 7))
-    view.prompt = "The nurse said that she would be late."
-    run(view.compute_prompt())
-    r = view.prompt_result
-    assert view.error == "" and isinstance(r, PromptActivation) and (r.layer, r.neuron) == (2, 7)
-    ids = tokenizer(view.prompt, return_tensors="np").input_ids
+    view.on_prompt.prompt = "The nurse said that she would be late."
+    run(view.on_prompt.compute())
+    r = view.on_prompt.result
+    assert view.state.error == "" and isinstance(r, PromptActivation) and (r.layer, r.neuron) == (2, 7)
+    ids = tokenizer(view.on_prompt.prompt, return_tensors="np").input_ids
     assert r.token_ids.tolist() == ids[0].tolist()
     assert np.allclose(r.activations, plain_acts(plain, ids, 2)[0, :, 7], atol=1e-4)
-    source = view._prompt_chart.object.select_one({"name": neuron_charts.PROMPT_SOURCE})
+    source = view.on_prompt._chart.object.select_one({"name": neuron_charts.PROMPT_SOURCE})
     assert np.allclose(source.data["activation"], r.activations)
-    view.prompt = "  "
-    run(view.compute_prompt())
-    assert "empty" in view.error and view.prompt_result is r
+    view.on_prompt.prompt = "  "
+    run(view.on_prompt.compute())
+    assert "empty" in view.state.error and view.on_prompt.result is r
 
 
 def test_explain_runs_as_a_job_and_shows_its_score(view, built):
     run(view.open_neuron(1, 3))
-    job = view.start_explain()
-    assert job.status == "done" and view.error == "" and not view.explaining
-    e = view.explanation
+    job = view.card.start_explain()
+    assert job.status == "done" and view.state.error == "" and not view.card.explaining
+    e = view.card.explanation
     assert (e.layer, e.neuron) == (1, 3) and e.explainer == "session:tiny-llama"
-    assert f"score {e.score_text}" in view.explain_status and "honest" in view.explain_status
-    assert any(d["kind"] == "explanation" and d["source"] == e.explainer for d in view.descriptions)
-    assert "score " in view._card_html.object
+    assert f"score {e.score_text}" in view.card.explain_status and "honest" in view.card.explain_status
+    assert any(d["kind"] == "explanation" and d["source"] == e.explainer for d in view.card.descriptions)
+    assert "score " in view.card._card_html.object
     assert any(r.result is e for r in view.history.entries)
     (built[0].index.path / "explanations.json").unlink()
 
@@ -367,14 +370,14 @@ def test_explain_runs_as_a_job_and_shows_its_score(view, built):
 def test_an_index_of_another_model_shows_stored_data_only(built, tiny_sessions):
     v = NeuronView(tiny_sessions["mistral"], background=False)
     v.set_index(built[0].index)
-    assert "⚠" in v.index_info
+    assert "⚠" in v.indexer.index_info
     run(v.open_neuron(1, 5))
-    assert v.error == "" and v.top.token_activations is None
-    assert "attach the index's model" in v._top_html.object
-    acts = re.findall(r"data-act='([^']*)'", v._top_html.object)
+    assert v.state.error == "" and v.card.top.token_activations is None
+    assert "attach the index's model" in v.card._top_html.object
+    acts = re.findall(r"data-act='([^']*)'", v.card._top_html.object)
     assert sum(a != "" for a in acts) == TOP_K  # only the stored positions
-    v.start_explain()
-    assert "Cannot explain" in v.error
+    v.card.start_explain()
+    assert "Cannot explain" in v.state.error
 
 
 # ------------------------------------------------------------------ overview and selectivity
@@ -398,16 +401,16 @@ def test_selectivity_equals_a_direct_numpy_computation(built, plain, tokenizer, 
 
 
 def test_overview_chart_and_tap_opens_a_neuron(view):
-    fig = view._overview_chart.object
+    fig = view.overview._chart.object
     source = fig.select_one({"name": neuron_charts.OVERVIEW_SOURCE})
-    sel = view.overview
+    sel = view.overview.result
     assert source.data["layer"] == sel.layers.tolist() and source.data["selectivity"] == sel.selectivity.tolist()
-    assert len(source.data["layer"]) == view.index.n_layers * view.overview_n
+    assert len(source.data["layer"]) == view.index.n_layers * view.overview.n_per_layer
     source.selected.indices = [7]  # what a click on a point does
-    assert view.error == ""
-    assert (view.stats.layer, view.stats.neuron) == (sel.layers[7], sel.neurons[7])
-    view.overview_n = 2
-    assert len(view._overview_chart.object.select_one({"name": neuron_charts.OVERVIEW_SOURCE}).data["layer"]) == \
+    assert view.state.error == ""
+    assert (view.card.stats.layer, view.card.stats.neuron) == (sel.layers[7], sel.neurons[7])
+    view.overview.n_per_layer = 2
+    assert len(view.overview._chart.object.select_one({"name": neuron_charts.OVERVIEW_SOURCE}).data["layer"]) == \
         2 * view.index.n_layers
 
 
@@ -475,7 +478,7 @@ def test_the_views_history_saves_to_a_snapshot(view, tmp_path):
     from explorer.persistence.snapshot import load_snapshot, save_snapshot
 
     run(view.open_neuron(1, 5))
-    run(view.compute_prompt())
+    run(view.on_prompt.compute())
     entries = view.history.entries
     kinds = {type(e.result).__name__ for e in entries}
     assert {"SelectiveNeurons", "NeuronStats", "NeuronHistogram", "TokenPattern", "ExampleActivations",

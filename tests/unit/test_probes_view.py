@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from bokeh.embed import json_item
 
-from explorer.analyses.patchscope import PatchscopeRequest, PatchscopeResult
+from explorer.analyses.patchscope import PatchscopeRequest, PatchscopeResult, patchscope
 from explorer.persistence.history import History
 from widgets import probe_charts as pc
 from widgets.patchscope_view import PatchscopeView
@@ -114,3 +114,28 @@ def test_patchscope_view(tiny_sessions):
     view.identity = ""
     asyncio.run(view._compute_once())
     assert "identity prompt" in view.error and view.result is not None
+
+
+def test_a_long_prompt_is_patched_at_one_window_of_positions(tiny_sessions):
+    """A 1,000-token prompt patched at every position took tens of minutes with no progress: the
+    view patches one grid's window, the last positions or from the one typed."""
+    session = tiny_sessions["llama"]
+    from widgets.patchscope_view import LONG_WINDOW
+
+    width = LONG_WINDOW
+    view = PatchscopeView(session, prompt="one two three four " * 60, top_k=2)
+    n = int(session.encode(view.prompt).numel())
+    assert n > pc.patchscope_width() + 10
+    asyncio.run(view._compute_once())
+    assert view.error == "" and view.result.positions.tolist() == list(range(n - width, n))
+    assert f"of {n} (positions {n - width}–{n - 1}" in view.status and view.start == n - width
+    # the grid keeps its width (its box scrolls): squeezed by the row, its tokens overlapped
+    assert view._grid.object.min_width == view._grid.object.width >= 70 * width
+    direct = patchscope(session, PatchscopeRequest(view.prompt, (n - 1,), top_k=2))
+    assert view.result.top_ids[:, -1].tolist() == direct.top_ids[:, 0].tolist()  # the engine's numbers
+    view.start = 3
+    asyncio.run(view._compute_once())
+    assert view.result.positions.tolist() == list(range(3, 3 + width)) and view.start == 3
+    view.prompt = "one two three"  # a short prompt: every position again
+    asyncio.run(view._compute_once())
+    assert view.result.positions.tolist() == list(range(len(view.result.tokens)))
