@@ -33,11 +33,12 @@ there. Why not the running average of each step's smallest kept activation (θ �
 (width 4,608, k 32, 64 steps) it gave a held-out L0 of 10.8 on the residual stream and 64.5 on
 a transcoder. Calibrating costs one encoder product per pass and keeps nothing beyond the pass;
 a single scalar fitted on ~4k training vectors, it leaves the held-out L0 an honest check (near
-k, not exactly k). The SAE is saved and evaluated as what it is at inference, a JumpReLU with
-every latent's threshold θ (SAELens's ``jumprelu``; SAELens saves its own BatchTopK SAEs the
-same way), so SAELens, Neuronpedia tooling and this app all encode it alike;
-``metadata.explorer`` records ``architecture: batchtopk``, ``k`` and ``threshold:
-pass-calibrated``.
+k, not exactly k; same model and layer, 32 steps, same weights: residual L0 34.6 vs 10.7 with
+the running average, held-out FVU 0.63 vs 0.80, Δ loss 2.35 vs 4.87; transcoder L0 33.7 vs
+7.4). The SAE is saved and evaluated as what it is at inference, a JumpReLU with every latent's
+threshold θ (SAELens's ``jumprelu``; SAELens saves its own BatchTopK SAEs the same way), so
+SAELens, Neuronpedia tooling and this app all encode it alike; ``metadata.explorer`` records
+``architecture: batchtopk``, ``k`` and ``threshold: pass-calibrated``.
 A BatchTopK SAE (not transcoder) reads each vector scaled to norm √d_in (SAELens's
 ``constant_norm_rescale``, saved in its ``cfg.json``, so SAELens and this app undo it on decoding):
 selecting across the batch, the residual stream's few vectors of 10–100× the typical norm would
