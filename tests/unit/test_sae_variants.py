@@ -20,7 +20,15 @@ from explorer.features.encode import encode_prompt
 from explorer.features.harvest import activations, lm_loss, mlp_pairs
 from explorer.features.sae import SAEConfig, SAEError, SparseAutoencoder
 from explorer.features.saelens_io import check_fits, load_sae, save_sae
-from explorer.features.train import TrainConfig, TrainState, batch_topk, evaluate, train_sae, train_step
+from explorer.features.train import (
+    TrainConfig,
+    TrainState,
+    batch_topk,
+    calibrate_threshold,
+    evaluate,
+    train_sae,
+    train_step,
+)
 from tiny_models import make_tiny_model
 
 D = 64  # the tiny models' d_model
@@ -51,13 +59,12 @@ def test_batch_topk_keeps_the_k_times_batch_largest_across_the_batch():
     assert values.tolist() == [1.0, 3.0, 6.0, 8.0, 0.0, 2.0]
 
 
-def test_a_batch_topk_step_equals_a_dense_computation_and_tracks_the_threshold():
-    cfg = TrainConfig(width=24, k=3, architecture="batchtopk", warmup_steps=1, lr=1e-2)
+def test_a_batch_topk_step_equals_a_dense_computation_and_calibrates_the_threshold():
+    cfg = TrainConfig(width=24, k=3, architecture="batchtopk", warmup_steps=1, lr=1e-2, batch=4)
     state = TrainState(cfg, 8, torch.device("cpu"), {})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         state.sae.b_enc.copy_(torch.randn(24, generator=g) * 0.1)
-    mins = []
     for _ in range(3):
         x = torch.randn(10, 8, generator=g) * 2
         w = {n: getattr(state.sae, n).detach().clone().double() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
@@ -70,12 +77,15 @@ def test_a_batch_topk_step_equals_a_dense_computation_and_tracks_the_threshold()
         assert abs(fvu - float(fvu_ref)) < 1e-5
         assert l0 == float((f > 0).sum()) / 10
         assert fired.tolist() == (f > 0).any(0).tolist()
-        mins.append(float(f[f > 0].min()))
-        theta = mins[0]
-        for m in mins[1:]:
-            theta = 0.99 * theta + 0.01 * m
-        assert state.threshold == pytest.approx(theta, rel=1e-6)
-        torch.testing.assert_close(state.sae.threshold, torch.full((24,), theta, dtype=torch.float32))
+    # θ with the weights as they now are: the 31st largest of the 10 x 24 pre-activations (read 4 rows at a time)
+    with torch.no_grad():
+        h = (x.double() - state.sae.b_dec.double()) @ state.sae.W_enc.double() + state.sae.b_enc.double()
+    theta = calibrate_threshold(state, x)
+    assert theta == pytest.approx(max(float(h.view(-1).sort(descending=True).values[30]), 0.0), rel=1e-5)
+    assert int((h > theta).sum()) == 30
+    with torch.no_grad():
+        state.sae.b_enc.fill_(-1e4)
+    assert calibrate_threshold(state, x) == 0.0     # fewer than k·N+1 positive: 0 (keep every positive)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +121,40 @@ def test_batch_topk_saves_a_jumprelu_that_encodes_as_a_plain_one(batch_trained, 
     feats = encode_prompt(session, "The nurse said that she would come back tomorrow", sae=r.out_dir, top_k=3)
     assert feats.architecture == "jumprelu" and feats.l0.tolist() == (plain > 0).sum(-1).tolist()
     assert r.l0 == pytest.approx(r.eval_l0[-1]) and 0 < r.l0   # held-out L0: what the threshold gives
+
+
+@pytest.mark.parametrize("site", ["resid", "transcoder"])
+def test_batch_topk_threshold_gives_mean_l0_k_on_the_last_pass(tiny_sessions, corpus, tmp_path, site):
+    """The saved θ, applied by a plain JumpReLU written here to the last forward pass's vectors
+    (the calibration set: training windows 28..31 after the 2 held out), keeps k latents per vector."""
+    from safetensors.numpy import load_file
+
+    from explorer.core.corpus import iter_documents, token_windows
+
+    session = tiny_sessions["llama"]
+    r = train_sae(session, corpus_path=corpus, out_dir=tmp_path, architecture="batchtopk", site=site, **TRAIN)
+    assert r.status == "done" and r.settings["threshold"] == "pass-calibrated"
+    n_windows = TRAIN["eval_windows"] + TRAIN["max_tokens"] // TRAIN["window"]
+    windows = list(token_windows(iter_documents(corpus), session.tokenizer, TRAIN["window"],
+                                 n_windows * TRAIN["window"]))
+    ids = torch.tensor(np.stack([w.ids for w in windows[-TRAIN["batch_windows"]:]]))
+    with torch.no_grad():
+        layer = session.hf.model.layers[TRAIN["layer"]]
+        hooked = layer.mlp if site == "transcoder" else layer
+        seen = []
+        handle = hooked.register_forward_hook(lambda m, a, o: seen.append(a[0] if site == "transcoder" else o))
+        session.hf(ids)
+        handle.remove()
+    x = (seen[0][0] if isinstance(seen[0], tuple) else seen[0])[:, 1:].reshape(-1, D).double()
+    w = {k: torch.from_numpy(v).double() for k, v in load_file(f"{tmp_path}/sae_weights.safetensors").items()}
+    if site == "transcoder":
+        h = x @ w["W_enc"] + w["b_enc"]
+    else:
+        h = (x * D ** 0.5 / torch.linalg.vector_norm(x, dim=-1, keepdim=True) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    theta = w["threshold"]
+    l0 = float((torch.where(h > theta, h.clamp(min=0), torch.zeros_like(h)) > 0).sum(-1).double().mean())
+    assert abs(l0 - TRAIN["k"]) <= 2 / len(x), l0          # exact but for float rounding at θ
+    assert abs(r.l0 - TRAIN["k"]) < 0.5 * TRAIN["k"], r.l0   # held out: near k
 
 
 # ------------------------------------------------------------------------------ transcoders
