@@ -202,7 +202,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int
         grad = C * torch.matmul(z1.transpose(1, 2), ((prob - target) * mask)[..., None])[..., 0] + theta * ridge
         curv = C * prob * (1 - prob) * mask                                  # [Q, P, n]
         hess = torch.matmul(z1.transpose(1, 2), curv[..., None] * z1) + torch.diag_embed(ridge + 1e-12)
-        step = torch.linalg.solve(hess, grad[..., None])[..., 0]
+        step = spd_solve(hess, grad[..., None])[..., 0]
         size = torch.ones(Q, P, dtype=torch.float64)
         for _ in range(30):  # halve the step of every problem whose objective did not fall
             trial = theta - size[..., None] * step
@@ -217,6 +217,32 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int
     beta, b = theta[..., :m], theta[..., m]
     w = beta if basis is None else torch.einsum("pdm,qpm->qpd", basis, beta)
     return w, b
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve the batched symmetric positive definite systems ``a x = b`` by Cholesky.
+
+    Not ``torch.linalg.solve``: with more than one thread, MKL's batched LU in torch 2.13 (CPU)
+    prints "Parameter 6 was incorrect on entry to DLASWP" and never returns for batches of
+    ~200-row systems (seen on the default model's probes). Cholesky also halves the work. A
+    system that is not numerically positive definite falls back to LU on one thread.
+
+    >>> import torch
+    >>> from explorer.analyses.probes import spd_solve
+    >>> spd_solve(torch.eye(3, dtype=torch.float64) * 2, torch.ones(3, 1, dtype=torch.float64)).flatten().tolist()
+    [0.5, 0.5, 0.5]
+    """
+    factor, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(b, factor)
+    bad = info != 0
+    if bad.any():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            x[bad] = torch.linalg.solve(a[bad], b[bad])
+        finally:
+            torch.set_num_threads(threads)
+    return x
 
 
 def _small_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from explorer.analyses.probes import (
     run_probes,
     save_probe,
     save_steering_vector,
+    spd_solve,
     standardise,
     stratified_folds,
 )
@@ -90,6 +91,42 @@ def test_fit_logistic_equals_sklearn(n, d, C):
     ref = LogisticRegression(C=C, tol=1e-12, max_iter=100_000).fit(x, y)
     np.testing.assert_allclose(w[0, 0].numpy(), ref.coef_[0], atol=2e-5 * max(1, np.abs(ref.coef_).max()))
     assert abs(b.item() - ref.intercept_[0]) < 2e-5 * max(1, abs(ref.intercept_[0]))
+
+
+SOLVE_ON_TWO_THREADS = """
+import numpy as np, torch
+from explorer.analyses.probes import kfold_predictions, stratified_folds
+torch.set_num_threads(2)
+rng = np.random.default_rng(0)
+y = np.arange(200) % 2
+feats = torch.from_numpy(rng.normal(size=(200, 576)) + y[:, None] * 0.5)
+folds = stratified_folds(y, 5, 0)
+labels = torch.from_numpy(np.stack([y, rng.permutation(y)]))
+for x in (feats, torch.ones(200, 576)):   # a real row, and one where every item is the same (the embeddings)
+    print((kfold_predictions(x, labels, folds, 1.0) == labels).double().mean(1).tolist())
+"""
+
+
+def test_probes_fit_on_two_threads_without_hanging():
+    """Regression: MKL's batched LU (torch.linalg.solve) hung on two threads for 5 folds of
+    200 rows (the default model's 200 facts); the Newton systems are now solved by Cholesky."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SOLVE_ON_TWO_THREADS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "MKL ERROR" not in proc.stdout + proc.stderr
+    real, same = (json.loads(line) for line in proc.stdout.split("\n")[:2])
+    assert real[0] > 0.9 and same[0] == 0.5
+
+
+def test_spd_solve_equals_lu_and_falls_back_when_not_definite():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(3, 7, 9, generator=g, dtype=torch.float64)
+    a = r @ r.transpose(1, 2) + torch.eye(7, dtype=torch.float64)
+    a[2] = torch.diag(torch.tensor([1.0, -2.0, 3.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))   # indefinite
+    b = torch.randn(3, 7, 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(spd_solve(a, b), torch.linalg.solve(a, b), rtol=1e-10, atol=1e-12)
 
 
 def test_kfold_predictions_equal_sklearn_pipeline():
