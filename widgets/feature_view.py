@@ -37,7 +37,7 @@ from .charts import quote_token
 from .figures import div_model, table_rows
 from .live import LiveJob
 from .neuron_charts import EXAMPLES_CSS, activation_histogram, examples_html
-from .parts import set_bar
+from .parts import alert, set_bar
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class FeatureView(pn.viewable.Viewer):
             pn.Row(pn.widgets.Button.from_param(p.open_index, css_classes=["features-open"]),
                    pn.widgets.Button.from_param(p.build, color="primary", css_classes=["features-build"]), self._bar),
             pn.pane.Markdown(p.status, css_classes=["features-status"]),
-            pn.pane.Alert(p.error, alert_type="danger", visible=p.error.rx.bool(), css_classes=["features-error"]),
+            alert(p.error, "features-error"),
             sizing_mode="stretch_width")
         card = pn.Column(
             pn.pane.Markdown("### Feature card"),

@@ -25,6 +25,7 @@ from explorer.training.steer_compare import SteerCompareRequest, SteerCompareRes
 
 from . import steering_charts as sc
 from .live import LiveJob
+from .parts import alert
 
 NO_RUN = "(no run: steering and ablation only)"
 SESSION_RUN = "this session's Pronoun swap run"
@@ -159,8 +160,7 @@ class SteerComparePart(pn.viewable.Viewer):
             w.Button.from_param(self.param.compare, color="primary", width=100, disabled=self.param.running,
                                 css_classes=["steer-compare-button"], align="end"),
             w.Button.from_param(self.param.cancel, width=70, disabled=self.param.running.rx.not_(), align="end"))
-        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
-                              sizing_mode="stretch_width")
+        error = alert(self.param.error, "steer-compare-error")
         return pn.Column(pn.pane.Markdown("#### Steering vs the pronoun swap"), row, error,
                          pn.pane.Markdown(self.param.status, css_classes=["steer-compare-status"]),
                          pn.Row(self._chart, self._table), css_classes=["steer-compare"])

@@ -39,6 +39,7 @@ from explorer.persistence.history import History
 
 from . import steering_charts as sc
 from .live import LiveJob
+from .parts import alert
 from .steering_compare import SteerComparePart
 
 log = logging.getLogger(__name__)
@@ -309,8 +310,7 @@ class SteeringView(pn.viewable.Viewer):
             w.Button.from_param(self.param.sweep, color="primary", width=110, disabled=self.param.running,
                                 css_classes=["steer-sweep-button"]),
             w.Button.from_param(self.param.cancel, width=80, disabled=self.param.running.rx.not_()))
-        error = pn.pane.Alert(self.param.error, alert_type="danger", visible=self.param.error.rx.bool(),
-                              sizing_mode="stretch_width", css_classes=["steer-error"])
+        error = alert(self.param.error, "steer-error")
         status = pn.pane.Markdown(self.param.status, css_classes=["steer-status"])
         return pn.Column(lists, error, status, self._vector_pane, pn.layout.Divider(), apply_row, self._apply_pane,
                          pn.layout.Divider(), sweep_row, pn.Row(self._sweep_pane, self._texts_pane,

@@ -331,3 +331,15 @@ def test_every_result_type_has_a_name_for_people():
         shown = registry.display_name(cls.__new__(cls))
         assert shown != name and "Result" not in shown, name
         assert kind is None or kind.group in registry.GROUPS
+
+
+def test_every_error_box_is_the_readable_alert():
+    """Panel's own danger alert is white on light pink (1.4:1); every view builds its error box
+    with ``parts.alert`` (#58151c on #f8d7da, 10:1; its colours are checked in the browser)."""
+    from pathlib import Path
+
+    import widgets
+
+    bare = [f"{p.name}:{i + 1}" for p in sorted(Path(widgets.__file__).parent.glob("*.py")) if p.name != "parts.py"
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if "pn.pane.Alert(" in line]
+    assert not bare, f"use widgets.parts.alert: {bare}"
