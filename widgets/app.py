@@ -29,7 +29,7 @@ from .lens_view import LogitLensView
 from .live import served_doc
 from .model_picker import ModelPicker
 from .neuron_view import NeuronView
-from .parts import alert
+from .parts import alert, outline_secondary_buttons
 from .patchscope_view import PatchscopeView
 from .probes_view import ProbesView
 from .sae_train_view import SAETrainView
@@ -176,6 +176,7 @@ class ExplorerApp(pn.viewable.Viewer):
         self.card = model_card(session)
         self._tabs = pn.Tabs(*self._build_views(session), sizing_mode="stretch_width",
                              css_classes=["explorer-tabs"])
+        outline_secondary_buttons(self._tabs)
         # Attach another model from the sidebar: the views are rebuilt on it, the history stays.
         self.picker = ModelPicker(self.attach, device=session.device.type)
         self._tabs.param.watch(self._on_tab, "active")
@@ -206,8 +207,8 @@ class ExplorerApp(pn.viewable.Viewer):
         # The Generate tab steers with the Steering tab's current vector.
         self.steering.param.watch(lambda e: setattr(self.generate.form, "vector", e.new), "vector")
         # The Steering tab's swap comparison offers the Pronoun swap tab's current run.
-        self.swap.param.watch(lambda e: setattr(self.steering.compare, "session_run",
-                                                e.new.out_dir if e.new is not None else ""), "result")
+        self.swap.run_part.param.watch(lambda e: setattr(self.steering.compare, "session_run",
+                                                         e.new.out_dir if e.new is not None else ""), "result")
         self.sae = SAETrainView(session, history=self.history)
         self.features = FeatureView(session, history=self.history)
         # The last trained SAE's folder is the Features tab's default.
@@ -248,6 +249,7 @@ class ExplorerApp(pn.viewable.Viewer):
         with pn.io.hold():
             self._tabs[:] = tabs + snapshot_tabs
             self._tabs.active = 0
+            outline_secondary_buttons(self._tabs)
             self.card = model_card(session)
         self.help = TAB_HELP["Logit lens"]
 

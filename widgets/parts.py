@@ -38,6 +38,27 @@ ALERT_CSS = "\n".join(
     f":host(.alert-{kind}) * {{ color: {fg}; }}"
     for kind, (fg, bg, border) in ALERT_COLORS.items())
 
+# Under the Material page Panel's default (secondary) buttons render as bare text: a new user
+# cannot tell "Apply" or "Cancel" from a label. An outline in the accent colour (7:1 on white)
+# marks them as buttons while the filled primary buttons stay the main action.
+BUTTON_CSS = (".bk-btn-default { border: 1px solid #1f5a96 !important; color: #1f5a96 !important; "
+              "background-color: #ffffff !important; }\n"
+              ".bk-btn-default:hover:not(:disabled) { background-color: #e8f0f8 !important; }\n"
+              ".bk-btn-default:disabled { border-color: #9aa5b1 !important; color: #5f6b76 !important; }")
+
+
+def outline_secondary_buttons(root: pn.viewable.Viewable) -> int:
+    """Give every default-type button under ``root`` the outline of ``BUTTON_CSS``; returns how
+    many buttons got it (each only once)."""
+    changed = 0
+    buttons = [*root.select(pn.widgets.Button), *root.select(pn.widgets.FileDownload)]
+    for button in buttons:
+        if button.button_type == "default" and BUTTON_CSS not in button.stylesheets:
+            button.stylesheets = [*button.stylesheets, BUTTON_CSS]
+            changed += 1
+    return changed
+
+
 # Panel's text inputs cut what is typed or pasted at 5,000 characters without a word; the
 # engine's context check is the real limit (it names the token count), so the field allows more.
 TEXT_LIMIT = 10_000_000

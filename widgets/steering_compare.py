@@ -149,11 +149,13 @@ class SteerComparePart(pn.viewable.Viewer):
     # ----------------------------------------------------------------------- layout
     def _build_layout(self) -> pn.viewable.Viewable:
         w = pn.widgets
-        row = pn.Row(
+        # Two rows: in one, the run pickers and the settings overflowed a 1600-px window.
+        runs = pn.Row(
             w.Select.from_param(self.param.run_choice, width=260, css_classes=["steer-compare-run"]),
             w.Button.from_param(self.param.refresh, width=40, align="end"),
             w.TextInput.from_param(self.param.run_dir, width=220, placeholder="e.g. runs/demo",
-                                   css_classes=["steer-compare-dir"]),
+                                   css_classes=["steer-compare-dir"]))
+        row = pn.Row(
             w.IntInput.from_param(self.param.layer, width=80),
             w.TextInput.from_param(self.param.alphas, width=150, css_classes=["steer-compare-alphas"]),
             pn.Column(w.Checkbox.from_param(self.param.use_vector), w.Checkbox.from_param(self.param.ablate)),
@@ -161,7 +163,7 @@ class SteerComparePart(pn.viewable.Viewer):
                                 css_classes=["steer-compare-button"], align="end"),
             w.Button.from_param(self.param.cancel, width=70, disabled=self.param.running.rx.not_(), align="end"))
         error = alert(self.param.error, "steer-compare-error")
-        return pn.Column(pn.pane.Markdown("#### Steering vs the pronoun swap"), row, error,
+        return pn.Column(pn.pane.Markdown("#### Steering vs the pronoun swap"), runs, row, error,
                          pn.pane.Markdown(self.param.status, css_classes=["steer-compare-status"]),
                          pn.Row(self._chart, self._table), css_classes=["steer-compare"])
 

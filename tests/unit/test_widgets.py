@@ -343,3 +343,13 @@ def test_every_error_box_is_the_readable_alert():
     bare = [f"{p.name}:{i + 1}" for p in sorted(Path(widgets.__file__).parent.glob("*.py")) if p.name != "parts.py"
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if "pn.pane.Alert(" in line]
     assert not bare, f"use widgets.parts.alert: {bare}"
+
+
+def test_secondary_buttons_get_an_outline_once():
+    from widgets.parts import BUTTON_CSS, outline_secondary_buttons
+
+    primary, plain = pn.widgets.Button(name="Run", button_type="primary"), pn.widgets.Button(name="Apply")
+    download = pn.widgets.FileDownload(callback=lambda: None, filename="x.bin", label="Save")
+    root = pn.Column(pn.Row(primary, plain), download)
+    assert outline_secondary_buttons(root) == 2 and outline_secondary_buttons(root) == 0
+    assert BUTTON_CSS in plain.stylesheets and BUTTON_CSS in download.stylesheets and BUTTON_CSS not in primary.stylesheets
