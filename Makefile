@@ -19,10 +19,11 @@ run: $(VENV)/.installed
 	$(BIN)/python -m explorer serve --port $(PORT)
 
 # Everything but the browser tests on every core (one file per worker: its module fixtures are
-# built once), then the browser tests in one process: each serves the app and drives Chromium.
+# built once), then the browser tests on two workers (each file on one; each test serves the app
+# and drives Chromium, and much of their time is waiting on the page).
 test: setup-test chromium
 	$(PYTEST) -n auto --dist loadfile tests/unit tests/integration tests/model tests/examples
-	$(PYTEST) tests/ui
+	$(PYTEST) -n 2 --dist loadfile tests/ui
 
 # A real NDIF server on 127.0.0.1 for the default model (tests/remote/stack.py: Redis, an S3
 # store, Ray with ndif's controller and a CPU model actor, ndif's API), the remote lens, heads,
