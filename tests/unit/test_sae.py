@@ -19,6 +19,7 @@ from explorer.features.harvest import activations, lm_loss
 from explorer.features.sae import SAEConfig, SAEError, SparseAutoencoder, parse_hook_name
 from explorer.features.saelens_io import check_fits, load_sae, save_sae
 from explorer.features.train import SAETrainResult, evaluate, train_sae
+from helpers import corpus_head
 from tiny_models import make_tiny_model
 
 D = 64  # the tiny models' d_model
@@ -212,13 +213,7 @@ TRAIN = dict(layer=1, site="resid", width=96, k=16, max_tokens=12 * 64 * 4, wind
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from explorer.core.defaults import ensure_default_corpus
-
-    with open(ensure_default_corpus(), encoding="utf-8") as f:
-        lines = [next(f) for _ in range(30)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
+    return str(corpus_head(tmp_path_factory.mktemp("corpus"), 30))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from explorer.features.train import (
     train_sae,
     train_step,
 )
+from helpers import corpus_head
 from tiny_models import make_tiny_model
 
 D = 64  # the tiny models' d_model
@@ -38,13 +39,7 @@ TRAIN = dict(layer=1, width=96, k=8, max_tokens=8 * 64 * 4, window=64, batch=128
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from explorer.core.defaults import ensure_default_corpus
-
-    with open(ensure_default_corpus(), encoding="utf-8") as f:
-        lines = [next(f) for _ in range(30)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
+    return str(corpus_head(tmp_path_factory.mktemp("corpus"), 30))
 
 
 # ------------------------------------------------------------------------------ BatchTopK
