@@ -6,6 +6,16 @@ import shutil
 
 import pytest
 
+try:  # chromium may be absent; then every test here is skipped below
+    from playwright.sync_api import expect
+
+    # A page shows a server-side change only after the server's event loop sends the patch; with
+    # four sessions drawing charts on a slow 2-core CI machine that took over Playwright's default
+    # 5 s once (the status line of a finished run). Waiting is for the page, never for a result.
+    expect.set_options(timeout=30_000)
+except ImportError:
+    pass
+
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
