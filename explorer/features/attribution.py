@@ -9,6 +9,9 @@ estimate of how much the logit falls when that feature is zeroed at that positio
 2024, "Sparse feature circuits"; the same activation × gradient as attribution patching). The
 result ranks features by their total over positions (by absolute value) and keeps, for the top
 ones, every position's attribution (a heatmap).
+
+A transcoder (MLP input → MLP output) is spliced in the same way at its MLP: the features are
+encoded from the MLP's input and the MLP's output becomes ``decode(f) + (out − decode(f))``.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from explorer.core.requests import build_request
 from explorer.core.results import Result, array
 from explorer.features.encode import open_sae
 from explorer.features.harvest import site_module
-from explorer.features.sae import SAEError, require_sae
+from explorer.features.sae import MLP_IN, SAEError
+from explorer.interventions.edits import mlp_input
 
 
 @dataclass(frozen=True)
@@ -75,23 +79,24 @@ def feature_attribution(session, request: AttributionRequest | str | None = None
     if request.top_n < 1:
         raise SAEError(f"top_n must be ≥ 1, got {request.top_n}")
     sae = open_sae(session, request.sae, any_model=request.any_model)
-    require_sae(sae, "feature attribution")
     layer, site = sae.cfg.site
     ids = session.encode(request.prompt)
-    module = site_module(session, layer, site)
+    # a transcoder reads the MLP's input and writes its output: splice at the MLP module
+    module = site_module(session, layer, "mlp_out" if site == MLP_IN else site)
     held: dict[str, torch.Tensor] = {}
 
-    def hook(_module, _args, out):
+    def hook(_module, args, kwargs, out):
         x = out[0] if isinstance(out, tuple) else out
-        f = sae.encode(x[0].detach().float()).detach().requires_grad_(True)
-        recon = sae.decode(f, x[0].detach().float())
+        read = mlp_input(args, kwargs) if site == MLP_IN else x
+        f = sae.encode(read[0].detach().float()).detach().requires_grad_(True)
+        recon = sae.decode(f, read[0].detach().float())
         error = (x[0].detach().float() - recon).detach()
         y = (recon + error).to(x.dtype)[None]
         held["f"] = f
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     with session.lock, torch.enable_grad():
-        handle = module.register_forward_hook(hook)
+        handle = module.register_forward_hook(hook, with_kwargs=True)
         try:
             logits = session.hf(ids[None].to(session.device)).logits[0, -1].float()
         finally:

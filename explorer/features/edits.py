@@ -17,7 +17,10 @@
   (method "sae-feature"), for the Steering and Generate tabs.
 
 Sites: an SAE on ``resid`` edits the block's output (edit site ``resid``), one on ``mlp_out``
-the MLP's output (edit site ``mlp``). ``positions`` None edits every position.
+the MLP's output (edit site ``mlp``). A transcoder (MLP input → MLP output) edits the MLP's output
+too; its features are encoded from the MLP's input at the same positions (an op that reads it:
+``register_op(reads_input=True)``), so clamping is ``out ← out + Σ_j (v_j − f_j(in)) · W_dec[j]``,
+the transcoder's error term kept. ``positions`` None edits every position.
 """
 from __future__ import annotations
 
@@ -29,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explorer.features.sae import SAEError, SparseAutoencoder, require_sae
+from explorer.features.sae import MLP_IN, SAEError, SparseAutoencoder
 from explorer.features.saelens_io import WEIGHTS_FILE, check_fits, load_sae, resolve_sae_dir
 from explorer.interventions.edits import Edit, register_op
 
-_EDIT_SITES = {"resid": "resid", "mlp_out": "mlp"}
+_EDIT_SITES = {"resid": "resid", "mlp_out": "mlp", MLP_IN: "mlp"}  # a transcoder writes the MLP's output
 _names = itertools.count()
 
 
@@ -48,13 +51,20 @@ def _op_name(sae: SparseAutoencoder) -> str:
             f = sae.encode(x.float())[..., feats]
             return x + ((vals - f) @ sae.W_dec[feats]).to(x.dtype)
 
-        register_op(name, clamp)
+        def clamp_transcoder(x: torch.Tensor, value: torch.Tensor | None, mlp_in: torch.Tensor) -> torch.Tensor:
+            feats, vals = value[0].long(), value[1].float()
+            f = sae.encode(mlp_in.float())[..., feats]
+            return x + ((vals - f) @ sae.W_dec[feats]).to(x.dtype)
+
+        if sae.cfg.is_transcoder:
+            register_op(name, clamp_transcoder, reads_input=True)
+        else:
+            register_op(name, clamp)
         sae.edit_op_name = name
     return name
 
 
 def _site(sae: SparseAutoencoder) -> tuple[int, str]:
-    require_sae(sae, "editing features")
     site = sae.cfg.site
     if site is None:
         raise SAEError("the SAE's cfg.json names no hook (metadata.hook_name), so where to edit is unknown")

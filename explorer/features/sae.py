@@ -144,13 +144,6 @@ class SAEConfig:
         return parse_hook_name(name) if name else None
 
 
-def require_sae(sae: SparseAutoencoder, what: str) -> None:
-    """An ``SAEError`` when ``sae`` is a transcoder: ``what`` (splicing at the read site) needs an SAE."""
-    if sae.cfg.is_transcoder:
-        raise SAEError(f"{what} works on SAEs, not on transcoders (this one reads the MLP's input and writes its "
-                       "output) yet")
-
-
 class SparseAutoencoder(torch.nn.Module):
     """An SAE's weights and its encode/decode (see the module docstring)."""
 

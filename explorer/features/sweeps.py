@@ -26,7 +26,8 @@ import torch
 
 from explorer.core.jobs import JobContext
 from explorer.features.edits import feature_edit, parse_features, sae_for
-from explorer.features.sae import SAEError
+from explorer.features.harvest import activations
+from explorer.features.sae import MLP_IN, SAEError
 from explorer.interventions.ablation import SweepRequest, SweepResult, sweep_edits
 from explorer.interventions.edits import EditError, metric, resolve_tokens, run_clean, target_fields
 from explorer.interventions.patching import PatchRequest, PatchResult, check_gap, encode_pair, patch_cells
@@ -46,9 +47,14 @@ def _sae(session: ModelSession, path: str | None):
 
 
 def site_features(session: ModelSession, sae, layer: int, site: str, ids: torch.Tensor):
-    """(the clean run with the site captured, the SAE's features at every position [T, d_sae] float32)."""
-    run = run_clean(session, ids, {_RUN_SITE[site]})
-    x = run.acts[_RUN_SITE[site]][layer]
+    """(the clean run with the site captured, the SAE's features at every position [T, d_sae] float32).
+    A transcoder's features come from the MLP's input, read by a pass stopped at that MLP."""
+    if sae.cfg.is_transcoder:
+        run = run_clean(session, ids)
+        x = activations(session, ids[None], layer, MLP_IN)[0]
+    else:
+        run = run_clean(session, ids, {_RUN_SITE[site]})
+        x = run.acts[_RUN_SITE[site]][layer]
     with torch.no_grad():
         f = sae.encode(x.to(sae.W_dec.device).float()).float()
     return run, f

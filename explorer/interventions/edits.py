@@ -31,6 +31,9 @@ Ops (``OPS``; ``value`` is the edit's tensor, broadcast over the slice):
 Further ops (e.g. clamping SAE features, whose op needs the SAE's encoder and decoder) are a
 function ``(x, value) -> new x`` registered with ``register_op``; ``nnsight_runs`` and ``replay``
 apply any registered op, so a new kind of edit needs no change here, in ablation or patching.
+An op registered with ``reads_input=True`` at the ``mlp`` site is ``(x, value, mlp_input) -> new
+x``: it also sees the MLP's input at the same positions (a transcoder's features are a function
+of the MLP's input and write into its output).
 
 The metric all of them read is the target's logit at the last position, minus a compare
 token's when given (``metric``; tokens resolved by ``resolve_tokens``).
@@ -85,13 +88,17 @@ def _project_out(x: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
 
 
 OPS: dict[str, EditOp] = {"set": _set, "add": _add, "project_out": _project_out}
+INPUT_OPS: set[str] = set()  # ops that also read the MLP's input (``register_op(reads_input=True)``)
 
 
-def register_op(name: str, fn: EditOp) -> None:
-    """Add an edit op: ``fn(x, value)`` returns the new activation slice (same shape as ``x``)."""
+def register_op(name: str, fn: Callable[..., torch.Tensor], reads_input: bool = False) -> None:
+    """Add an edit op: ``fn(x, value)`` returns the new activation slice (same shape as ``x``);
+    with ``reads_input`` it is ``fn(x, value, mlp_input)`` and may only edit the ``mlp`` site."""
     if name in OPS and OPS[name] is not fn:
         raise EditError(f"an edit op named {name!r} exists already")
     OPS[name] = fn
+    if reads_input:
+        INPUT_OPS.add(name)
 
 
 # ================================================================================= edits
@@ -111,11 +118,14 @@ class Edit:
             raise EditError(f"unknown site {self.site!r}: use one of {', '.join(SITES)}")
         if self.op not in OPS:
             raise EditError(f"unknown edit op {self.op!r}: use one of {', '.join(OPS)} (or register_op)")
+        if self.op in INPUT_OPS and self.site != "mlp":
+            raise EditError(f"the edit op {self.op!r} reads the MLP's input: it edits the mlp site, not {self.site!r}")
 
 
 def apply_edit(row: torch.Tensor, e: Edit, inp_row: torch.Tensor | None = None) -> None:
     """Apply ``e`` in place to ``row`` (one prompt's activation at its site); ``inp_row`` is the
-    block's input, needed for ``block`` edits (which act on the contribution, output − input).
+    block's input, needed for ``block`` edits (which act on the contribution, output − input), or
+    the MLP's input for ``mlp`` edits whose op reads it (``INPUT_OPS``).
     Values and inputs from another device (a sharded model's other layers) are moved to the row's."""
     value = e.value
     if value is not None and value.device != row.device:
@@ -124,7 +134,11 @@ def apply_edit(row: torch.Tensor, e: Edit, inp_row: torch.Tensor | None = None) 
         row[e.index] = 0 if value is None else value
         return
     fn = OPS[e.op]
-    if e.site == "block":
+    if e.op in INPUT_OPS:
+        if inp_row is None:
+            raise EditError(f"the edit op {e.op!r} needs the MLP's input, which this runner did not pass")
+        row[e.index] = fn(row[e.index], value, inp_row[e.index].to(row.device))
+    elif e.site == "block":
         base = inp_row[e.index].to(row.device)
         row[e.index] = base + fn(row[e.index] - base, value)
     else:
@@ -161,6 +175,14 @@ def site_path(session: ModelSession, site: str) -> str | None:
 def first(x):
     """A module's main output (the first item when it returns a tuple)."""
     return x[0] if isinstance(x, tuple) else x
+
+
+def mlp_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """An MLP call's hidden-states input (its first tensor argument, positional or keyword)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
 
 
 @contextmanager
@@ -315,9 +337,12 @@ def _nn_block(blk, paths: dict[str, str | None], edits: list[Edit], want_output:
         if not by_site.get(site):
             continue
         mod = submodule(blk, paths[site])
+        # An op reading the MLP's input (a transcoder's features) gets it; read before the output
+        # (nnsight visits a module's input, then its output).
+        mlp_in = mod.input[0].clone() if site == "mlp" and any(e.op in INPUT_OPS for e in by_site[site]) else None
         x = mod.input if site in ("head", "neuron") else first(mod.output)
         for e in by_site[site]:
-            apply_edit(x[0], e)
+            apply_edit(x[0], e, mlp_in)
     if not (want_output or by_site.get("block") or by_site.get("resid")):
         return None
     out = first(blk.output)
@@ -430,11 +455,13 @@ def replay(session: ModelSession, run: CleanRun, rows: Sequence[Sequence[Edit]])
                     return (_apply_rows(args[0], n, items, None),) + tuple(args[1:])
                 handles.append(block.get_submodule(site_path(session, site)).register_forward_pre_hook(pre))
             elif site in ("attn", "mlp"):
-                def post(mod, args, out, items=items):
+                def post(mod, args, kwargs, out, items=items, site=site):
+                    inp = mlp_input(args, kwargs) if site == "mlp" else None
                     if isinstance(out, tuple):
-                        return (_apply_rows(out[0], n, items, None),) + tuple(out[1:])
-                    return _apply_rows(out, n, items, None)
-                handles.append(block.get_submodule(site_path(session, site)).register_forward_hook(post))
+                        return (_apply_rows(out[0], n, items, inp),) + tuple(out[1:])
+                    return _apply_rows(out, n, items, inp)
+                handles.append(block.get_submodule(site_path(session, site)).register_forward_hook(
+                    post, with_kwargs=True))
             else:
                 def post_blk(mod, args, kwargs, out, items=items):
                     inp = args[0] if args else kwargs["hidden_states"]

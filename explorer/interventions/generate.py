@@ -56,6 +56,7 @@ from explorer.interventions.edits import (
     component_edit,
     first,
     hooked,
+    mlp_input,
     site_path,
 )
 
@@ -368,14 +369,16 @@ class EditHooks:
                     return (self._apply(args[0], items, None),) + tuple(args[1:])
                 handles.append(block.get_submodule(site_path(session, site)).register_forward_pre_hook(pre))
             elif site in ("attn", "mlp"):
-                def post(mod, args, out, key=key):
+                def post(mod, args, kwargs, out, key=key):
                     items = self.current.get(key)
                     if not items:
                         return None
+                    inp = mlp_input(args, kwargs) if key[0] == "mlp" else None
                     if isinstance(out, tuple):
-                        return (self._apply(out[0], items, None),) + tuple(out[1:])
-                    return self._apply(out, items, None)
-                handles.append(block.get_submodule(site_path(session, site)).register_forward_hook(post))
+                        return (self._apply(out[0], items, inp),) + tuple(out[1:])
+                    return self._apply(out, items, inp)
+                handles.append(block.get_submodule(site_path(session, site)).register_forward_hook(
+                    post, with_kwargs=True))
         for layer in sorted({layer for site, layer in sites if site in ("block", "resid")}):
             def post_blk(mod, args, kwargs, out, layer=layer):
                 items = self.current.get(("block", layer), []) + self.current.get(("resid", layer), [])

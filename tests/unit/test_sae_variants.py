@@ -294,8 +294,9 @@ def test_cli_trains_a_batch_topk_transcoder_and_encodes_with_it(tmp_path, tokeni
                  "--top-k", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tokens"] == ["The", " nurse"] and data["site"] == "mlp_in"
-    assert main(["sae", "attribute", "--model", str(model_dir), "--sae", str(out), "--prompt", "The nurse"]) == 2
-    assert "not on transcoders" in capsys.readouterr().err
+    assert main(["sae", "attribute", "--model", str(model_dir), "--sae", str(out), "--prompt", "The nurse",
+                 "--json"]) == 0   # attribution splices a transcoder at its MLP (tests/unit/test_transcoder_use.py)
+    assert json.loads(capsys.readouterr().out)["site"] == "mlp_in"
 
 
 # ------------------------------------------------------------------------------ the Train SAE tab
