@@ -12,7 +12,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-remote check lint unit setup setup-test chromium redis-server constraints bench gpu-check clean
+.PHONY: run test test-remote test-saelens check lint unit setup setup-test chromium redis-server constraints bench gpu-check clean
 
 # serve fetches the default model and corpus itself the first time (one process: faster start).
 run: $(VENV)/.installed
@@ -50,6 +50,22 @@ $(NDIF_VENV)/.installed: $(NDIF_REQUIREMENTS) $(VENV)/.installed
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 	  > "$$($(NDIF_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/explorer-venv.pth"
 	$(NDIF_VENV)/bin/python -m pip install -q --disable-pip-version-check --ignore-requires-python -r $(NDIF_REQUIREMENTS)
+	touch $@
+
+# The real SAELens (tests/saelens): SAEs written here open in SAELens and encode and decode the
+# same, and SAELens's own saved SAEs open here. sae-lens pins transformer-lens < 4 and many other
+# packages, so it lives in its own environment, $(SAELENS_VENV), never in .venv; the test process
+# (in .venv) runs SAELens's side as a subprocess with that environment's python.
+SAELENS_VENV := .venv-saelens
+SAELENS_REQUIREMENTS := tests/saelens/requirements-saelens.txt
+
+test-saelens: setup-test $(SAELENS_VENV)/.installed
+	SAELENS_PYTHON=$(SAELENS_VENV)/bin/python $(PYTEST) tests/saelens
+
+$(SAELENS_VENV)/.installed: $(SAELENS_REQUIREMENTS)
+	test -x $(SAELENS_VENV)/bin/python || $(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(SAELENS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(SAELENS_REQUIREMENTS)
 	touch $@
 
 # Debian's redis-server for the NDIF queue (as chromium: the distribution's package).

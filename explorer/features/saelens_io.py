@@ -188,9 +188,27 @@ def load_sae(spec: str | Path, device: str | torch.device = "cpu") -> SparseAuto
         scale = weights.get("finetuning_scaling_factor", weights.get("scaling_factor"))
         if not torch.allclose(scale, torch.ones_like(scale)):
             raise SAEError("this SAE has a finetuning scaling factor, which is not supported here")
+    if raw.get("rescale_acts_by_decoder_norm"):
+        weights = _fold_decoder_norm(weights)
     meta = dict(cfg.metadata, source_path=str(path))
     cfg = SAEConfig(**{**cfg.__dict__, "metadata": meta})
     return SparseAutoencoder(cfg, weights).to(device)
+
+
+def _fold_decoder_norm(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAELens's ``rescale_acts_by_decoder_norm`` (TopK): pre-activations are multiplied by each
+    decoder row's norm before the top k are chosen, and activations divided by it again before
+    decoding. Folding the norms into the weights (encoder columns × n, decoder rows ÷ n) gives the
+    same features and reconstruction with a plain encode/decode."""
+    if "W_dec" not in weights or "W_enc" not in weights:
+        raise SAEError(f"{WEIGHTS_FILE} lacks W_enc or W_dec")
+    n = weights["W_dec"].norm(dim=-1)
+    if bool((n == 0).any()):
+        raise SAEError("rescale_acts_by_decoder_norm is set but a decoder row is zero (its scale is undefined)")
+    out = dict(weights, W_enc=weights["W_enc"] * n, W_dec=weights["W_dec"] / n[:, None])
+    if "b_enc" in weights:
+        out["b_enc"] = weights["b_enc"] * n
+    return out
 
 
 # ------------------------------------------------------------------------------ fitting a model

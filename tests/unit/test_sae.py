@@ -121,6 +121,32 @@ def test_saelens_layout_round_trip(tmp_path, arch):
     torch.testing.assert_close(back(x), sae(x))
 
 
+def test_topk_rescaled_by_decoder_norm_encodes_as_saelens_defines_it(tmp_path):
+    """SAELens's ``rescale_acts_by_decoder_norm``: the top k of pre · ‖W_dec[j]‖, ReLU'd; decoded as
+    (f / ‖W_dec‖) W_dec + b_dec (tests/saelens checks the same against SAELens itself)."""
+    from safetensors.torch import save_file
+
+    w = random_weights("topk")
+    w["W_dec"] = w["W_dec"] * torch.linspace(0.2, 3.0, 40)[:, None]     # rows of very different norms
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "architecture": "topk", "d_in": 16, "d_sae": 40, "k": 5, "apply_b_dec_to_input": True,
+        "rescale_acts_by_decoder_norm": True, "metadata": {"hook_name": "blocks.1.hook_resid_post"}}))
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(1)).double() * 3
+    wd = {k: v.double() for k, v in w.items()}
+    n = wd["W_dec"].norm(dim=-1)
+    pre = ((x - wd["b_dec"]) @ wd["W_enc"] + wd["b_enc"]) * n
+    top = pre.topk(5, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.clamp(min=0))
+    recon = (f / n) @ wd["W_dec"] + wd["b_dec"]
+    sae = load_sae(tmp_path)
+    got = sae.encode(x.float())
+    torch.testing.assert_close(got.double(), f, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(got, x.float()).double(), recon, atol=1e-4, rtol=1e-5)
+    plain = ref_encode(wd, "topk", x, k=5)           # without the rescale another set of features wins
+    assert not torch.equal((plain != 0), (f != 0))
+
+
 def test_reads_pre_6_flat_configs(tmp_path):
     """SAELens < 6 wrote flat configs, with TopK as a standard SAE's activation function."""
     w = random_weights("topk")
