@@ -198,7 +198,7 @@ def cmd_compare(args) -> int:
     if features.manifest["model"].get("config_hash") != neurons.manifest["model"].get("config_hash"):
         raise ExplorerError(f"the feature index is of {features.model_name} but --neurons is of "
                             f"{neurons.model_name}: compare indexes of one model")
-    explainer = None
+    explainer = args.explainer  # without --explain: whose stored explanations to read (None: the shared one)
     if args.explain:
         from explorer.neurons.describe import Explainer
 

@@ -39,7 +39,8 @@ def add_window_args(q, unit: str) -> None:
 
 def add_explainer_arg(q) -> None:
     q.add_argument("--explainer", default=None, metavar="PATH_OR_ID",
-                   help="local instruct model directory or cached hub id (default: the attached model)")
+                   help="local instruct model directory or cached hub id (default: the attached model); "
+                        "'tokens': list the unit's firing tokens and simulate by matching them (no model)")
 
 
 def add_explain_args(q) -> None:

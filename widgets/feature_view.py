@@ -28,9 +28,17 @@ import param
 from explorer.core.errors import ExplorerError
 from explorer.core.jobs import FAILED, Job, JobContext, Progress
 from explorer.features.browse import FeatureProfile, feature_profile
-from explorer.neurons.describe import Explanation, SearchHit, example_activations, explain_neuron, search
+from explorer.neurons.describe import (
+    Explainer,
+    Explanation,
+    SearchHit,
+    TokenListExplainer,
+    example_activations,
+    explain_neuron,
+    search,
+)
 from explorer.neurons.index import NeuronIndex
-from explorer.neurons.units import UnitComparison, UnitsOnText, compare_units, units_on_text
+from explorer.neurons.units import UnitComparison, UnitsOnText, compare_units, explain_sample, units_on_text
 from explorer.persistence.history import History
 
 from .charts import quote_token
@@ -114,11 +122,15 @@ class FeatureView(pn.viewable.Viewer):
     feature = param.Integer(default=0, bounds=(0, None), label="Feature")
     show = param.Event(label="Show card")
     explain = param.Event(label="Explain (slow)")
+    explainer = param.Selector(default="attached model", objects=["attached model", "token list"], label="Explainer",
+                               doc="attached model: it writes an explanation and simulates it (slow, weak for a "
+                                   "small model); token list: the tokens the unit fires on, simulated by matching")
     query = param.String(default="", label="Search descriptions (or token: he)")
     run_search = param.Event(label="Search")
     text = param.String(default="The capital of France is Paris.", label="Your text")
     run_fire = param.Event(label="Which features fire here?")
     neuron_index = param.String(default="", label="Neuron index folder (same model)")
+    explain_first = param.Integer(default=0, bounds=(0, 1000), label="Explain first (random units per side)")
     run_compare = param.Event(label="Compare with neurons")
     status = param.String(default="Give an SAE folder and press **Open** (or **Build index**).")
     error = param.String(default="")
@@ -254,7 +266,7 @@ class FeatureView(pn.viewable.Viewer):
             f = self.feature
             self.status = f"Explaining feature {f} (a generation and a few simulations)…"
             e = await asyncio.to_thread(explain_neuron, self.session, index=index, layer=index.layers[0], neuron=f,
-                                        **self.explain_settings)
+                                        explainer=self._explainer_spec(), **self.explain_settings)
         except ExplorerError as e:
             self.error = f"**Could not explain:** {e}"
             return None
@@ -310,21 +322,39 @@ class FeatureView(pn.viewable.Viewer):
         return result
 
     # ------------------------------------------------------------------ compare
-    @param.depends("run_compare", watch=True)
-    def _on_compare(self) -> None:
-        self.compare()
+    def _explainer_spec(self) -> str | None:
+        return TokenListExplainer.name if self.explainer == "token list" else None
 
-    def compare(self) -> UnitComparison | None:
+    @param.depends("run_compare", watch=True)
+    async def _on_compare(self) -> None:
+        await self.compare()
+
+    async def compare(self) -> UnitComparison | None:
+        """Features vs neurons at the SAE's layer, after explaining ``explain_first`` random units of
+        each side with the chosen explainer (explanations already stored are reused)."""
+        if self.busy:
+            return None
+        self.busy = True
         try:
             index = self._need_index()
             path = self.neuron_index.strip()
             if not path or not Path(path).expanduser().exists():
                 raise ExplorerError("give the folder of a neuron index of this model (the Neurons tab builds one)")
-            result = compare_units(index, NeuronIndex.open(path))
+            neurons = NeuronIndex.open(path)
+            explainer = Explainer.load(self._explainer_spec(), self.session)
+            layer = index.layers[0]
+            for side in (index, neurons) if self.explain_first else ():
+                self.status = f"Explaining {self.explain_first} {side.unit_name}s of layer {layer} ({explainer.name})…"
+                await asyncio.to_thread(explain_sample, self.session, side, layer, self.explain_first,
+                                        explainer=explainer, **self.explain_settings)
+            result = compare_units(index, neurons, explainer=explainer.name)
         except ExplorerError as e:
             self.error = f"**Could not compare:** {e}"
             return None
+        finally:
+            self.busy = False
         self.error = ""
+        self.status = f"Compared features with neurons at layer {result.layer}."
         self._compare.object = comparison_html(result)
         if self.history is not None:
             self.history.add(result, f"features vs neurons at layer {result.layer}")
@@ -345,7 +375,8 @@ class FeatureView(pn.viewable.Viewer):
             pn.pane.Markdown("### Feature card"),
             pn.Row(pn.widgets.IntInput.from_param(p.feature, width=140),
                    pn.widgets.Button.from_param(p.show, color="primary", css_classes=["features-show"]),
-                   pn.widgets.Button.from_param(p.explain, css_classes=["features-explain"])),
+                   pn.widgets.Button.from_param(p.explain, css_classes=["features-explain"]),
+                   pn.widgets.Select.from_param(p.explainer, width=170)),
             self._explanation, self._card, self._hist, self._examples, sizing_mode="stretch_width")
         find = pn.Column(
             pn.pane.Markdown("### Search and your own text"),
@@ -358,6 +389,7 @@ class FeatureView(pn.viewable.Viewer):
         compare = pn.Column(
             pn.pane.Markdown("### Features vs neurons"),
             pn.Row(pn.widgets.TextInput.from_param(p.neuron_index, sizing_mode="stretch_width"),
+                   pn.widgets.IntInput.from_param(p.explain_first, width=230),
                    pn.widgets.Button.from_param(p.run_compare, css_classes=["features-compare-button"])),
             self._compare, sizing_mode="stretch_width")
         return pn.Column(index, card, find, compare, sizing_mode="stretch_width")

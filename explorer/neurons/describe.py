@@ -17,6 +17,12 @@
   random" scoring). A constant simulation (or constant truth) has no correlation: its score is
   reported as undefined (``None``), never an error. Small models write weak explanations and
   simulate poorly: their scores are low, and they are reported as they are.
+- **Token-list explanation** (explainer ``"tokens"``, no language model): the explanation is the
+  list of tokens on which the unit reaches at least half its maximum in the top examples shown
+  (the tokens with the most activation mass first, at most ``TOKEN_LIST_MAX``), and the simulation
+  predicts 10 on those tokens and 0 elsewhere. It is scored exactly as a written explanation
+  (held-out top and random examples, Pearson r). It is the baseline that needs no explainer
+  model: how much of a unit a list of its tokens predicts.
 - **Import**: OpenAI neuron-explainer ``NeuronRecord`` JSON (``neuron_id``,
   ``most_positive_activation_records`` and ``random_sample`` lists of ``{tokens, activations}``),
   their explanation files (``NeuronSimulationResults``: ``neuron_id`` + ``scored_explanations``
@@ -214,9 +220,12 @@ class Explainer:
         return cls(session.hf, session.tokenizer, f"session:{session.name}", session.lock)
 
     @classmethod
-    def load(cls, spec: str | None, session=None) -> Explainer:
+    def load(cls, spec: str | None, session=None) -> Explainer | TokenListExplainer:
         """``None``/``"session"``: the attached session's model; ``"default"``: the embedded default;
-        otherwise a local model directory or a hub id already in the local cache."""
+        ``"tokens"``: the token-list explainer (no model); otherwise a local model directory or a
+        hub id already in the local cache."""
+        if spec == TokenListExplainer.name:
+            return TokenListExplainer()
         if spec in (None, "", "session"):
             if session is None:
                 spec = "default"
@@ -283,6 +292,10 @@ class Explainer:
                             "for even one example")
 
     # ------------------------------------------------------------------ explain
+    def describe(self, examples: list[tuple[list[str], np.ndarray]], max_new_tokens: int = 40) -> str:
+        """An explanation of the unit from its shown examples ((tokens, 0–10 activations) pairs)."""
+        return self.explain(self.fit_explain_prompt(examples, max_new_tokens), max_new_tokens=max_new_tokens)
+
     def explain(self, user_text: str, max_new_tokens: int = 40) -> str:
         """Greedy completion of "This neuron responds to …" for the prompt; one line, stripped."""
         ids = self._chat_ids(_EXPLAIN_SYSTEM, user_text, _PREFIX)
@@ -362,6 +375,42 @@ class Explainer:
         if base is None or base is self.model:
             base = getattr(self.model, self.model.base_model_prefix)
         return base(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+
+
+TOKEN_LIST_MAX = 8          # tokens a token-list explanation names, at most
+_TOKEN_LIST_PREFIX = "fires on the tokens "
+
+
+class TokenListExplainer:
+    """The explainer ``"tokens"``: explanations that list firing tokens, simulated by matching them.
+
+    >>> ex = TokenListExplainer()
+    >>> text = ex.describe([(["a", " he", " ran"], np.array([0, 10, 2])), ([" she", "."], np.array([7, 0]))])
+    >>> text
+    'fires on the tokens [" he", " she"]'
+    >>> ex.simulate(text, [[" he", " went", " she"]])[0].tolist()
+    [10.0, 0.0, 10.0]
+    """
+
+    name = "tokens"
+
+    def describe(self, examples: list[tuple[list[str], np.ndarray]], max_new_tokens: int = 40) -> str:
+        mass: Counter = Counter()
+        for tokens, acts in examples:
+            for t, a in zip(tokens, np.asarray(acts)):
+                if a >= 5:         # at least half the maximum (activations are scaled 0–10)
+                    mass[t] += float(a)
+        chosen = [t for t, _ in sorted(mass.items(), key=lambda kv: (-kv[1], kv[0]))[:TOKEN_LIST_MAX]]
+        return _TOKEN_LIST_PREFIX + json.dumps(chosen, ensure_ascii=False) if chosen else ""
+
+    def simulate(self, explanation: str, examples: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        if not explanation.startswith(_TOKEN_LIST_PREFIX):
+            raise DescribeError(f"not a token-list explanation: {explanation!r}")
+        try:
+            listed = set(json.loads(explanation[len(_TOKEN_LIST_PREFIX):]))
+        except (ValueError, TypeError):
+            raise DescribeError(f"a token-list explanation holds a malformed list: {explanation!r}") from None
+        return [np.array([10.0 if t in listed else 0.0 for t in tokens], dtype=np.float32) for tokens in examples]
 
 
 _LOADED: dict[str, Explainer] = {}
@@ -527,7 +576,7 @@ def explain_neuron(session: ModelSession, request: ExplainRequest | None = None,
     if not isinstance(index, NeuronIndex):
         index = NeuronIndex.open(index)
     index.check_neuron(layer, neuron)
-    if not isinstance(explainer, Explainer):
+    if not isinstance(explainer, (Explainer, TokenListExplainer)):
         explainer = Explainer.load(explainer, session)
     store = store or DescriptionStore(index.path)
     if not refresh:
@@ -554,7 +603,7 @@ def explain_neuron(session: ModelSession, request: ExplainRequest | None = None,
         store.put_explanation(result)
         return result
     scaled = [(list(e.tokens), scale_activations(t, max_act)) for e, t in zip(shown, true_shown)]
-    text = explainer.explain(explainer.fit_explain_prompt(scaled, max_new_tokens), max_new_tokens=max_new_tokens)
+    text = explainer.describe(scaled, max_new_tokens=max_new_tokens)
     if not text:
         result = Explanation(layer=layer, neuron=neuron, explainer=explainer.name, explanation="", score=None,
                              score_note="undefined: the explainer wrote no explanation", n_top=len(held),

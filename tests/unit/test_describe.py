@@ -338,3 +338,15 @@ def test_cli_explain_import_search(fresh_index, tiny_sessions, monkeypatch, tmp_
     code, out, err = run_cli(capsys, "neurons", "explain", "--index", fresh_index.path, "--layer", 0,
                              "--neuron", 99999)
     assert code == 2 and "out of range" in err
+
+
+def test_token_list_explainer_example():
+    import doctest
+
+    from explorer.neurons import describe
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    (test,) = finder.find(describe.TokenListExplainer, globs=vars(describe))
+    assert runner.run(test).failed == 0 and test.examples
+    with pytest.raises(describe.DescribeError, match="not a token-list"):
+        describe.TokenListExplainer().simulate("responds to the word he", [["he"]])

@@ -144,6 +144,29 @@ def test_a_feature_is_explained_and_scored_on_its_true_activations(built, refere
     assert e.simulated.shape == e.true.shape and store.get_explanation(LAYER, 4, e.explainer) is not None
 
 
+def test_a_token_list_explanation_is_scored_on_held_out_examples_by_matching(built, reference, tiny_sessions,
+                                                                             tmp_path):
+    """The "tokens" explainer: the shown examples' tokens at ≥ half the maximum, predicted 10 where they
+    occur and 0 elsewhere on the held-out top and random examples; the score is their Pearson r."""
+    from explorer.neurons.describe import DescriptionStore, explain_neuron
+
+    windows, acts = reference
+    top = built.top_examples(LAYER, 4)
+    shown, held = top[0::2][:3], top[1::2][:3]
+    rand = built.random_examples(LAYER, 4)[:3]
+    true_shown = acts[[x.window_index for x in shown], :, 4]
+    peak = true_shown.max()
+    listed = {t for x, a in zip(shown, true_shown) for t, v in zip(x.tokens, a) if np.floor(10 * max(v, 0) / peak) >= 5}
+    scored = held + rand
+    sim = np.array([[10.0 if t in listed else 0.0 for t in x.tokens] for x in scored])
+    true = acts[[x.window_index for x in scored], :, 4]
+    e = explain_neuron(tiny_sessions["llama"], index=built, layer=LAYER, neuron=4, store=DescriptionStore(tmp_path),
+                       explainer="tokens", n_explain=3, n_score_top=3, n_score_random=3)
+    assert e.explainer == "tokens" and listed and set(json.loads(e.explanation.split("tokens ", 1)[1])) == listed
+    np.testing.assert_array_equal(e.simulated, sim)
+    assert e.score == pytest.approx(float(np.corrcoef(sim.ravel(), true.ravel())[0, 1]), abs=1e-4)
+
+
 def test_units_on_text_equal_the_plain_encode(built, tiny_sessions, tokenizer, sae_dir):
     session = tiny_sessions["llama"]
     text = "The nurse said that she was tired"
@@ -326,7 +349,7 @@ def test_the_features_tab_builds_and_shows_a_card(tiny_sessions, sae_dir, built,
     explained = asyncio.run(view.explain_feature())
     assert explained is not None and "simulation score" in view._explanation.object
     view.neuron_index = str(neuron_index.path)
-    cmp = view.compare()
+    cmp = asyncio.run(view.compare())
     assert cmp is not None and "concentration" in view._compare.object
     kinds = [type(e.result).__name__ for e in history.entries]
     assert kinds == ["FeatureProfile", "ExampleActivations", "UnitsOnText", "Explanation", "UnitComparison"]
@@ -342,6 +365,12 @@ def test_the_features_tab_builds_and_shows_a_card(tiny_sessions, sae_dir, built,
     assert "Promotes" in snapshot_page(back)
     assert pn.panel(view).get_root(Document()) is not None
     view.feature = WIDTH - 1
+    # the token-list explainer: explain 3 random units of each side first, then compare their scores
+    view.explainer, view.explain_first = "token list", 3
+    by_tokens = asyncio.run(view.compare())
+    assert by_tokens is not None and by_tokens.explainer == "tokens" and view.error == ""
+    assert by_tokens.feature_explained == 3 and by_tokens.neuron_explained == 3
+    assert by_tokens.feature_scored > 0 and by_tokens.feature_mean_score is not None
     view.sae_path = str(sae_dir.parent)   # no index there
     view.index = None
     assert asyncio.run(view.show_card()) is None and "no feature index" in view.error
