@@ -246,7 +246,7 @@ class FeatureView(pn.viewable.Viewer):
         self.card = card
         self._card.object = profile_html(card)
         self._examples.object = examples_html(top, limit=10)
-        self._hist.object = activation_histogram(hist, index.stats(index.layers[0], f))
+        self._hist.object = activation_histogram(hist, index.stats(index.layers[0], f), unit_name=index.unit_name)
         if self.history is not None:
             self.history.add(card, f"feature {f} card (L{card.layer} {card.site})")
             self.history.add(top, f"feature {f} top examples")

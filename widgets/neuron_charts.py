@@ -89,7 +89,12 @@ def histogram_data(hist: NeuronHistogram) -> dict[str, list]:
     }
 
 
-def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None):
+def _unit_label(layer: int, unit: int, unit_name: str) -> str:
+    """'12:100' for a neuron, '100 (layer 12)' for an SAE feature (its number is the SAE's own)."""
+    return neuron_spec(layer, unit) if unit_name == "neuron" else f"{unit} (layer {layer})"
+
+
+def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None, unit_name: str = "neuron"):
     """The neuron's activation histogram, one bar per index bin on a signed-log axis.
 
     The index counts a 1-in-``stride`` token subsample in fixed bins (16 per decade for |a| in
@@ -108,7 +113,8 @@ def activation_histogram(hist: NeuronHistogram, stats: NeuronStats | None = None
     y_top = max(1, int(hist.counts.max(initial=0))) * 1.08
     fig = figure(name=HISTOGRAM, height=250, sizing_mode="stretch_width", x_range=x_range,
                  y_range=Range1d(0, y_top), tools="xpan,xwheel_zoom,reset,save", toolbar_location="right",
-                 title=f"Neuron {neuron_spec(hist.layer, hist.neuron)}: {hist.sampled_tokens:,} sampled tokens "
+                 title=f"{unit_name.capitalize()} {_unit_label(hist.layer, hist.neuron, unit_name)}: "
+                       f"{hist.sampled_tokens:,} sampled tokens "
                        f"(1 in {hist.stride})")
     style_figure(fig)
     bars = fig.vbar(x="x", top="count", width=0.9, color="color", source=source, line_color=None)

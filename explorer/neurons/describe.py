@@ -378,7 +378,7 @@ class Explainer:
 
 
 TOKEN_LIST_MAX = 8          # tokens a token-list explanation names, at most
-_TOKEN_LIST_PREFIX = "fires on the tokens "
+_TOKEN_LIST_PREFIX = "the tokens "
 
 
 class TokenListExplainer:
@@ -387,7 +387,7 @@ class TokenListExplainer:
     >>> ex = TokenListExplainer()
     >>> text = ex.describe([(["a", " he", " ran"], np.array([0, 10, 2])), ([" she", "."], np.array([7, 0]))])
     >>> text
-    'fires on the tokens [" he", " she"]'
+    'the tokens [" he", " she"]'
     >>> ex.simulate(text, [[" he", " went", " she"]])[0].tolist()
     [10.0, 0.0, 10.0]
     """
