@@ -25,8 +25,9 @@ def _recipe_folders(makefile: str, target: str) -> set[str]:
     return set(re.findall(r"\btests/[\w/]+", recipe))
 
 
-# Folders with a target of their own: tests/remote brings a real NDIF server up (make test-remote).
-OWN_TARGET = {"tests/remote": "test-remote"}
+# Folders with a target of their own: tests/remote brings a real NDIF server up (make test-remote);
+# tests/saelens needs SAELens in its own environment (make test-saelens). CI runs both (.ci/run).
+OWN_TARGET = {"tests/remote": "test-remote", "tests/saelens": "test-saelens"}
 
 
 def test_make_test_runs_every_test_folder():
@@ -37,3 +38,9 @@ def test_make_test_runs_every_test_folder():
     for folder, target in OWN_TARGET.items():
         assert folder not in named, f"make test runs {folder}: it belongs to make {target}"
         assert folder in _recipe_folders(makefile, target), f"make {target} does not run {folder}"
+
+
+def test_ci_runs_make_test_and_every_own_target():
+    ci = (ROOT / ".ci" / "run").read_text()
+    for target in ("test", *OWN_TARGET.values()):
+        assert re.search(rf"^make {target}$", ci, re.M), f".ci/run does not run make {target}"
