@@ -44,8 +44,8 @@ QUICK = {
     # A 1,152-wide SAE on 4,096 tokens, indexes of 1,024 -> 512 wide on 1,024 tokens, indexes of
     # 256 (the card, search, explanation and compare cells still run).
     "features.ipynb": [
-        ("SETTINGS = dict(width=1152, k=16, train_tokens=4096, index_tokens=1024, explain=1)",
-         "SETTINGS = dict(width=512, k=16, train_tokens=1024, index_tokens=256, explain=1)"),
+        ("SETTINGS = dict(width=1152, k=16, train_tokens=4096, index_tokens=1024, explain=20)",
+         "SETTINGS = dict(width=512, k=16, train_tokens=1024, index_tokens=256, explain=3)"),
     ],
 }
 
