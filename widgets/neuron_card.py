@@ -22,6 +22,7 @@ from explorer.neurons.describe import (
     DescriptionStore,
     ExampleActivations,
     Explanation,
+    TokenListExplainer,
     example_activations,
     explain_neuron,
     token_pattern,
@@ -65,7 +66,10 @@ class CardPart(pn.viewable.Viewer):
     descriptions = param.List(default=[], doc="Stored descriptions of the card's neuron.")
     pattern_text = param.String(default="")
     examples_busy = param.Boolean(default=False, doc="True while per-token activations are computed.")
-    explain = param.Event(label="Explain", doc="Write and score an explanation with the attached model.")
+    explain = param.Event(label="Explain", doc="Write and score an explanation with the chosen explainer.")
+    explainer = param.Selector(default="attached model", objects=["attached model", "token list"], label="Explainer",
+                               doc="attached model: it writes an explanation and simulates it (slow, weak for a "
+                                   "small model); token list: the tokens the neuron fires on, simulated by matching")
     explaining = param.Boolean(default=False)
     explanation = param.ClassSelector(class_=Explanation, default=None, allow_None=True,
                                       doc="The last explanation written here.")
@@ -243,13 +247,17 @@ class CardPart(pn.viewable.Viewer):
             self.state.error = f"**Cannot explain:** {self.model_note}"
             return None
         index, session, layer, neuron = self.index, self.session, self.stats.layer, self.stats.neuron
+        tokens = self.explainer == "token list"
         self.state.error = ""
         self.param.update(explaining=True, explain_status=(
+            f"Explaining neuron {neuron_spec(layer, neuron)} by its firing tokens, scored on held-out examples…"
+            if tokens else
             f"Explaining neuron {neuron_spec(layer, neuron)} with {session.name}: it writes an explanation from "
             "the top examples, then simulates activations to score it (tens of seconds on a CPU)…"))
 
         def run(ctx):
-            return explain_neuron(session, index=index, layer=layer, neuron=neuron)
+            return explain_neuron(session, index=index, layer=layer, neuron=neuron,
+                                  explainer=TokenListExplainer.name if tokens else None)
 
         return self._explain_job.start(run, name="explain-neuron", background=self.background)
 
@@ -262,7 +270,8 @@ class CardPart(pn.viewable.Viewer):
         e: Explanation = job.result
         if self.history is not None:
             self.history.add(e, f"neuron {neuron_spec(e.layer, e.neuron)} explanation")
-        weak = (" The explainer is the attached model; a small model writes weak explanations and "
+        weak = ("" if e.explainer == TokenListExplainer.name else
+                " The explainer is the attached model; a small model writes weak explanations and "
                 "simulates poorly, so a low score is the honest result.")
         self.explain_status = (f"Neuron {neuron_spec(e.layer, e.neuron)}: “{e.explanation or '(no explanation)'}” · "
                                f"score {e.score_text} ({e.score_note}; {e.n_top} top + {e.n_random} random "
@@ -305,7 +314,8 @@ class CardPart(pn.viewable.Viewer):
                            sizing_mode="stretch_width", loading=self.param.examples_busy,
                            css_classes=["neuron-examples"])
         card = pn.Column(
-            pn.Row(pn.Column(self._card_html, pn.Row(explain, ablate_this), explain_status, width=380),
+            pn.Row(pn.Column(self._card_html, pn.Row(explain, ablate_this),
+                             pn.widgets.Select.from_param(self.param.explainer, width=170), explain_status, width=380),
                    pn.Column(self._histogram, min_width=360, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
             examples,

@@ -364,6 +364,12 @@ def test_explain_runs_as_a_job_and_shows_its_score(view, built):
     assert any(d["kind"] == "explanation" and d["source"] == e.explainer for d in view.card.descriptions)
     assert "score " in view.card._card_html.object
     assert any(r.result is e for r in view.history.entries)
+    view.card.explainer = "token list"
+    job = view.card.start_explain()
+    t = view.card.explanation
+    assert job.status == "done" and t.explainer == "tokens" and t.explanation.startswith("the tokens [")
+    assert "honest" not in view.card.explain_status and f"score {t.score_text}" in view.card.explain_status
+    view.card.explainer = "attached model"
     (built[0].index.path / "explanations.json").unlink()
 
 
