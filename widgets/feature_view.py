@@ -32,7 +32,6 @@ from explorer.neurons.describe import (
     Explainer,
     Explanation,
     SearchHit,
-    TokenListExplainer,
     example_activations,
     explain_neuron,
     search,
@@ -45,7 +44,7 @@ from .charts import quote_token
 from .figures import div_model, table_rows
 from .live import LiveJob
 from .neuron_charts import EXAMPLES_CSS, activation_histogram, examples_html
-from .parts import alert, set_bar
+from .parts import EXPLAINERS, alert, explainer_param, set_bar
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +121,7 @@ class FeatureView(pn.viewable.Viewer):
     feature = param.Integer(default=0, bounds=(0, None), label="Feature")
     show = param.Event(label="Show card")
     explain = param.Event(label="Explain (slow)")
-    explainer = param.Selector(default="attached model", objects=["attached model", "token list"], label="Explainer",
-                               doc="attached model: it writes an explanation and simulates it (slow, weak for a "
-                                   "small model); token list: the tokens the unit fires on, simulated by matching")
+    explainer = explainer_param()
     query = param.String(default="", label="Search descriptions (or token: he)")
     run_search = param.Event(label="Search")
     text = param.String(default="The capital of France is Paris.", label="Your text")
@@ -266,7 +263,7 @@ class FeatureView(pn.viewable.Viewer):
             f = self.feature
             self.status = f"Explaining feature {f} (a generation and a few simulations)…"
             e = await asyncio.to_thread(explain_neuron, self.session, index=index, layer=index.layers[0], neuron=f,
-                                        explainer=self._explainer_spec(), **self.explain_settings)
+                                        explainer=EXPLAINERS[self.explainer], **self.explain_settings)
         except ExplorerError as e:
             self.error = f"**Could not explain:** {e}"
             return None
@@ -322,9 +319,6 @@ class FeatureView(pn.viewable.Viewer):
         return result
 
     # ------------------------------------------------------------------ compare
-    def _explainer_spec(self) -> str | None:
-        return TokenListExplainer.name if self.explainer == "token list" else None
-
     @param.depends("run_compare", watch=True)
     async def _on_compare(self) -> None:
         await self.compare()
@@ -341,7 +335,7 @@ class FeatureView(pn.viewable.Viewer):
             if not path or not Path(path).expanduser().exists():
                 raise ExplorerError("give the folder of a neuron index of this model (the Neurons tab builds one)")
             neurons = NeuronIndex.open(path)
-            explainer = Explainer.load(self._explainer_spec(), self.session)
+            explainer = Explainer.load(EXPLAINERS[self.explainer], self.session)
             layer = index.layers[0]
             for side in (index, neurons) if self.explain_first else ():
                 self.status = f"Explaining {self.explain_first} {side.unit_name}s of layer {layer} ({explainer.name})…"

@@ -33,7 +33,7 @@ from explorer.persistence.history import History
 from . import neuron_charts
 from .chart_style import neuron_spec
 from .live import LiveJob
-from .parts import RunState, error_text, job_running
+from .parts import EXPLAINERS, RunState, error_text, explainer_param, job_running
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ class CardPart(pn.viewable.Viewer):
     pattern_text = param.String(default="")
     examples_busy = param.Boolean(default=False, doc="True while per-token activations are computed.")
     explain = param.Event(label="Explain", doc="Write and score an explanation with the chosen explainer.")
-    explainer = param.Selector(default="attached model", objects=["attached model", "token list"], label="Explainer",
-                               doc="attached model: it writes an explanation and simulates it (slow, weak for a "
-                                   "small model); token list: the tokens the neuron fires on, simulated by matching")
+    explainer = explainer_param()
     explaining = param.Boolean(default=False)
     explanation = param.ClassSelector(class_=Explanation, default=None, allow_None=True,
                                       doc="The last explanation written here.")
@@ -247,17 +245,17 @@ class CardPart(pn.viewable.Viewer):
             self.state.error = f"**Cannot explain:** {self.model_note}"
             return None
         index, session, layer, neuron = self.index, self.session, self.stats.layer, self.stats.neuron
-        tokens = self.explainer == "token list"
+        spec = EXPLAINERS[self.explainer]
         self.state.error = ""
         self.param.update(explaining=True, explain_status=(
             f"Explaining neuron {neuron_spec(layer, neuron)} by its firing tokens, scored on held-out examples…"
-            if tokens else
+            if spec == TokenListExplainer.name else
             f"Explaining neuron {neuron_spec(layer, neuron)} with {session.name}: it writes an explanation from "
             "the top examples, then simulates activations to score it (tens of seconds on a CPU)…"))
 
         def run(ctx):
             return explain_neuron(session, index=index, layer=layer, neuron=neuron,
-                                  explainer=TokenListExplainer.name if tokens else None)
+                                  explainer=spec)
 
         return self._explain_job.start(run, name="explain-neuron", background=self.background)
 

@@ -86,6 +86,17 @@ def text_field(p: param.Parameter, css: str, area: bool = False, live: bool = Tr
     return cls.from_param(p, css_classes=[css], max_length=TEXT_LIMIT, **kw)
 
 
+# The explainers a view offers, by label: None is the attached model (explorer.neurons.describe).
+EXPLAINERS = {"attached model": None, "token list": "tokens"}
+
+
+def explainer_param() -> param.Selector:
+    """The "Explainer" choice of a view that explains units (spec: ``EXPLAINERS[value]``)."""
+    return param.Selector(default="attached model", objects=list(EXPLAINERS), label="Explainer",
+                          doc="attached model: it writes an explanation and simulates it (slow, weak for a small "
+                              "model); token list: the tokens the unit fires on, simulated by matching them")
+
+
 def help_text(text: str, css: str, **kw) -> pn.pane.Markdown:
     """A short grey help paragraph."""
     return pn.pane.Markdown(text, css_classes=[css], margin=(0, 10), styles=HELP_STYLE,

@@ -26,6 +26,7 @@ import torch
 
 from explorer.core.corpus import Window, batched
 from explorer.features.sae import MLP_IN, SITES, SAEError
+from explorer.interventions.edits import mlp_input
 
 
 class _Stop(Exception):
@@ -48,11 +49,11 @@ def _first(out):
 
 
 def _input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A module call's first tensor argument (the MLP's hidden states), positional or keyword."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    raise SAEError("the MLP was called without a tensor input")
+    """The MLP call's hidden states (``mlp_input``), or an error when it had no tensor input."""
+    x = mlp_input(args, kwargs)
+    if x is None:
+        raise SAEError("the MLP was called without a tensor input")
+    return x
 
 
 def _read(session, ids: torch.Tensor, layer: int, module: torch.nn.Module, what: str, take) -> tuple:

@@ -339,7 +339,7 @@ def _nn_block(blk, paths: dict[str, str | None], edits: list[Edit], want_output:
         mod = submodule(blk, paths[site])
         # An op reading the MLP's input (a transcoder's features) gets it; read before the output
         # (nnsight visits a module's input, then its output).
-        mlp_in = mod.input[0].clone() if site == "mlp" and any(e.op in INPUT_OPS for e in by_site[site]) else None
+        mlp_in = mod.input[0] if site == "mlp" and any(e.op in INPUT_OPS for e in by_site[site]) else None
         x = mod.input if site in ("head", "neuron") else first(mod.output)
         for e in by_site[site]:
             apply_edit(x[0], e, mlp_in)

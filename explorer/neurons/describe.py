@@ -220,10 +220,12 @@ class Explainer:
         return cls(session.hf, session.tokenizer, f"session:{session.name}", session.lock)
 
     @classmethod
-    def load(cls, spec: str | None, session=None) -> Explainer | TokenListExplainer:
+    def load(cls, spec: str | Explainer | TokenListExplainer | None, session=None) -> Explainer | TokenListExplainer:
         """``None``/``"session"``: the attached session's model; ``"default"``: the embedded default;
         ``"tokens"``: the token-list explainer (no model); otherwise a local model directory or a
         hub id already in the local cache."""
+        if isinstance(spec, (Explainer, TokenListExplainer)):   # already loaded
+            return spec
         if spec == TokenListExplainer.name:
             return TokenListExplainer()
         if spec in (None, "", "session"):
@@ -576,8 +578,7 @@ def explain_neuron(session: ModelSession, request: ExplainRequest | None = None,
     if not isinstance(index, NeuronIndex):
         index = NeuronIndex.open(index)
     index.check_neuron(layer, neuron)
-    if not isinstance(explainer, (Explainer, TokenListExplainer)):
-        explainer = Explainer.load(explainer, session)
+    explainer = Explainer.load(explainer, session)
     store = store or DescriptionStore(index.path)
     if not refresh:
         cached = store.get_explanation(layer, neuron, explainer.name)

@@ -220,10 +220,9 @@ def explain_sample(session, index: NeuronIndex, layer: int, n: int, seed: int = 
                    ctx=None, **explain_fields) -> list:
     """Explain (and score) ``n`` live units of ``layer`` drawn by ``sample_live_units``; cached
     explanations are reused. Returns the ``Explanation`` results."""
-    from explorer.neurons.describe import Explainer, TokenListExplainer, explain_neuron
+    from explorer.neurons.describe import Explainer, explain_neuron
 
-    if not isinstance(explainer, (Explainer, TokenListExplainer)):
-        explainer = Explainer.load(explainer, session)
+    explainer = Explainer.load(explainer, session)
     out = []
     units = sample_live_units(index, layer, n, seed)
     for i, unit in enumerate(units):
