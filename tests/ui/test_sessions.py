@@ -95,6 +95,14 @@ def open_page(browser, port: int, apps: list, messages: list | None = None):
     return context, page, apps[-1]()  # the connected session's app (pages are opened one by one)
 
 
+def app_with_prompt(apps: list, prompt: str, page):
+    """The live app (of weak references ``apps``) whose lens prompt is ``prompt``."""
+    def found():
+        return [a() for a in apps if a() is not None and a().lens.prompt == prompt]
+    wait_until(lambda: len(found()) == 1, page, timeout=60_000)
+    return found()[0]
+
+
 def tab(page, title: str):
     return page.locator(".explorer-tabs .bk-tab", has_text=re.compile(f"^{re.escape(title)}$"))
 
@@ -130,12 +138,17 @@ def test_four_sessions_at_once_stay_apart_and_share_one_model(browser, served, d
     try:
         opened = [open_page(browser, port, apps, messages) for _ in PROMPTS]
         pages = [p for _, p, _ in opened]
-        views = [a for _, _, a in opened]
         for page in pages:
             expect(page.locator(".lens-run button")).to_be_visible(timeout=RUN_TIMEOUT)
-        # Start everything before waiting for anything: 4 lens runs, then 4 heads runs, all queued.
         for page, prompt in zip(pages, PROMPTS):
             page.locator(".lens-prompt textarea").fill(prompt)
+            page.locator(".lens-prompt textarea").blur()   # the field sends its value on change
+        # Each page's app is the one its prompt reached: on a busy machine a page's first session
+        # can be dropped before its websocket connects, and the newest app is then not its own.
+        views = [app_with_prompt(apps, prompt, pages[0]) for prompt in PROMPTS]
+        assert len({id(v) for v in views}) == len(PROMPTS)
+        # Start everything before waiting for anything: 4 lens runs, then 4 heads runs, all queued.
+        for page in pages:
             page.locator(".lens-run button").click()
         for page, prompt in zip(pages, PROMPTS):
             tab(page, "Heads").click()
